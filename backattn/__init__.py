@@ -1,0 +1,40 @@
+"""backattn: trainable backward-attention heads on a frozen Transformers causal LM.
+
+Importing the package registers the model families with ``AutoConfig`` and ``AutoModelForCausalLM``.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .configuration_backattn import (
+    PRESETS,
+    BackwardAttentionConfig,
+    GPT2BackwardAttentionConfig,
+    LlamaBackwardAttentionConfig,
+)
+from .modeling_backattn import (
+    BackwardAttentionHead,
+    BackwardAttentionLayer,
+    GPT2BackwardAttentionForCausalLM,
+    LlamaBackwardAttentionForCausalLM,
+)
+
+__version__ = "0.1.0"
+
+for _config_class, _model_class in (
+    (GPT2BackwardAttentionConfig, GPT2BackwardAttentionForCausalLM),
+    (LlamaBackwardAttentionConfig, LlamaBackwardAttentionForCausalLM),
+):
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
+
+__all__ = [
+    "PRESETS",
+    "BackwardAttentionConfig",
+    "BackwardAttentionHead",
+    "BackwardAttentionLayer",
+    "GPT2BackwardAttentionConfig",
+    "GPT2BackwardAttentionForCausalLM",
+    "LlamaBackwardAttentionConfig",
+    "LlamaBackwardAttentionForCausalLM",
+    "__version__",
+]

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from backattn import PRESETS, BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
+
+
+def test_defaults_are_the_seed_preset():
+    seed = BackwardAttentionConfig.from_preset("seed")
+    assert seed == BackwardAttentionConfig()
+    assert (seed.latent_dim, seed.out_dim, seed.num_heads) == (28, 30, 1)
+    assert (seed.score_mode, seed.logit_weighting, seed.divide_by_vocab) == ("add", "softmax", True)
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) >= {"seed", "gated", "hidden"}
+    hidden = BackwardAttentionConfig.from_preset("hidden", out_dim=64, latent_dim=None)
+    assert hidden.use_hidden_state and hidden.score_mode == "gate" and not hidden.divide_by_vocab
+    assert (hidden.out_dim, hidden.latent_dim) == (64, None)
+    with pytest.raises(ValueError, match="Unknown head preset 'nope'"):
+        BackwardAttentionConfig.from_preset("nope")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"out_dim": 30, "num_heads": 4}, "num_heads=4 does not divide out_dim=30"),
+        ({"out_dim": 0}, "out_dim must be a positive integer"),
+        ({"num_heads": -1}, "num_heads must be a positive integer"),
+        ({"num_layers": 0}, "num_layers must be a positive integer"),
+        ({"latent_dim": 0}, r"latent_dim must be a positive integer \(or None"),
+        ({"vocab_chunk_size": -5}, "vocab_chunk_size must be a positive integer"),
+        ({"out_dim": 2.5}, "out_dim must be a positive integer"),
+        ({"score_mode": "multiply"}, "score_mode must be one of 'add', 'gate', 'replace', got 'multiply'"),
+        ({"logit_weighting": "linear"}, "logit_weighting must be one of 'softmax', 'raw'"),
+        ({"head_combine": "max"}, "head_combine must be one of 'sum', 'mix'"),
+        ({"layer_mode": "stacked"}, "layer_mode must be one of 'parallel', 'sequential'"),
+        ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
+        ({"divide_by_vocab": "yes"}, "divide_by_vocab must be True or False"),
+        ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number"),
+    ],
+)
+def test_bad_options_name_the_problem(options, message):
+    with pytest.raises(ValueError, match=message):
+        BackwardAttentionConfig(**options)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ValueError) as error:
+        BackwardAttentionConfig(out_dim=-1, score_mode="x")
+    assert "out_dim" in str(error.value) and "score_mode" in str(error.value)
+
+
+def test_unknown_option_in_a_dict_is_refused():
+    with pytest.raises(ValueError, match="Unknown head option"):
+        BackwardAttentionConfig.from_dict({"out_dimension": 8})
+
+
+def test_coerce_accepts_config_dict_preset_and_none():
+    config = BackwardAttentionConfig(out_dim=8)
+    assert BackwardAttentionConfig.coerce(config) == config and BackwardAttentionConfig.coerce(config) is not config
+    assert BackwardAttentionConfig.coerce({"out_dim": 8}) == config
+    assert BackwardAttentionConfig.coerce("gated") == BackwardAttentionConfig.from_preset("gated")
+    assert BackwardAttentionConfig.coerce(None) == BackwardAttentionConfig()
+    with pytest.raises(ValueError, match="must be a BackwardAttentionConfig"):
+        BackwardAttentionConfig.coerce(3)
+
+
+def test_for_base_binds_sizes_and_refuses_another_base():
+    bound = BackwardAttentionConfig().for_base(vocab_size=100, hidden_size=32)
+    assert (bound.vocab_size, bound.hidden_size) == (100, 32)
+    assert bound.for_base(100, 32) == bound
+    with pytest.raises(ValueError, match=r"vocab_size 100 \(head\) != 50257 \(base model\)"):
+        bound.for_base(50257, 32)
+    with pytest.raises(ValueError, match=r"hidden_size 32 \(head\) != 768"):
+        bound.for_base(100, 768)
+
+
+@pytest.mark.parametrize("config_class", [GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig])
+def test_model_configs_round_trip_through_json(config_class, tmp_path):
+    config = config_class(heads={"math": "gated", "chat": {"out_dim": 8}}, active_head="math")
+    assert config.model_type.endswith("_backattn")
+    assert config.heads["math"] == BackwardAttentionConfig.from_preset("gated").to_dict()
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["heads"]["chat"]["out_dim"] == 8
+    reloaded = config_class.from_pretrained(tmp_path)
+    assert reloaded.heads == config.heads and reloaded.active_head == "math"
+
+
+def test_active_head_must_name_a_head():
+    with pytest.raises(ValueError, match="active_head='math' names no head"):
+        GPT2BackwardAttentionConfig(heads={"chat": {}}, active_head="math")
