@@ -11,8 +11,14 @@ saved checkpoint loads with ``trust_remote_code=True`` where ``backattn`` is not
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import os
+import re
+import tempfile
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_backattn import BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
+from .head_files import embedding_fingerprint, head_options, read_head, render_model_card, resolve_head_directory, write_head
 
 
 def _vocab_slices(vocab_size: int, chunk_size: int | None) -> list[slice]:
@@ -229,19 +236,28 @@ class BackwardAttentionHead(nn.Module):
 
 
 class BackwardAttentionForCausalLMMixin:
-    """What every base family shares: heads built from ``config.heads``, a frozen base, and ``forward``.
+    """What every base family shares: named task heads on a frozen base, the head API, and ``forward``.
 
     Put it first in the bases, before the family's ``...ForCausalLM`` class, which provides
     ``self.base_model`` (the decoder), ``self.lm_head`` and ``get_input_embeddings()``.
+
+    The heads live in ``self.heads`` (an ``nn.ModuleDict``) and their options in ``config.heads``, so
+    ``save_pretrained`` / ``from_pretrained`` keep every resident head. The methods follow the Transformers
+    adapter API with ``head`` for ``adapter`` (``add_head``, ``load_head``, ``set_head``, ``active_head``,
+    ``disable_heads`` / ``enable_heads``, ``delete_head``, ``save_head``, ``push_head_to_hub``), which leaves
+    the inherited PEFT adapter methods free for LoRA on the base.
     """
 
     def __init__(self, config, head_config: BackwardAttentionConfig | dict | str | None = None, head_name: str = "default"):
+        if not isinstance(config, self.config_class):  # a stock config of the base family, e.g. GPT2Config
+            config = self.config_class.from_dict(config.to_dict())
         if head_config is not None:
             if config.heads:
                 raise ValueError(
                     f"This model already carries heads {sorted(config.heads)}; head_config= only attaches a "
-                    "fresh head to a plain base model."
+                    "fresh head to a plain base model. Use model.add_head(...) to add another."
                 )
+            _check_head_name(head_name)
             config.heads = {head_name: BackwardAttentionConfig.coerce(head_config).to_dict()}
             config.active_head = head_name
         super().__init__(config)
@@ -249,10 +265,11 @@ class BackwardAttentionForCausalLMMixin:
     def post_init(self):
         # Called at the end of the family's __init__: the heads join the model before weights are initialised.
         self.heads = nn.ModuleDict()
+        self._heads_enabled = True
+        self._fingerprint_cache: tuple[tuple, str] | None = None
         for name, options in self.config.heads.items():
-            head_config = BackwardAttentionConfig.from_dict(options).for_base(self.config.vocab_size, self.config.hidden_size)
-            self.config.heads[name] = head_config.to_dict()
-            self.heads[name] = BackwardAttentionHead(head_config)
+            self.heads[name] = self._build_head(BackwardAttentionConfig.from_dict(options))
+            self.config.heads[name] = self.heads[name].config.to_dict()
         super().post_init()
         self.freeze_base()
 
@@ -274,15 +291,233 @@ class BackwardAttentionForCausalLMMixin:
             module.reset_parameters()
 
     def freeze_base(self) -> None:
-        """Only head parameters train; every base parameter (the embedding table too) is frozen."""
+        """Freeze every base parameter (the embedding table too); the heads keep their own setting."""
         for name, parameter in self.named_parameters():
-            parameter.requires_grad_(name.startswith("heads."))
+            if not name.startswith("heads."):
+                parameter.requires_grad_(False)
 
     def train(self, mode: bool = True):
         """The frozen base always runs in eval mode (no dropout), so its features are deterministic."""
         super().train(mode)
         self.base_model.eval()
         return self
+
+    # ----------------------------------------------------------------------------------------------------
+    # the head API
+
+    def _build_head(self, head_config: BackwardAttentionConfig) -> BackwardAttentionHead:
+        """A head for this base; ``ValueError`` if ``head_config`` was made for another vocabulary or width."""
+        head_config = head_config.for_base(self.config.vocab_size, self.config.hidden_size)
+        return BackwardAttentionHead(head_config)
+
+    def _register_head(self, head_name: str, head: BackwardAttentionHead) -> None:
+        self.heads[head_name] = head.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        self.config.heads = {**self.config.heads, head_name: head.config.to_dict()}
+
+    def _require_head(self, head_name: str) -> None:
+        if head_name not in self.heads:
+            raise ValueError(f"No head named {head_name!r}; the heads are {self.list_heads() or 'none'}.")
+
+    def list_heads(self) -> list[str]:
+        """Names of the resident heads, in the order they were added."""
+        return list(self.heads)
+
+    def active_head(self) -> str | None:
+        """The head that scores the next token, or ``None`` (no head active, or heads disabled)."""
+        return self.config.active_head if self._heads_enabled else None
+
+    def add_head(self, head_config: BackwardAttentionConfig | dict | str | None = None, head_name: str = "default") -> None:
+        """Attach a fresh, trainable head and make it the active one (as ``add_adapter`` does)."""
+        _check_head_name(head_name)
+        if head_name in self.heads:
+            raise ValueError(f"A head named {head_name!r} already exists; pick another name or delete_head it first.")
+        head = self._build_head(BackwardAttentionConfig.coerce(head_config))
+        self._register_head(head_name, head)
+        self.config.active_head = head_name
+
+    def set_head(self, head_name: str) -> None:
+        """Make a resident head the active one; no weights are copied."""
+        self._require_head(head_name)
+        self.config.active_head = head_name
+
+    def disable_heads(self) -> None:
+        """Give the base model's own logits, exactly, until ``enable_heads``."""
+        self._heads_enabled = False
+
+    def enable_heads(self) -> None:
+        self._heads_enabled = True
+
+    def delete_head(self, head_name: str) -> None:
+        """Remove a resident head; if it was active, no head is active afterwards."""
+        self._require_head(head_name)
+        del self.heads[head_name]
+        self.config.heads = {name: options for name, options in self.config.heads.items() if name != head_name}
+        if self.config.active_head == head_name:
+            self.config.active_head = None
+
+    def embedding_fingerprint(self) -> str:
+        """A fingerprint of the base's input-embedding table, recorded in head files to refuse the wrong base."""
+        embeddings = self.get_input_embeddings().weight
+        key = (embeddings.data_ptr(), embeddings._version, embeddings.shape)
+        if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
+            self._fingerprint_cache = (key, embedding_fingerprint(embeddings))
+        return self._fingerprint_cache[1]
+
+    def save_head(
+        self,
+        save_directory: str | os.PathLike,
+        head_name: str | None = None,
+        task: str | None = None,
+        training_data: str | None = None,
+        metrics: dict | str | None = None,
+        metadata: dict | None = None,
+    ) -> Path:
+        """Save one head (default: the active one) on its own: config, safetensors weights and model card.
+
+        Only the head's tensors are written, never the base's. Each file is written under a temporary name
+        and renamed into place, so a save that fails leaves the directory as it was.
+        """
+        head_name = head_name or self.config.active_head
+        if head_name is None:
+            raise ValueError("No head is active; name the head to save with head_name=.")
+        self._require_head(head_name)
+        head = self.heads[head_name]
+        record = {
+            "head_name": head_name,
+            "head_options": head.config.to_dict(),
+            "base_model_name_or_path": self.config._name_or_path or None,
+            "base_model_revision": getattr(self.config, "_commit_hash", None),
+            "base_model_type": _BASE_MODEL_TYPES[type(self.config).model_type],
+            "embedding_fingerprint": self.embedding_fingerprint(),
+            "backattn_version": _library_version(),
+            "metadata": metadata or {},
+        }
+        card = render_model_card(
+            head_name, record, sum(p.numel() for p in head.parameters()), task=task, training_data=training_data, metrics=metrics
+        )
+        return write_head(save_directory, head.state_dict(), record, card)
+
+    def load_head(
+        self,
+        head_name_or_path: str | os.PathLike,
+        head_name: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        is_trainable: bool = False,
+        ignore_base_mismatch: bool = False,
+    ) -> str:
+        """Load a saved head from a directory or a Hub repo id and keep it resident under ``head_name``.
+
+        The head is checked before anything changes: its vocabulary and hidden sizes must match this base
+        (always an error otherwise), and so must the fingerprint of the embedding table (an error, or only a
+        warning with ``ignore_base_mismatch=True``). A failed load leaves the resident heads and the active
+        head as they were. The loaded head becomes active only when no head is active yet (use
+        ``set_head`` to switch). Returns the name it was loaded under (default: the name it was saved with).
+        """
+        directory = resolve_head_directory(head_name_or_path, revision, token, cache_dir, local_files_only)
+        record, tensors = read_head(directory)
+        head_name = head_name or record.get("head_name") or "default"
+        _check_head_name(head_name)
+        if head_name in self.heads:
+            raise ValueError(
+                f"A head named {head_name!r} is already loaded; pass another head_name= or delete_head it first."
+            )
+        head_config = head_options(record)
+        if head_config.vocab_size is None or head_config.hidden_size is None:
+            raise ValueError(f"The head config in {directory} does not record the base's vocab_size and hidden_size.")
+        head = self._build_head(head_config)
+        fingerprint = self.embedding_fingerprint()
+        if record.get("embedding_fingerprint") != fingerprint:
+            message = (
+                f"Head {head_name!r} from {head_name_or_path} was trained on a different base model "
+                f"({record.get('base_model_name_or_path')!r}): its embedding-table fingerprint "
+                f"{record.get('embedding_fingerprint')} differs from this model's {fingerprint}."
+            )
+            if not ignore_base_mismatch:
+                raise ValueError(message + " Load it on the base it was trained on, or pass ignore_base_mismatch=True.")
+            warnings.warn(message + " Loading it anyway (ignore_base_mismatch=True).", stacklevel=2)
+        try:
+            head.load_state_dict(tensors, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"The weights in {directory} do not fit the head described by its config: {error}") from error
+        head.requires_grad_(is_trainable)
+        self._register_head(head_name, head)
+        if self.config.active_head is None:
+            self.config.active_head = head_name
+        return head_name
+
+    def push_head_to_hub(
+        self,
+        repo_id: str,
+        head_name: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        **card_fields,
+    ) -> str:
+        """Save one head (see ``save_head``) and upload it to a Hub model repo; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_head(directory, head_name=head_name, **card_fields)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=directory,
+                commit_message=commit_message or f"Upload backward-attention head {head_name or self.config.active_head}",
+                revision=revision,
+            )
+        return str(commit)
+
+    # ----------------------------------------------------------------------------------------------------
+    # forward
+
+    def _head_indices(self, heads: list | torch.Tensor) -> torch.Tensor:
+        """Row -> head index (into ``list_heads()``), ``-1`` for rows that take the base logits."""
+        if isinstance(heads, torch.Tensor):
+            indices = heads.to(torch.long)
+            if indices.dim() != 1 or (indices.numel() and not -1 <= int(indices.min()) <= int(indices.max()) < len(self.heads)):
+                raise ValueError(f"heads= as a tensor must be 1-D head indices in [-1, {len(self.heads)}).")
+            return indices
+        names = self.list_heads()
+        for name in heads:
+            if name is not None and name not in self.heads:
+                raise ValueError(f"heads= names {name!r}, which is not loaded; the heads are {names or 'none'}.")
+        return torch.tensor([-1 if name is None else names.index(name) for name in heads], dtype=torch.long)
+
+    def _apply_heads(self, logits: torch.Tensor, hidden: torch.Tensor, heads: list | torch.Tensor | None) -> torch.Tensor:
+        if not self._heads_enabled:
+            return logits
+        embeddings = self.get_input_embeddings().weight
+        if heads is None:
+            if self.config.active_head is None:
+                return logits
+            return self.heads[self.config.active_head](logits, hidden, embeddings)
+
+        indices = self._head_indices(heads).to(logits.device)
+        if indices.shape[0] != logits.shape[0] or logits.dim() < 3:
+            raise ValueError(f"heads= needs one entry per batch row: got {indices.shape[0]} for a batch of {logits.shape[0]}.")
+        names, out = self.list_heads(), None
+        for index in indices.unique().tolist():
+            if index < 0:
+                continue
+            rows = indices == index
+            scored = self.heads[names[index]](logits[rows], hidden[rows], embeddings)
+            if out is None:
+                out = logits.to(scored.dtype).clone()
+            out[rows] = scored
+        return logits if out is None else out
+
+    def generate(self, *args, heads: list | torch.Tensor | None = None, **kwargs):
+        """``GenerationMixin.generate``; ``heads=`` (one head name or ``None`` per row) mixes heads in a batch."""
+        if heads is not None:
+            # As a tensor, generate repeats it along with the batch for beams and multiple return sequences.
+            kwargs["heads"] = self._head_indices(heads)
+        return super().generate(*args, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -295,12 +530,15 @@ class BackwardAttentionForCausalLMMixin:
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        heads: list | torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""The base model's forward, then the active head on the positions kept.
 
-        ``logits`` are the active head's next-token logits (the base model's own when no head is active);
-        ``loss`` is the usual shifted cross-entropy over labels that are not ``-100``.
+        ``logits`` are the active head's next-token logits (the base model's own when no head is active or
+        heads are disabled); ``loss`` is the usual shifted cross-entropy over labels that are not ``-100``.
+        ``heads`` (one head name, or ``None`` for the base, per batch row) serves different heads to the rows
+        of one batch; each row gets what it would get alone with its head active.
         """
         vocab_size = self.config.vocab_size
         if input_ids is not None and input_ids.numel():
@@ -320,10 +558,7 @@ class BackwardAttentionForCausalLMMixin:
             **kwargs,
         )
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden)
-        if self.config.active_head is not None:
-            head = self.heads[self.config.active_head]
-            logits = head(logits, hidden, self.get_input_embeddings().weight)
+        logits = self._apply_heads(self.lm_head(hidden), hidden, heads)
 
         loss = None
         if labels is not None:
@@ -335,6 +570,24 @@ class BackwardAttentionForCausalLMMixin:
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+_BASE_MODEL_TYPES = {"gpt2_backattn": "gpt2", "llama_backattn": "llama"}
+_HEAD_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def _check_head_name(head_name: str) -> None:
+    if not isinstance(head_name, str) or not _HEAD_NAME.match(head_name) or hasattr(nn.ModuleDict, head_name):
+        raise ValueError(
+            f"Invalid head name {head_name!r}: use letters, digits, '_' and '-' (and not a ModuleDict method name)."
+        )
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("backattn")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class GPT2BackwardAttentionForCausalLM(BackwardAttentionForCausalLMMixin, GPT2LMHeadModel):
