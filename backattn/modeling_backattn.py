@@ -12,6 +12,7 @@ saved checkpoint loads with ``trust_remote_code=True`` where ``backattn`` is not
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import math
 import os
 import re
@@ -28,6 +29,7 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import logging as transformers_logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_backattn import BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
@@ -573,6 +575,21 @@ class BackwardAttentionForCausalLMMixin:
 
 
 _BASE_MODEL_TYPES = {"gpt2_backattn": "gpt2", "llama_backattn": "llama"}
+
+
+class _PlainBaseCheckpointFilter(logging.Filter):
+    """Drop Transformers' warning about loading a plain base checkpoint into our family: that is the point."""
+
+    EXPECTED = tuple(
+        f"You are using a model of type `{base}` to instantiate a model of type `{ours}`"
+        for ours, base in _BASE_MODEL_TYPES.items()
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.EXPECTED)
+
+
+transformers_logging.get_logger("transformers.configuration_utils").addFilter(_PlainBaseCheckpointFilter())
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 

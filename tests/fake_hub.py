@@ -53,6 +53,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -140,9 +141,11 @@ class FakeHub:
       ``request_log``    ``[(method, path, query, headers)]``, the same with query string and headers
       ``commits(repo_id)``  list of :class:`Commit` (oldest first; the first is the empty initial commit)
       ``head(repo_id, revision="main")``  commit sha a revision points to
+      ``is_private(repo_id)``
       ``create_repo(repo_id, private=False)`` / ``commit(repo_id, files, message=..., delete=())``
-                         seed repos directly, without HTTP
+                         seed repos directly, without HTTP (``commit`` returns the new sha)
       ``start()`` / ``stop()``, or ``with FakeHub() as hub: ...``
+      ``with hub.as_default_endpoint(): ...``  also route endpoint-less calls (transformers) here
 
     ``lfs_threshold``: files of at least this many bytes get upload mode "lfs" in the preupload answer
     (default None: every file is "regular", which is what works with ``hf_xet`` installed).
@@ -157,6 +160,9 @@ class FakeHub:
         self._lfs_objects: dict[str, bytes] = {}
         self._lock = threading.RLock()
         self._counter = 0
+        # Commit shas must differ between FakeHub instances and test runs: a client cache that outlives a
+        # FakeHub (e.g. the default ~/.cache/huggingface/hub) must never find a "known" sha with other content.
+        self._salt = uuid.uuid4().hex
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.url: str | None = None
@@ -271,6 +277,8 @@ class FakeHub:
     ) -> str:
         with self._lock:
             repo = self._get_repo(repo_id)
+            if revision not in repo.branches:
+                raise KeyError(f"{repo_id} has no branch {revision!r}")
             tree = dict(repo.resolve(revision)._tree)
             for path in delete:
                 tree.pop(path, None)
@@ -289,7 +297,8 @@ class FakeHub:
     def _add_commit(self, repo, branch, tree, message, description, added, deleted) -> Commit:
         self._counter += 1
         parent = repo.branches.get(branch)
-        seed = json.dumps([repo.repo_id, parent, message, self._counter, sorted((p, b.oid) for p, b in tree.items())])
+        seed = json.dumps([self._salt, self._counter, repo.repo_id, parent, message,
+                           sorted((p, b.oid) for p, b in tree.items())])
         oid = hashlib.sha1(seed.encode()).hexdigest()
         date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
         commit = Commit(oid, parent, message, description, added, deleted, date, tree)

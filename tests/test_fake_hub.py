@@ -16,6 +16,7 @@ import pytest
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    HfHubHTTPError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -25,17 +26,6 @@ from fake_hub import FakeHub, git_blob_sha1
 
 REPO = "fake-user/tiny-adapter"
 CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    # huggingface_hub reads these env vars once, at import time, into module attributes that its
-    # functions consult at call time: patch the attributes, not os.environ.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    # No telemetry: otherwise building headers fetches an "agent harnesses" list from huggingface.co.
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    with FakeHub() as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -209,6 +199,7 @@ def test_private_repo_needs_a_token(hub, api, adapter_dir, tmp_path):
 def test_lfs_upload_flow_without_xet(monkeypatch, adapter_dir, tmp_path):
     """With Xet disabled, files the server marks "lfs" go through the LFS batch API + PUT."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     with FakeHub(lfs_threshold=100_000) as hub:
@@ -239,3 +230,22 @@ def test_transformers_push_to_hub_and_from_pretrained(hub, tmp_path, monkeypatch
         assert AutoConfig.from_pretrained(REPO, cache_dir=cache).n_layer == 2
         assert len(hub.requests) == before
     assert constants.ENDPOINT != hub.url  # restored
+
+
+def test_seeding_range_and_stale_parent_commit(hub, api, adapter_dir, tmp_path):
+    hub.create_repo(REPO)
+    sha = hub.commit(REPO, {"adapter_config.json": b'{"r": 4}', "a/b.txt": b"0123456789"}, message="seed")
+    assert hub.head(REPO) == sha and hub.commits(REPO)[-1].message == "seed"
+    path = hf_hub_download(REPO, "a/b.txt", endpoint=hub.url, cache_dir=tmp_path / "cache")
+    assert Path(path).read_bytes() == b"0123456789"
+
+    import httpx2  # the HTTP client huggingface_hub 2.4 uses
+
+    r = httpx2.get(f"{hub.url}/{REPO}/resolve/main/a/b.txt", headers={"Range": "bytes=2-4"})
+    assert r.status_code == 206 and r.content == b"234" and r.headers["Content-Range"] == "bytes 2-4/10"
+
+    with pytest.raises(HfHubHTTPError) as err:  # someone committed since `parent_commit`
+        api.upload_folder(repo_id=REPO, folder_path=adapter_dir, commit_message="late",
+                          parent_commit=hub.commits(REPO)[0].oid)
+    assert err.value.response.status_code == 412
+    assert hub.head(REPO) == sha
