@@ -14,11 +14,15 @@ def test_readme_opens_with_the_two_commands():
 
 
 @pytest.mark.integration
-def test_readme_usage_snippet_runs(smollm2_dir, tmp_path, monkeypatch, capsys):
+def test_readme_usage_snippets_run(smollm2_dir, tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks, "README has no python snippet"
-    monkeypatch.chdir(tmp_path)  # the snippet saves "my-model" in the working directory
-    exec(compile(blocks[0], str(README), "exec"), {"__name__": "__readme__"})
+    assert len(blocks) >= 2, "README lost its python snippets"
+    monkeypatch.chdir(tmp_path)  # the snippets save into the working directory
+    namespace = {"__name__": "__readme__"}
+    for block in blocks:  # each snippet continues the one before it
+        exec(compile(block, str(README), "exec"), namespace)
     printed = capsys.readouterr().out
     assert "heads.default" in printed and "7 times 6" in printed
+    assert "['math', 'sentiment'] torch.Size([3," in printed
     assert (tmp_path / "my-model" / "config.json").exists()
+    assert (tmp_path / "heads" / "math" / "head.safetensors").exists()
