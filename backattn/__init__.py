@@ -12,10 +12,12 @@ from .configuration_backattn import (
     LlamaBackwardAttentionConfig,
 )
 from .modeling_backattn import (
+    FAMILIES,
     BackwardAttentionHead,
     BackwardAttentionLayer,
     GPT2BackwardAttentionForCausalLM,
     LlamaBackwardAttentionForCausalLM,
+    family_for,
 )
 
 __version__ = "0.1.0"
@@ -37,4 +39,5 @@ __all__ = [
     "LlamaBackwardAttentionConfig",
     "LlamaBackwardAttentionForCausalLM",
     "__version__",
+    "family_for",
 ]

@@ -409,6 +409,7 @@ class BackwardAttentionForCausalLMMixin:
         local_files_only: bool = False,
         is_trainable: bool = False,
         ignore_base_mismatch: bool = False,
+        hotswap: bool = False,
     ) -> str:
         """Load a saved head from a directory or a Hub repo id and keep it resident under ``head_name``.
 
@@ -417,14 +418,20 @@ class BackwardAttentionForCausalLMMixin:
         warning with ``ignore_base_mismatch=True``). A failed load leaves the resident heads and the active
         head as they were. The loaded head becomes active only when no head is active yet (use
         ``set_head`` to switch). Returns the name it was loaded under (default: the name it was saved with).
+
+        With ``hotswap=True`` the weights replace, in place, those of the resident head of that name, whose
+        options must be the same (as PEFT's ``hotswap``; an optimiser holding those parameters keeps them).
         """
         directory = resolve_head_directory(head_name_or_path, revision, token, cache_dir, local_files_only)
         record, tensors = read_head(directory)
         head_name = head_name or record.get("head_name") or "default"
         _check_head_name(head_name)
-        if head_name in self.heads:
+        if hotswap:
+            self._require_head(head_name)
+        elif head_name in self.heads:
             raise ValueError(
-                f"A head named {head_name!r} is already loaded; pass another head_name= or delete_head it first."
+                f"A head named {head_name!r} is already loaded; pass another head_name=, hotswap=True, or "
+                "delete_head it first."
             )
         head_config = head_options(record)
         if head_config.vocab_size is None or head_config.hidden_size is None:
@@ -444,6 +451,17 @@ class BackwardAttentionForCausalLMMixin:
             head.load_state_dict(tensors, strict=True)
         except RuntimeError as error:
             raise ValueError(f"The weights in {directory} do not fit the head described by its config: {error}") from error
+        if hotswap:
+            resident = self.heads[head_name]
+            if resident.config != head.config:
+                raise ValueError(
+                    f"Cannot hotswap head {head_name!r}: the saved head's options {head.config.to_dict()} differ from "
+                    f"the resident head's {resident.config.to_dict()}."
+                )
+            with torch.no_grad():
+                for name, tensor in head.state_dict().items():
+                    resident.get_parameter(name).copy_(tensor)
+            return head_name
         head.requires_grad_(is_trainable)
         self._register_head(head_name, head)
         if self.config.active_head is None:
@@ -533,6 +551,7 @@ class BackwardAttentionForCausalLMMixin:
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         heads: list | torch.Tensor | None = None,
+        base_hidden_states: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""The base model's forward, then the active head on the positions kept.
@@ -540,7 +559,9 @@ class BackwardAttentionForCausalLMMixin:
         ``logits`` are the active head's next-token logits (the base model's own when no head is active or
         heads are disabled); ``loss`` is the usual shifted cross-entropy over labels that are not ``-100``.
         ``heads`` (one head name, or ``None`` for the base, per batch row) serves different heads to the rows
-        of one batch; each row gets what it would get alone with its head active.
+        of one batch; each row gets what it would get alone with its head active. ``base_hidden_states``
+        (batch x sequence x hidden) are the frozen base's final hidden states for ``input_ids``, precomputed
+        (for example by :mod:`backattn.feature_cache`): the base is then not run at all.
         """
         vocab_size = self.config.vocab_size
         if input_ids is not None and input_ids.numel():
@@ -550,16 +571,20 @@ class BackwardAttentionForCausalLMMixin:
                     f"input_ids holds token id {low if low < 0 else high}, outside this model's vocabulary "
                     f"[0, {vocab_size}): use the tokenizer that belongs to the base model."
                 )
-        outputs = self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        if base_hidden_states is not None:
+            outputs, hidden = None, base_hidden_states.to(self.lm_head.weight.dtype)
+        else:
+            outputs = self.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            hidden = outputs.last_hidden_state
+        hidden = slice_logits_to_keep(hidden, logits_to_keep)
         logits = self._apply_heads(self.lm_head(hidden), hidden, heads)
 
         loss = None
@@ -568,9 +593,9 @@ class BackwardAttentionForCausalLMMixin:
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            past_key_values=getattr(outputs, "past_key_values", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
         )
 
 
@@ -622,7 +647,28 @@ class LlamaBackwardAttentionForCausalLM(BackwardAttentionForCausalLMMixin, Llama
 GPT2BackwardAttentionForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 LlamaBackwardAttentionForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+
+
+#: The head-carrying class for a base model's ``model_type`` (plain or already carrying heads).
+FAMILIES = {
+    "gpt2": GPT2BackwardAttentionForCausalLM,
+    "gpt2_backattn": GPT2BackwardAttentionForCausalLM,
+    "llama": LlamaBackwardAttentionForCausalLM,
+    "llama_backattn": LlamaBackwardAttentionForCausalLM,
+}
+
+
+def family_for(model_type: str) -> type:
+    """The backattn model class for a base of this ``model_type``; ``ValueError`` for an unsupported family."""
+    if model_type not in FAMILIES:
+        supported = sorted(t for t in FAMILIES if not t.endswith("_backattn"))
+        raise ValueError(f"No backward-attention family for model_type {model_type!r}; supported: {', '.join(supported)}.")
+    return FAMILIES[model_type]
+
+
 __all__ = [
+    "FAMILIES",
+    "family_for",
     "BackwardAttentionForCausalLMMixin",
     "BackwardAttentionHead",
     "BackwardAttentionLayer",

@@ -34,3 +34,37 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     with FakeHub() as fake:
         yield fake
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A small random GPT-2 with the real GPT-2 tokenizer saved beside it (no GPT-2 weights exist offline)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    offline.gpt2_tokenizer().save_pretrained(path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=128)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def math_jsonl(tmp_path_factory):
+    """40 small word problems in the OpenMathInstruct-2 columns."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "math.jsonl"
+    with open(path, "w") as handle:
+        for _ in range(40):
+            a, b = rng.randint(2, 60), rng.randint(2, 60)
+            row = {
+                "problem": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+                "generated_solution": f"He has {a} + {b} = {a + b} apples.",
+                "expected_answer": str(a + b),
+                "problem_source": "synthetic",
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path

@@ -1,0 +1,91 @@
+"""Scoring a causal LM (with or without a head) on math problems: target-token loss and final answers."""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .sft_data import IGNORE_INDEX
+
+_FINAL_ANSWER = re.compile(r"final answer is:?\s*\$?\\?(?:boxed\{)?\s*([^\n]*)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+
+
+def parse_number(text: str | None) -> float | None:
+    """A number from text such as ``"1,234"``, ``"$5.50"``, ``"-3"``, ``"3/4"`` or ``"12."``; else ``None``."""
+    if text is None:
+        return None
+    cleaned = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    cleaned = cleaned.removeprefix("\\(").removesuffix("\\)").rstrip("}").rstrip(".")
+    try:
+        return float(Fraction(cleaned)) if "/" in cleaned else float(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def parse_final_answer(text: str) -> str | None:
+    """The answer a solution states: the text after "final answer is", else the last number in the text."""
+    stated = _FINAL_ANSWER.search(text)
+    if stated:
+        numbers = _NUMBER.findall(stated.group(1))
+        return numbers[0].strip() if numbers else stated.group(1).strip().rstrip(".") or None
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].strip() if numbers else None
+
+
+def answers_match(predicted: str | None, expected: str) -> bool:
+    """Numbers are compared as numbers (``"1,000.0"`` equals ``"1000"``); anything else as trimmed text."""
+    if predicted is None:
+        return False
+    a, b = parse_number(predicted), parse_number(expected)
+    if a is not None and b is not None:
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return predicted.strip().lower() == expected.strip().lower()
+
+
+@torch.no_grad()
+def target_token_loss(model, dataset, collator, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
+    """Mean cross-entropy over the target tokens of a tokenized data set (labels not ``-100``), and perplexity."""
+    model.eval()
+    total, count = 0.0, 0
+    device = model.lm_head.weight.device
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Scoring", disable=not progress):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        shifted = labels[:, 1:]
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="sum")
+        total += losses.item()
+        count += int((shifted != IGNORE_INDEX).sum())
+    loss = total / max(count, 1)
+    return {"target_ce": loss, "perplexity": math.exp(loss), "target_tokens": count}
+
+
+@torch.no_grad()
+def generate_solutions(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8, progress: bool = False) -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens."""
+    model.eval()
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="Generating", disable=not progress):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            batch = batch.to(model.lm_head.weight.device)
+            generated = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+    return outputs
+
+
+def final_answer_accuracy(solutions: list[str], expected: list[str]) -> float:
+    return sum(answers_match(parse_final_answer(s), e) for s, e in zip(solutions, expected)) / max(len(expected), 1)

