@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
@@ -109,6 +110,7 @@ class SFTTrainingArguments(TrainingArguments):
     save_steps: float = field(default=25)
     save_total_limit: int | None = field(default=2)
     seed: int = field(default=42)
+    dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available)  # no warning on CPU
 
 
 def parse_arguments(argv: list[str] | None = None):

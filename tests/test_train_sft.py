@@ -1,0 +1,123 @@
+"""train_sft.py end to end on a small local file, its configuration forms, bad input and a killed run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import train_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def arguments(tiny_gpt2_dir, math_jsonl, tmp_path, **overrides):
+    options = {
+        "model_name_or_path": str(tiny_gpt2_dir), "dataset": str(math_jsonl), "eval_size": "8",
+        "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), "max_steps": "6",
+        "save_steps": "3", "eval_steps": "3", "logging_steps": "1", "per_device_train_batch_size": "4",
+        "learning_rate": "0.03", "num_generation_examples": "2", "max_new_tokens": "4", "max_length": "96",
+        "disable_tqdm": "true",
+    }  # fmt: skip
+    options.update(overrides)
+    return [item for key, value in options.items() for item in (f"--{key}", value)]
+
+
+def test_a_short_run_end_to_end(tiny_gpt2_dir, math_jsonl, tmp_path, capsys):
+    results = train_sft.main(arguments(tiny_gpt2_dir, math_jsonl, tmp_path))
+    out = tmp_path / "out"
+    assert {"head.safetensors", "head_config.json", "README.md", "loss_curve.png", "comparison.md", "eval_results.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not list(out.rglob("model.safetensors"))  # never a copy of the base
+    record = json.loads((out / "head_config.json").read_text())
+    assert record["metadata"]["prompt_template"]["prompt"] == "Question: {problem}\nAnswer: "
+    comparison = results["comparison"]
+    assert set(comparison) == {"frozen base", "base + trained head"}
+    assert comparison["base + trained head"]["target_ce"] < comparison["frozen base"]["target_ce"]
+    assert results["train_examples"] == 32 and results["eval_examples"] == 8
+    printed = capsys.readouterr().out
+    assert "| frozen base |" in printed and "Example (held out):" in printed
+    assert "final_answer_accuracy" in (out / "README.md").read_text() or "final" in (out / "README.md").read_text()
+
+
+def test_a_yaml_config_file_is_the_same_as_the_command_line(tiny_gpt2_dir, math_jsonl, tmp_path):
+    args = arguments(tiny_gpt2_dir, math_jsonl, tmp_path)
+    options = {key[2:]: yaml.safe_load(value) for key, value in zip(args[::2], args[1::2])}  # typed, as people write
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(options))
+    parsed = train_sft.parse_arguments([str(config)])
+    assert parsed == train_sft.parse_arguments(args)
+    assert parsed[2].dataset == str(math_jsonl) and parsed[3].max_steps == 6
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"preset": "turbo"}, ValueError, "Unknown head preset 'turbo'"),
+        ({"head_options": '{"out_dim": 31, "num_heads": 2}'}, ValueError, "does not divide"),
+        ({"head_options": "{out_dim: 3"}, ValueError, "--head_options is not valid JSON"),
+        ({"prompt_template": "Q: {question}"}, ValueError, "prompt template uses"),
+        ({"streaming": "true", "dataset": "nvidia/OpenMathInstruct-2"}, ValueError, "set --max_train_samples"),
+        ({"gradient_checkpointing": "true"}, ValueError, "forces gradients through the frozen base"),
+        ({"label_smoothing_factor": "0.1"}, ValueError, "label_smoothing_factor"),
+        ({"feature_cache_dtype": "int8"}, ValueError, "float16 or float32"),
+        ({"resume_from_checkpoint": "/no/such/checkpoint"}, ValueError, "is not a directory"),
+        ({"dataset": "/no/such/file.jsonl"}, FileNotFoundError, "No data file"),
+    ],
+)
+def test_bad_arguments_fail_before_any_model_is_loaded(tiny_gpt2_dir, math_jsonl, tmp_path, monkeypatch, overrides, error, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the arguments were checked")
+
+    monkeypatch.setattr(train_sft.AutoTokenizer, "from_pretrained", no_loading)
+    monkeypatch.setattr(train_sft.AutoConfig, "from_pretrained", no_loading)
+    with pytest.raises(error, match=message):
+        train_sft.main(arguments(tiny_gpt2_dir, math_jsonl, tmp_path, **overrides))
+
+
+def test_missing_columns_are_named(tiny_gpt2_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": "1"}) for i in range(20)))
+    with pytest.raises(ValueError, match="lacks the column\\(s\\) problem, generated_solution, expected_answer"):
+        train_sft.main(arguments(tiny_gpt2_dir, bad, tmp_path))
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_gpt2_dir, math_jsonl, tmp_path):
+    common = {"max_steps": "14", "save_steps": "3", "eval_strategy": "no", "save_total_limit": "10"}
+    straight = train_sft.main(arguments(tiny_gpt2_dir, math_jsonl, tmp_path / "straight", **common))
+    assert straight["train_examples"] == 32
+
+    run = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "train_sft.py"), *arguments(tiny_gpt2_dir, math_jsonl, run, **common)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (run / "out" / "checkpoint-6" / "trainer_state.json").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint-6 within 240 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (run / "out").glob("checkpoint-*"))
+    assert 6 <= checkpoints[-1] < 14, checkpoints  # killed mid-run
+    assert not (run / "out" / "head.safetensors").exists()
+
+    resumed = subprocess.run(
+        command + ["--resume_from_checkpoint", "True"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((run / "out" / "checkpoint-14" / "trainer_state.json").read_text())
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps == list(range(1, 15))  # every step once: nothing lost, nothing repeated
+    expected = load_file(tmp_path / "straight" / "out" / "checkpoint-14" / "head.safetensors")
+    got = load_file(run / "out" / "checkpoint-14" / "head.safetensors")
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, atol=1e-6), name
