@@ -175,7 +175,8 @@ def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Datase
     return train, held_out, source
 
 
-def plot_loss_curve(log_history: list[dict], path: Path) -> None:
+def plot_loss_curve(log_history: list[dict], path: Path, references: dict[str, float] | None = None) -> None:
+    """Training (and held-out) loss by step, with held-out reference levels drawn as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +188,8 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     for points, label in ((train, "training loss"), (evaluation, "held-out loss")):
         if points:
             axis.plot(*zip(*points), marker="o" if label.startswith("held") else None, label=label)
+    for (label, value), style in zip((references or {}).items(), ("--", ":")):
+        axis.axhline(value, linestyle=style, color="gray" if style == "--" else "black", label=label)
     axis.set_xlabel("step")
     axis.set_ylabel("target-token cross-entropy")
     axis.set_title("Head-only fine-tuning")
@@ -233,8 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     cache_dir = Path(data_args.cache_dir) if data_args.cache_dir else default_cache_dir()
 
-    train_rows, eval_rows, data_source = load_splits(data_args, training_args.seed)
-    base = str(smollm2_path()) if model_args.model_name_or_path == EMBEDDED_MODEL else model_args.model_name_or_path
+    with training_args.main_process_first(desc="data and the embedded base"):  # once, with accelerate launch
+        train_rows, eval_rows, data_source = load_splits(data_args, training_args.seed)
+        base = str(smollm2_path()) if model_args.model_name_or_path == EMBEDDED_MODEL else model_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -252,9 +256,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_dataset, eval_dataset = train_examples, eval_examples
     if data_args.feature_cache:
-        features = [FeatureCache.build_or_load(model, ex["input_ids"], cache_dir, data_args.feature_cache_dtype,
-                                               training_args.per_device_eval_batch_size)
-                    for ex in (train_examples, eval_examples)]  # fmt: skip
+        model.to(training_args.device)
+        with training_args.main_process_first(desc="caching base features"):
+            features = [FeatureCache.build_or_load(model, ex["input_ids"], cache_dir, data_args.feature_cache_dtype,
+                                                   training_args.per_device_eval_batch_size)
+                        for ex in (train_examples, eval_examples)]  # fmt: skip
         train_dataset, eval_dataset = (CachedFeaturesDataset(ex, f) for ex, f in zip((train_examples, eval_examples), features))
 
     collator = SFTCollator(tokenizer)
@@ -274,11 +280,12 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(training_args.output_dir)
     results = {"data": data_source, "train_examples": len(train_examples), "eval_examples": len(eval_examples)}
     if trainer.is_world_process_zero():
-        plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
         results["comparison"] = compare_with_base(
             model, tokenizer, eval_dataset, eval_examples, collator, data_args, training_args.per_device_eval_batch_size
         )
         head = results["comparison"]["base + trained head"]
+        references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
+        plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references)
         model.save_head(
             output_dir,
             task="math word problems",

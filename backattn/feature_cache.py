@@ -63,7 +63,7 @@ class FeatureCache:
         return len(self.offsets) - 1
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        rows = np.asarray(self.features[self.offsets[index] : self.offsets[index + 1]])
+        rows = np.array(self.features[self.offsets[index] : self.offsets[index + 1]])  # a writable copy
         return torch.from_numpy(rows)
 
     @classmethod
