@@ -121,3 +121,23 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_gpt2_di
     got = load_file(run / "out" / "checkpoint-14" / "head.safetensors")
     for name, tensor in expected.items():
         assert torch.allclose(got[name], tensor, atol=1e-6), name
+
+
+def test_accelerate_launch_runs_it_data_parallel(tiny_gpt2_dir, math_jsonl, tmp_path):
+    """Two CPU processes through `accelerate launch`, with no code change: each step sees 2 x 4 rows.
+
+    `--multi_gpu` is accelerate's torchrun launcher (its `--cpu` starts one process); on a machine without
+    GPUs the Trainer then needs `--use_cpu true` to run data-parallel on the CPU (gloo).
+    """
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(ROOT / "train_sft.py"),
+        *arguments(tiny_gpt2_dir, math_jsonl, tmp_path, max_steps="4", save_steps="4", eval_strategy="no", use_cpu="true"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert state["epoch"] == pytest.approx(1.0)  # 32 training rows / (2 processes x batch 4) = 4 steps an epoch
+    assert (tmp_path / "out" / "head.safetensors").exists()
