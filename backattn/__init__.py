@@ -30,6 +30,7 @@ for _config_class, _model_class in (
     AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
 
 __all__ = [
+    "FAMILIES",
     "PRESETS",
     "BackwardAttentionConfig",
     "BackwardAttentionHead",

@@ -7,7 +7,7 @@ feature cache stores them once (half precision by default) and every epoch train
 
 A cache lives in ``<cache_dir>/features/<key>/`` where the key hashes the base's weights and config, the exact
 token ids of every example (so data, prompt template, tokenizer and ``max_length`` are all in it) and the
-storage dtype: a stale cache is never used. It is built in a temporary directory and renamed into place.
+storage dtype: a stale cache is never used. It is built once, atomically (:mod:`backattn.cache_dirs`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .cache_dirs import build_once
 
 FEATURES_NAME = "features.npy"
 OFFSETS_NAME = "offsets.npy"
@@ -81,22 +81,13 @@ class FeatureCache:
             raise ValueError(f"Feature cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
         key = hashlib.sha256(f"{base_fingerprint(model)}:{data_fingerprint(input_ids)}:{dtype}".encode()).hexdigest()[:24]
         final = Path(cache_dir) / "features" / key
-        if (final / META_NAME).is_file():
-            return cls(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
-        try:
-            _compute(model, input_ids, temporary, DTYPES[dtype], batch_size, progress)
-            (temporary / META_NAME).write_text(
-                json.dumps({"key": key, "dtype": dtype, "examples": len(input_ids), "hidden_size": model.config.hidden_size})
-            )
-            try:
-                os.rename(temporary, final)
-            except OSError:
-                if not (final / META_NAME).is_file():  # not a finished cache from a concurrent build
-                    raise
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
+
+        def build(directory: Path) -> None:
+            _compute(model, input_ids, directory, DTYPES[dtype], batch_size, progress)
+            meta = {"key": key, "dtype": dtype, "examples": len(input_ids), "hidden_size": model.config.hidden_size}
+            (directory / META_NAME).write_text(json.dumps(meta))  # last: marks the cache finished
+
+        build_once(final, build, lambda path: (path / META_NAME).is_file())
         return cls(final)
 
 

@@ -28,14 +28,12 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -69,7 +67,6 @@ _SUBDIR = "gsm_symbolic"
 # is never treated as finished. Bump _FORMAT when the rows change for the same parameters.
 _MARKER = ".backattn-complete.json"
 _FORMAT = 1
-_STALE_TMP_SECONDS = 3600.0
 _WORKER_START_TIMEOUT = 300.0
 # Where the OS has interval timers (POSIX), ``timeout_s`` limits the CPU time of a template's
 # generation, so other load on the machine (a parallel test run, a second worker) mostly does not
@@ -441,50 +438,6 @@ def _is_complete(path: Path) -> bool:
     return all((path / f"{split}.jsonl").is_file() for split in _SPLITS)
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    """Exclusive inter-process lock (POSIX flock); yields whether it is really held."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: rely on the atomic rename alone
-        yield False
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_stale_tmp(root: Path, prefix: str, max_age: float) -> None:
-    now = time.time()
-    for p in root.glob(prefix + "*"):
-        with contextlib.suppress(OSError):
-            if p.is_dir() and now - p.stat().st_mtime >= max_age:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _install(tmp: Path, final: Path, root: Path) -> None:
-    """Atomically move a finished ``tmp`` to ``final``; a finished ``final`` wins."""
-    for _ in range(10):
-        try:
-            os.rename(tmp, final)  # fails if final exists (non-empty dir)
-            return
-        except OSError:
-            if _is_complete(final):  # another process won
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            if final.exists() or final.is_symlink():  # half-written or older format: move aside
-                stale = root / f".{final.name}.stale-{uuid.uuid4().hex[:8]}"
-                with contextlib.suppress(OSError):
-                    os.rename(final, stale)
-                    shutil.rmtree(stale, ignore_errors=True)
-            else:
-                raise
-    raise RuntimeError(f"could not move {tmp} into place at {final}")
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -659,38 +612,23 @@ def build_gsm_symbolic(
     if workers is None:
         workers = max(1, min(4, os.cpu_count() or 1))
 
-    from .offline import default_cache_dir
+    from .cache_dirs import build_once, default_cache_dir  # here: the worker runs this file outside the package
 
     root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / _SUBDIR
-    key = _cache_key(variants_per_template, int(seed), float(timeout_s), template_ids)
-    final = root / key
-    if not _is_complete(final):
-        root.mkdir(parents=True, exist_ok=True)
-        tmp_prefix = f".{key}.tmp-"
-        with _lock(root / f".{key}.lock") as locked:
-            if not _is_complete(final):  # not built by another process while we waited
-                # With the lock held nobody else is building this key: any temporary dir is
-                # left over from a build that died.
-                _remove_stale_tmp(root, tmp_prefix, 0.0 if locked else _STALE_TMP_SECONDS)
-                tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=root))
-                try:
-                    marker = _build(
-                        tmp, template_ids, variants_per_template, int(seed), float(timeout_s), workers, progress
-                    )
-                    umask = os.umask(0)
-                    os.umask(umask)
-                    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-                    with open(tmp / _MARKER, "w", encoding="utf-8") as f:
-                        json.dump(marker, f, indent=2)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    _install(tmp, final, root)
-                finally:
-                    if tmp.exists():
-                        shutil.rmtree(tmp, ignore_errors=True)
-                print(_summary(marker, final), file=sys.stderr, flush=True)
-        if not _is_complete(final):  # pragma: no cover - defensive
-            raise RuntimeError(f"the GSM-Symbolic build did not produce a finished directory at {final}")
+    final = root / _cache_key(variants_per_template, int(seed), float(timeout_s), template_ids)
+    built = {}
+
+    def build(directory: Path) -> None:
+        built["marker"] = _build(
+            directory, template_ids, variants_per_template, int(seed), float(timeout_s), workers, progress
+        )
+        with open(directory / _MARKER, "w", encoding="utf-8") as f:
+            json.dump(built["marker"], f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+
+    if build_once(final, build, _is_complete):
+        print(_summary(built["marker"], final), file=sys.stderr, flush=True)
     return _load(final, root, progress)
 
 

@@ -22,12 +22,11 @@ import functools
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
+
+from .cache_dirs import build_once, default_cache_dir
 
 __all__ = [
     "GPT2_HUB_ID",
@@ -54,7 +53,6 @@ _FORMAT = 1
 # directory can be checked against the GGUF original without the slow GGUF load.
 REFERENCE_FILE = "backattn_gguf_reference.safetensors"
 _PROBE_TEXT = "Question: What is 2+3?\nAnswer: 5. The sum of two and three is five."
-_STALE_TMP_SECONDS = 3600.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,12 +125,6 @@ def gpt2_tokenizer():
 
 # --------------------------------------------------------------------------------------------
 # SmolLM2
-
-
-def default_cache_dir() -> Path:
-    """``$BACKATTN_CACHE`` if set, else ``~/.cache/backattn``."""
-    env = os.environ.get("BACKATTN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "backattn"
 
 
 def _smollm2_gguf() -> Path:
@@ -239,17 +231,13 @@ def _convert(dest: Path) -> None:
 
 
 def _finish(dest: Path) -> None:
-    """Make a converted directory world-readable (as the umask allows) and mark it finished."""
+    """Mark a converted directory finished (its files flushed to disk first)."""
     import torch
     import transformers
 
     gguf = _smollm2_gguf()
     files = sorted(p.name for p in dest.iterdir() if p.is_file())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(dest, 0o777 & ~umask)  # mkdtemp makes it 0700
     for name in files:
-        os.chmod(dest / name, 0o666 & ~umask)  # some writers create 0600 temp files
         with open(dest / name, "rb") as f:  # data on disk before the marker says "finished"
             os.fsync(f.fileno())
     marker = {
@@ -266,54 +254,6 @@ def _finish(dest: Path) -> None:
         json.dump(marker, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    """Exclusive inter-process lock (POSIX flock); yields whether it is really held."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: rely on the atomic rename alone
-        yield False
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_stale_tmp(cache: Path, prefix: str, max_age: float) -> None:
-    """Remove temporary dirs left by conversions that died (older than ``max_age`` s)."""
-    now = time.time()
-    for p in cache.glob(prefix + "*"):
-        try:
-            if p.is_dir() and now - p.stat().st_mtime >= max_age:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _install(tmp: Path, final: Path, cache: Path) -> None:
-    """Atomically move a finished ``tmp`` to ``final``; a finished ``final`` wins."""
-    for _ in range(10):
-        try:
-            os.rename(tmp, final)  # fails if final exists (non-empty dir)
-            return
-        except OSError:
-            if _is_complete(final):  # another process won: use its directory
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            if final.exists() or final.is_symlink():
-                # Not a finished conversion (half-written, or older format): move it aside.
-                stale = cache / f".{final.name}.stale-{uuid.uuid4().hex[:8]}"
-                with contextlib.suppress(OSError):
-                    os.rename(final, stale)
-                    shutil.rmtree(stale, ignore_errors=True)
-            else:
-                raise
-    raise RuntimeError(f"could not move {tmp} into place at {final}")
 
 
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -334,31 +274,17 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = cache / SMOLLM2_DIRNAME
-    if _is_complete(final):
-        return final
-    _smollm2_gguf()  # fail early and clearly if the package is missing
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = f".{SMOLLM2_DIRNAME}.tmp-"
-    with _lock(cache / f".{SMOLLM2_DIRNAME}.lock") as locked:
-        if _is_complete(final):  # converted by another process while we waited
-            return final
-        # While we hold the lock nobody else is converting here, so every temporary dir is
-        # left over from a conversion that died; without a lock only remove old ones.
-        _remove_stale_tmp(cache, tmp_prefix, 0.0 if locked else _STALE_TMP_SECONDS)
-        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=cache))
-        try:
+    if not _is_complete(final):
+        _smollm2_gguf()  # fail early and clearly if the package is missing
+
+        def convert(directory: Path) -> None:
             print(
-                f"backattn: converting {_SMOLLM2_GGUF} to a Transformers directory at {final} "
-                "(once, ~45 s)...",
+                f"backattn: converting {_SMOLLM2_GGUF} to a Transformers directory at {final} (once, ~45 s)...",
                 file=sys.stderr,
                 flush=True,
             )
-            _convert(tmp)
-            _finish(tmp)
-            _install(tmp, final, cache)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    if not _is_complete(final):  # pragma: no cover - defensive
-        raise RuntimeError(f"SmolLM2 conversion did not produce a finished directory at {final}")
+            _convert(directory)
+            _finish(directory)
+
+        build_once(final, convert, _is_complete)
     return final

@@ -68,3 +68,17 @@ def math_jsonl(tmp_path_factory):
             }
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_base_dir(tmp_path_factory):
+    """A tiny random GPT-2 (vocabulary 97, width 24) saved as a plain base checkpoint."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from test_modeling_backattn import tiny_gpt2_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt2-base")
+    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(path)
+    return path

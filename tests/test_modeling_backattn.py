@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, pipeline
 
 from backattn import (
@@ -37,14 +37,6 @@ def tiny_llama_config(**overrides):
         num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
     )  # fmt: skip
     return LlamaConfig(**{**options, **overrides})
-
-
-@pytest.fixture(scope="module")
-def gpt2_base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("gpt2-base")
-    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,8 @@ from test_modeling_backattn import VOCAB, randomise, tiny_gpt2_config
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base")
-    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(path)
-    return path
+def base_dir(gpt2_base_dir):
+    return gpt2_base_dir
 
 
 @pytest.fixture(scope="module")

@@ -13,21 +13,17 @@ import pytest
 import torch
 from huggingface_hub import constants
 from safetensors.torch import save_file
-from transformers import GPT2LMHeadModel
 
 from backattn import GPT2BackwardAttentionForCausalLM
 from backattn.head_files import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, MODEL_CARD_NAME
-from test_modeling_backattn import VOCAB, randomise, tiny_gpt2_config
+from test_modeling_backattn import VOCAB, randomise
 
 REPO = "fake-user/math-head"
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base")
-    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(path)
-    return path
+def base_dir(gpt2_base_dir):
+    return gpt2_base_dir
 
 
 def test_push_then_pull_by_repo_id_then_offline_from_the_cache(hub, base_dir, tmp_path):

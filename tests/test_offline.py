@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from backattn import offline
+from backattn import cache_dirs, offline
 
 MATH = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. 48 / 2 = 24.\n#### 72"
 
@@ -222,7 +222,7 @@ def test_stale_tmp_age_without_lock(tmp_path):
         d.mkdir()
     two_hours_ago = time.time() - 7200
     os.utime(old, (two_hours_ago, two_hours_ago))
-    offline._remove_stale_tmp(tmp_path, ".SmolLM2-135M-Instruct.tmp-", 3600)
+    cache_dirs._remove_stale_temporaries(tmp_path, ".SmolLM2-135M-Instruct.tmp-", 3600)
     assert fresh.is_dir() and not old.exists()
 
 
@@ -278,8 +278,7 @@ def test_install_loser_uses_winner(tmp_path, monkeypatch):
     loser = tmp_path / ".SmolLM2-135M-Instruct.tmp-loser"
     loser.mkdir()
     (loser / "config.json").write_text("{}")
-    offline._install(loser, final, tmp_path)
-    assert not loser.exists()
+    cache_dirs._install(loser, final, offline._is_complete)
     assert final.stat().st_ino == inode and offline._is_complete(final)
 
 
