@@ -199,8 +199,9 @@ def plot_loss_curve(log_history: list[dict], path: Path, references: dict[str, f
     plt.close(figure)
 
 
-def compare_with_base(model, tokenizer, eval_dataset, eval_examples, collator, data_args, batch_size) -> dict:
-    """Target-token loss and final-answer accuracy of the frozen base (heads off) and of the trained head."""
+def compare_with_base(model, tokenizer, eval_dataset, eval_examples, data_args, batch_size) -> dict:
+    """Target- and answer-token loss, final-answer accuracy: the frozen base (heads off) and the trained head."""
+    collator = SFTCollator(tokenizer, answer_labels=True)
     problems = eval_examples[: data_args.num_generation_examples]
     prompts, expected = problems["prompt"], problems["expected_answer"]
     results = {}
@@ -218,12 +219,12 @@ def compare_with_base(model, tokenizer, eval_dataset, eval_examples, collator, d
 
 def comparison_table(results: dict) -> str:
     lines = [
-        "| model | target CE | perplexity | final-answer accuracy |",
-        "| --- | --- | --- | --- |",
+        "| model | target CE | perplexity | answer-token CE | final-answer accuracy |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, s in results.items():
         lines.append(
-            f"| {name} | {s['target_ce']:.4f} | {s['perplexity']:.3f} | "
+            f"| {name} | {s['target_ce']:.4f} | {s['perplexity']:.3f} | {s.get('answer_ce', float('nan')):.4f} | "
             f"{s['final_answer_accuracy']:.1%} ({round(s['final_answer_accuracy'] * s['answers_scored'])}/{s['answers_scored']}) |"
         )
     return "\n".join(lines)
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"data": data_source, "train_examples": len(train_examples), "eval_examples": len(eval_examples)}
     if trainer.is_world_process_zero():
         results["comparison"] = compare_with_base(
-            model, tokenizer, eval_dataset, eval_examples, collator, data_args, training_args.per_device_eval_batch_size
+            model, tokenizer, eval_dataset, eval_examples, data_args, training_args.per_device_eval_batch_size
         )
         head = results["comparison"]["base + trained head"]
         references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
             output_dir,
             task="math word problems",
             training_data=data_source,
-            metrics={k: head[k] for k in ("target_ce", "perplexity", "final_answer_accuracy")},
+            metrics={k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "final_answer_accuracy") if k in head},
             metadata=metadata,
         )
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from fractions import Fraction
 
 import torch
@@ -50,21 +51,26 @@ def answers_match(predicted: str | None, expected: str) -> bool:
 
 @torch.no_grad()
 def target_token_loss(model, dataset, collator, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
-    """Mean cross-entropy over the target tokens of a tokenized data set (labels not ``-100``), and perplexity."""
+    """Mean cross-entropy and perplexity over the target tokens (labels not ``-100``) of a tokenized data set,
+    and over the final-answer tokens alone when the collator gives ``answer_labels``."""
     model.eval()
-    total, count = 0.0, 0
+    totals = {"labels": [0.0, 0], "answer_labels": [0.0, 0]}
     device = model.lm_head.weight.device
     for start in tqdm(range(0, len(dataset), batch_size), desc="Scoring", disable=not progress):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        shifted = labels[:, 1:]
-        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="sum")
-        total += losses.item()
-        count += int((shifted != IGNORE_INDEX).sum())
-    loss = total / max(count, 1)
-    return {"target_ce": loss, "perplexity": math.exp(loss), "target_tokens": count}
+        targets = {key: batch.pop(key) for key in totals if key in batch}
+        logits = model(**batch).logits[:, :-1].float().transpose(1, 2)
+        for key, labels in targets.items():
+            shifted = labels[:, 1:]
+            totals[key][0] += F.cross_entropy(logits, shifted, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            totals[key][1] += int((shifted != IGNORE_INDEX).sum())
+    loss = totals["labels"][0] / max(totals["labels"][1], 1)
+    results = {"target_ce": loss, "perplexity": math.exp(loss), "target_tokens": totals["labels"][1]}
+    if totals["answer_labels"][1]:
+        results["answer_ce"] = totals["answer_labels"][0] / totals["answer_labels"][1]
+        results["answer_tokens"] = totals["answer_labels"][1]
+    return results
 
 
 @torch.no_grad()
@@ -89,3 +95,44 @@ def generate_solutions(model, tokenizer, prompts: list[str], max_new_tokens: int
 
 def final_answer_accuracy(solutions: list[str], expected: list[str]) -> float:
     return sum(answers_match(parse_final_answer(s), e) for s, e in zip(solutions, expected)) / max(len(expected), 1)
+
+
+def _answer_tokens(text: str | None) -> list[str]:
+    """Lower-cased word and number tokens of an answer, thousands separators and a trailing period removed."""
+    if text is None:
+        return []
+    return re.findall(r"-?\d+(?:\.\d+)?(?:/\d+)?|\w+", text.lower().replace(",", "").rstrip("."))
+
+
+def token_overlap(predicted: str | None, expected: str) -> tuple[float, float, float]:
+    """Precision, recall and F1 of the tokens two answers share (SQuAD-style bag-of-tokens overlap)."""
+    predicted_tokens, expected_tokens = _answer_tokens(predicted), _answer_tokens(expected)
+    common = sum((Counter(predicted_tokens) & Counter(expected_tokens)).values())
+    if not predicted_tokens or not expected_tokens or not common:
+        return 0.0, 0.0, 0.0
+    precision, recall = common / len(predicted_tokens), common / len(expected_tokens)
+    return precision, recall, 2 * precision * recall / (precision + recall)
+
+
+def answer_metrics(predicted: list[str | None], expected: list[str]) -> dict[str, float]:
+    """Exact match (numbers as numbers), token-overlap precision/recall/F1, and the numeric errors.
+
+    ``mse`` and ``rmse`` are over the answers where both sides parse as numbers (``parse_rate`` of them);
+    they are ``nan`` when none does.
+    """
+    if len(predicted) != len(expected):
+        raise ValueError(f"{len(predicted)} predicted answers for {len(expected)} expected ones.")
+    n = max(len(expected), 1)
+    overlaps = [token_overlap(p, e) for p, e in zip(predicted, expected)]
+    pairs = [(parse_number(p), parse_number(e)) for p, e in zip(predicted, expected)]
+    errors = [(a - b) ** 2 for a, b in pairs if a is not None and b is not None]
+    mse = sum(errors) / len(errors) if errors else float("nan")
+    return {
+        "accuracy": sum(answers_match(p, e) for p, e in zip(predicted, expected)) / n,
+        "precision": sum(o[0] for o in overlaps) / n,
+        "recall": sum(o[1] for o in overlaps) / n,
+        "f1": sum(o[2] for o in overlaps) / n,
+        "mse": mse,
+        "rmse": math.sqrt(mse),
+        "parse_rate": len(errors) / n,
+    }

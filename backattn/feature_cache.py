@@ -135,4 +135,5 @@ class CachedFeaturesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        return {"input_ids": example["input_ids"], "labels": example["labels"], "base_hidden_states": self.cache[index]}
+        item = {key: example[key] for key in ("input_ids", "labels", "answer_labels") if key in example}
+        return {**item, "base_hidden_states": self.cache[index]}

@@ -118,13 +118,16 @@ def tokenize_examples(
 ) -> tuple[datasets.Dataset, Counter]:
     """Prompt + target token ids with target-only labels; returns the kept rows and the skips by reason.
 
+    ``answer_labels`` are the labels of the tokens spelling ``expected_answer`` in the target (its last
+    occurrence), ``-100`` elsewhere: the loss on the final answer alone.
+
     Skipped: a missing, empty or non-text field (``missing_or_empty_<column>``), and a row whose prompt and
     target do not fit in ``max_length`` tokens (``too_long``). Raises ``ValueError`` when no row is left.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no end-of-sequence token; set tokenizer.eos_token.")
     skipped: Counter = Counter()
-    kept: dict[str, list] = {"input_ids": [], "labels": [], "prompt": [], "expected_answer": []}
+    kept: dict[str, list] = {"input_ids": [], "labels": [], "answer_labels": [], "prompt": [], "expected_answer": []}
     for row in dataset:
         fields = {column: _as_text(row.get(column), column) for column in REQUIRED_COLUMNS}
         bad = [column for column, value in fields.items() if value is None]
@@ -133,13 +136,21 @@ def tokenize_examples(
             continue
         prompt = template.render_prompt(fields)
         prompt_ids = tokenizer(prompt)["input_ids"]
-        target_ids = tokenizer(template.render_target(fields), add_special_tokens=False)["input_ids"]
-        target_ids = target_ids + [tokenizer.eos_token_id]
+        target = template.render_target(fields)
+        encoded = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+        target_ids = encoded["input_ids"] + [tokenizer.eos_token_id]
+        # the tokens that spell the final answer: those overlapping its last occurrence in the target
+        start = target.rfind(fields["expected_answer"])
+        end = start + len(fields["expected_answer"])
+        in_answer = [start >= 0 and a < end and b > start for a, b in encoded["offset_mapping"]] + [False]
         if len(prompt_ids) + len(target_ids) > max_length:
             skipped["too_long"] += 1
             continue
         kept["input_ids"].append(prompt_ids + target_ids)
         kept["labels"].append([IGNORE_INDEX] * len(prompt_ids) + target_ids)
+        kept["answer_labels"].append(
+            [IGNORE_INDEX] * len(prompt_ids) + [t if a else IGNORE_INDEX for t, a in zip(target_ids, in_answer)]
+        )
         kept["prompt"].append(prompt)
         kept["expected_answer"].append(fields["expected_answer"])
     if not kept["input_ids"]:
@@ -154,14 +165,20 @@ class SFTCollator:
 
     model_input_names = ("input_ids", "labels", "attention_mask", "base_hidden_states")
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, answer_labels: bool = False
+    ):
         self.pad = DataCollatorForSeq2Seq(
             tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of
         )
+        self.answer_labels = answer_labels  # also pad ``answer_labels`` (for evaluation; not a model input)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         hidden = [feature.get("base_hidden_states") for feature in features]
         batch = self.pad([{k: feature[k] for k in ("input_ids", "labels")} for feature in features])
+        if self.answer_labels:
+            answers = self.pad([{"input_ids": f["input_ids"], "labels": f["answer_labels"]} for f in features])
+            batch["answer_labels"] = answers["labels"]
         if hidden[0] is not None:
             length, width = batch["input_ids"].shape[1], hidden[0].shape[-1]
             padded = torch.zeros(len(hidden), length, width, dtype=hidden[0].dtype)

@@ -135,3 +135,20 @@ def test_collator_pads_ids_labels_and_cached_states_together(gpt2_tokenizer, sid
     assert batch["labels"][1][~real].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
     assert torch.equal(batch["base_hidden_states"][1][real], torch.full((1, 4), 2.0))
     assert batch["base_hidden_states"][1][~real].abs().sum() == 0
+
+
+def test_answer_labels_mark_the_final_answer_tokens(gpt2_tokenizer):
+    row = {**ROW, "generated_solution": "5 + 1,245 = 1,250.", "expected_answer": "1,250"}
+    examples, _ = tokenize_examples(datasets.Dataset.from_list([row]), gpt2_tokenizer, PromptTemplate(), 128)
+    ids, answer = examples[0]["input_ids"], examples[0]["answer_labels"]
+    marked = [token for token, label in zip(ids, answer) if label != IGNORE_INDEX]
+    assert gpt2_tokenizer.decode(marked).strip() == "1,250"  # the final-answer line's, not the solution's
+    last = max(i for i, label in enumerate(answer) if label != IGNORE_INDEX)
+    assert gpt2_tokenizer.decode(ids[last + 1 :]) == ".<|endoftext|>"
+    batch = SFTCollator(_padded(gpt2_tokenizer), answer_labels=True)([examples[0], examples[0]])
+    assert torch.equal(batch["answer_labels"][0], torch.tensor(answer))
+
+
+def _padded(tokenizer):
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
