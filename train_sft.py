@@ -25,7 +25,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 from backattn import BackwardAttentionConfig, family_for
-from backattn.evaluation import final_answer_accuracy, generate_solutions, target_token_loss
+from backattn.evaluation import evaluate_model, results_table
 from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.offline import default_cache_dir, smollm2_path
 from backattn.sft_data import PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
@@ -199,35 +199,16 @@ def plot_loss_curve(log_history: list[dict], path: Path, references: dict[str, f
     plt.close(figure)
 
 
-def compare_with_base(model, tokenizer, eval_dataset, eval_examples, data_args, batch_size) -> dict:
-    """Target- and answer-token loss, final-answer accuracy: the frozen base (heads off) and the trained head."""
-    collator = SFTCollator(tokenizer, answer_labels=True)
-    problems = eval_examples[: data_args.num_generation_examples]
-    prompts, expected = problems["prompt"], problems["expected_answer"]
+def compare_with_base(model, tokenizer, eval_examples, scored, data_args, batch_size) -> dict:
+    """Every held-out metric of :func:`backattn.evaluation.evaluate_model`: the frozen base (heads off), then the head."""
     results = {}
     for name, heads_on in (("frozen base", False), ("base + trained head", True)):
         model.enable_heads() if heads_on else model.disable_heads()
-        scores = target_token_loss(model, eval_dataset, collator, batch_size, progress=True)
-        solutions = generate_solutions(model, tokenizer, prompts, data_args.max_new_tokens, batch_size, progress=True)
-        scores["final_answer_accuracy"] = final_answer_accuracy(solutions, expected)
-        scores["answers_scored"] = len(expected)
-        scores["example_solution"] = solutions[0] if solutions else ""
-        results[name] = scores
+        results[name] = evaluate_model(
+            model, tokenizer, eval_examples, scored, data_args.num_generation_examples, data_args.max_new_tokens, batch_size
+        )
     model.enable_heads()
     return results
-
-
-def comparison_table(results: dict) -> str:
-    lines = [
-        "| model | target CE | perplexity | answer-token CE | final-answer accuracy |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for name, s in results.items():
-        lines.append(
-            f"| {name} | {s['target_ce']:.4f} | {s['perplexity']:.3f} | {s.get('answer_ce', float('nan')):.4f} | "
-            f"{s['final_answer_accuracy']:.1%} ({round(s['final_answer_accuracy'] * s['answers_scored'])}/{s['answers_scored']}) |"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -282,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"data": data_source, "train_examples": len(train_examples), "eval_examples": len(eval_examples)}
     if trainer.is_world_process_zero():
         results["comparison"] = compare_with_base(
-            model, tokenizer, eval_dataset, eval_examples, data_args, training_args.per_device_eval_batch_size
+            model, tokenizer, eval_examples, eval_dataset, data_args, training_args.per_device_eval_batch_size
         )
         head = results["comparison"]["base + trained head"]
         references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
@@ -291,11 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
             output_dir,
             task="math word problems",
             training_data=data_source,
-            metrics={k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "final_answer_accuracy") if k in head},
+            metrics={k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "accuracy", "f1", "rmse") if k in head},
             metadata=metadata,
         )
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        table = comparison_table(results["comparison"])
+        table = results_table(results["comparison"])
         (output_dir / "comparison.md").write_text(table + "\n")
         print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss, "
               f"{head['answers_scored']} solved by greedy generation):\n{table}")  # fmt: skip

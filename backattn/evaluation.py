@@ -55,7 +55,7 @@ def target_token_loss(model, dataset, collator, batch_size: int = 8, progress: b
     and over the final-answer tokens alone when the collator gives ``answer_labels``."""
     model.eval()
     totals = {"labels": [0.0, 0], "answer_labels": [0.0, 0]}
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     for start in tqdm(range(0, len(dataset), batch_size), desc="Scoring", disable=not progress):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -74,27 +74,28 @@ def target_token_loss(model, dataset, collator, batch_size: int = 8, progress: b
 
 
 @torch.no_grad()
-def generate_solutions(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8, progress: bool = False) -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens."""
+def generate_solutions(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8, progress: bool = False,
+    **generation_options,
+) -> list[str]:
+    """Continuations of ``prompts`` (batched, left-padded; greedy unless ``generation_options`` say otherwise),
+    decoded without special tokens."""
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="Generating", disable=not progress):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-            batch = batch.to(model.lm_head.weight.device)
+            batch = batch.to(next(model.parameters()).device)
+            options = {"do_sample": False, **generation_options}
             generated = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **options
             )
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = padding_side
     return outputs
-
-
-def final_answer_accuracy(solutions: list[str], expected: list[str]) -> float:
-    return sum(answers_match(parse_final_answer(s), e) for s, e in zip(solutions, expected)) / max(len(expected), 1)
 
 
 def _answer_tokens(text: str | None) -> list[str]:
@@ -136,3 +137,47 @@ def answer_metrics(predicted: list[str | None], expected: list[str]) -> dict[str
         "rmse": math.sqrt(mse),
         "parse_rate": len(errors) / n,
     }
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    examples,
+    scored=None,
+    num_generation_examples: int = 32,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+    **generation_options,
+) -> dict:
+    """Every metric for one model on tokenized held-out examples (from ``sft_data.tokenize_examples``).
+
+    Teacher-forced: target-token and answer-token cross-entropy, perplexity (over ``scored``, the same
+    examples possibly with cached base features; default ``examples``). Generated (greedy unless
+    ``generation_options`` say otherwise, on the first ``num_generation_examples``): final-answer accuracy,
+    token-overlap precision/recall/F1, MSE/RMSE over parseable answers and the parse rate.
+    """
+    from .sft_data import SFTCollator
+
+    results = target_token_loss(model, scored if scored is not None else examples,
+                                SFTCollator(tokenizer, answer_labels=True), batch_size, progress)  # fmt: skip
+    problems = examples[:num_generation_examples]
+    solutions = generate_solutions(
+        model, tokenizer, problems["prompt"], max_new_tokens, batch_size, progress, **generation_options
+    )
+    results.update(answer_metrics([parse_final_answer(s) for s in solutions], problems["expected_answer"]))
+    results["answers_scored"] = len(solutions)
+    results["example_solution"] = solutions[0] if solutions else ""
+    return results
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """A Markdown table of :func:`evaluate_model` results, one row per model."""
+    columns = [("target CE", "target_ce", ".4f"), ("perplexity", "perplexity", ".3f"),
+               ("answer-token CE", "answer_ce", ".4f"), ("accuracy", "accuracy", ".1%"), ("F1", "f1", ".3f"),
+               ("RMSE", "rmse", ".4g"), ("parse rate", "parse_rate", ".0%")]  # fmt: skip
+    lines = ["| model | " + " | ".join(c[0] for c in columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    for name, scores in results.items():
+        cells = [format(scores.get(key, float("nan")), spec) for _, key, spec in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

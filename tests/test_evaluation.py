@@ -5,7 +5,6 @@ import pytest
 from backattn.evaluation import (
     answer_metrics,
     answers_match,
-    final_answer_accuracy,
     parse_final_answer,
     parse_number,
     token_overlap,
@@ -40,11 +39,6 @@ def test_answers_match_numbers_as_numbers():
     assert answers_match("1,000.0", "1000") and answers_match("$5.50", "5.5") and answers_match("3/4", "0.75")
     assert not answers_match("71", "72") and not answers_match(None, "72") and not answers_match("-3", "3")
     assert answers_match("Yes", "yes")
-
-
-def test_final_answer_accuracy():
-    solutions = ["The final answer is 72.", "The final answer is 10.", "I do not know"]
-    assert final_answer_accuracy(solutions, ["72", "11", "3"]) == pytest.approx(1 / 3)
 
 
 def test_token_overlap():

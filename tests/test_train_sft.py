@@ -44,8 +44,9 @@ def test_a_short_run_end_to_end(tiny_gpt2_dir, math_jsonl, tmp_path, capsys):
     assert comparison["base + trained head"]["target_ce"] < comparison["frozen base"]["target_ce"]
     assert results["train_examples"] == 32 and results["eval_examples"] == 8
     printed = capsys.readouterr().out
-    assert "| frozen base |" in printed and "Example (held out):" in printed
-    assert "final_answer_accuracy" in (out / "README.md").read_text() or "final" in (out / "README.md").read_text()
+    assert "| frozen base |" in printed and "| answer-token CE |" in printed and "Example (held out):" in printed
+    card = (out / "README.md").read_text()
+    assert "| accuracy |" in card and "| target_ce |" in card and "| answer_ce |" in card
 
 
 def test_a_yaml_config_file_is_the_same_as_the_command_line(tiny_gpt2_dir, math_jsonl, tmp_path):
