@@ -9,6 +9,7 @@ concurrent builders all end up with one finished directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -103,3 +104,13 @@ def build_once(final: Path, build: Callable[[Path], None], is_complete: Callable
     if not is_complete(final):  # pragma: no cover - defensive
         raise RuntimeError(f"Building {final} did not produce a finished directory.")
     return True
+
+
+def read_marker(directory: Path, name: str, format_version: int) -> dict | None:
+    """The completion marker a finished build wrote last (a JSON object of this format), else ``None``."""
+    try:
+        with open(directory / name, encoding="utf-8") as handle:
+            marker = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == format_version else None

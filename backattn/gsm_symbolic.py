@@ -428,14 +428,11 @@ def _cache_key(variants_per_template: int, seed: int, timeout_s: float, template
 
 def _is_complete(path: Path) -> bool:
     """True only for a directory a finished build put in place."""
-    try:
-        with open(path / _MARKER, encoding="utf-8") as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if not isinstance(marker, dict) or marker.get("format") != _FORMAT:
-        return False
-    return all((path / f"{split}.jsonl").is_file() for split in _SPLITS)
+    from .cache_dirs import read_marker  # here: the worker runs this file outside the package
+
+    return read_marker(path, _MARKER, _FORMAT) is not None and all(
+        (path / f"{split}.jsonl").is_file() for split in _SPLITS
+    )
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

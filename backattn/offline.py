@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cache_dirs import build_once, default_cache_dir
+from .cache_dirs import build_once, default_cache_dir, read_marker
 
 __all__ = [
     "GPT2_HUB_ID",
@@ -133,16 +133,9 @@ def _smollm2_gguf() -> Path:
 
 def _is_complete(path: Path) -> bool:
     """True only for a directory a finished conversion put in place."""
-    try:
-        with open(path / _MARKER, encoding="utf-8") as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if not isinstance(marker, dict) or marker.get("format") != _FORMAT:
-        return False
-    return all((path / name).is_file() for name in marker.get("files", ())) and bool(
-        marker.get("files")
-    )
+    marker = read_marker(path, _MARKER, _FORMAT)
+    files = marker.get("files") if marker else None
+    return bool(files) and all((path / name).is_file() for name in files)
 
 
 @contextlib.contextmanager
