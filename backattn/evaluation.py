@@ -148,19 +148,23 @@ def evaluate_model(
     max_new_tokens: int = 256,
     batch_size: int = 8,
     progress: bool = True,
+    teacher_forced: bool = True,
     **generation_options,
 ) -> dict:
     """Every metric for one model on tokenized held-out examples (from ``sft_data.tokenize_examples``).
 
     Teacher-forced: target-token and answer-token cross-entropy, perplexity (over ``scored``, the same
-    examples possibly with cached base features; default ``examples``). Generated (greedy unless
+    examples possibly with cached base features; default ``examples``; skipped when not ``teacher_forced``,
+    as in a sampling sweep, where they would not change). Generated (greedy unless
     ``generation_options`` say otherwise, on the first ``num_generation_examples``): final-answer accuracy,
     token-overlap precision/recall/F1, MSE/RMSE over parseable answers and the parse rate.
     """
     from .sft_data import SFTCollator
 
-    results = target_token_loss(model, scored if scored is not None else examples,
-                                SFTCollator(tokenizer, answer_labels=True), batch_size, progress)  # fmt: skip
+    results = {}
+    if teacher_forced:
+        results = target_token_loss(model, scored if scored is not None else examples,
+                                    SFTCollator(tokenizer, answer_labels=True), batch_size, progress)  # fmt: skip
     problems = examples[:num_generation_examples]
     solutions = generate_solutions(
         model, tokenizer, problems["prompt"], max_new_tokens, batch_size, progress, **generation_options
