@@ -26,8 +26,7 @@ from backattn.evaluation import evaluate_model, results_table
 from backattn.modeling_backattn import FAMILIES
 from backattn.offline import smollm2_path
 from backattn.sft_data import PromptTemplate, load_math_dataset, tokenize_examples
-
-EMBEDDED_MODEL, EMBEDDED_DATASET = "embedded", "gsm_symbolic"
+from train_sft import EMBEDDED_DATASET, EMBEDDED_MODEL
 
 
 @dataclass

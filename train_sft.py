@@ -124,7 +124,7 @@ def parse_arguments(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def check_arguments(model_args, head_args, data_args, training_args) -> tuple[BackwardAttentionConfig, PromptTemplate]:
+def check_arguments(head_args, data_args, training_args) -> tuple[BackwardAttentionConfig, PromptTemplate]:
     """Everything that cannot work together fails here, before any model or data is loaded."""
     head_config = head_args.head_config()
     template = PromptTemplate(prompt=data_args.prompt_template, target=data_args.target_template)
@@ -213,7 +213,7 @@ def compare_with_base(model, tokenizer, eval_examples, scored, data_args, batch_
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, head_args, data_args, training_args = parse_arguments(argv)
-    head_config, template = check_arguments(model_args, head_args, data_args, training_args)
+    head_config, template = check_arguments(head_args, data_args, training_args)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     cache_dir = Path(data_args.cache_dir) if data_args.cache_dir else default_cache_dir()

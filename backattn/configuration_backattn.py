@@ -83,7 +83,7 @@ class BackwardAttentionConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming every option that is out of range or does not fit with another."""
         problems = []
-        for name, kind in (("divide_by_vocab", bool), ("use_hidden_state", bool)):
+        for name in ("divide_by_vocab", "use_hidden_state"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, optional in (

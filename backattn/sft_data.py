@@ -163,8 +163,6 @@ class SFTCollator:
     """Pads ``input_ids`` (pad token), ``labels`` (-100) and ``attention_mask`` with the Transformers
     collator, and pads precomputed ``base_hidden_states`` (from a feature cache) with zeros alongside."""
 
-    model_input_names = ("input_ids", "labels", "attention_mask", "base_hidden_states")
-
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, answer_labels: bool = False
     ):
