@@ -198,7 +198,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _normalise_heads(config) -> None:
-    """Turn ``config.heads`` into ``{name: options dict}`` and check ``config.active_head`` names one of them."""
+    """Turn ``config.heads`` into ``{name: options dict}``; check ``active_head`` and ``loss_chunk_size``."""
+    chunk = config.loss_chunk_size
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+        raise ValueError(f"config.loss_chunk_size must be a positive integer or None (full logits), got {chunk!r}.")
     heads = config.heads or {}
     if not isinstance(heads, dict):
         raise ValueError(f"config.heads must map head names to head options, got {type(heads).__name__}.")
@@ -216,12 +219,17 @@ class GPT2BackwardAttentionConfig(GPT2Config):
         Options of each attached head (see :class:`BackwardAttentionConfig`), by head name.
     active_head (`str`, *optional*):
         The head that scores the next token; ``None`` gives the base model's own logits.
+    loss_chunk_size (`int`, *optional*, defaults to 256):
+        Positions per chunk of the training loss (see :mod:`backattn.head_loss`): while training a head with
+        labels, only labelled positions are scored, this many at a time, and ``logits`` are not returned.
+        ``None`` builds the full logits and takes the usual cross-entropy (the straightforward path).
     """
 
     model_type = "gpt2_backattn"
 
     heads: dict | None = None
     active_head: str | None = None
+    loss_chunk_size: int | None = 256
 
     def __post_init__(self, **kwargs):
         _normalise_heads(self)
@@ -235,12 +243,17 @@ class LlamaBackwardAttentionConfig(LlamaConfig):
         Options of each attached head (see :class:`BackwardAttentionConfig`), by head name.
     active_head (`str`, *optional*):
         The head that scores the next token; ``None`` gives the base model's own logits.
+    loss_chunk_size (`int`, *optional*, defaults to 256):
+        Positions per chunk of the training loss (see :mod:`backattn.head_loss`): while training a head with
+        labels, only labelled positions are scored, this many at a time, and ``logits`` are not returned.
+        ``None`` builds the full logits and takes the usual cross-entropy (the straightforward path).
     """
 
     model_type = "llama_backattn"
 
     heads: dict | None = None
     active_head: str | None = None
+    loss_chunk_size: int | None = 256
 
     def __post_init__(self, **kwargs):
         _normalise_heads(self)

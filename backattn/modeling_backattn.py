@@ -34,6 +34,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_backattn import BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
 from .head_files import embedding_fingerprint, head_options, read_head, render_model_card, resolve_head_directory, write_head
+from .head_loss import head_cross_entropy
 
 
 def _vocab_slices(vocab_size: int, chunk_size: int | None) -> list[slice]:
@@ -92,37 +93,52 @@ class BackwardAttentionLayer(nn.Module):
         return key_value.split(self.config.out_dim, dim=-1)
 
     def query(
-        self, logits: torch.Tensor, hidden: torch.Tensor, values: torch.Tensor, run: Callable, training: bool
+        self,
+        logits: torch.Tensor,
+        hidden: torch.Tensor,
+        values: torch.Tensor,
+        run: Callable,
+        training: bool,
+        logits_to_values: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Steps 4-5 and the per-head scale of step 6: the query ``q_t``, scaled so that ``s_t = q_t K^T``.
 
         Summing the per-head dot products ``c_j q^j (K^j)^T / sqrt(out_dim / num_heads)`` equals one dot
         product of the whole vectors once each slice ``j`` of ``q`` is multiplied by ``c_j / sqrt(...)``.
+
+        ``logits_to_values`` is ``W^T Vv`` (``d x out_dim``) for logits made as ``l_t = h_t W^T``: with raw
+        weighting and no dropout, ``u_t = l_t Vv = h_t (W^T Vv)`` exactly, without a vocabulary-sized product.
+        ``candidates`` (top-k token ids per position) restricts the sum of step 5 to those tokens; their
+        softmax weights keep the full-vocabulary normaliser.
         """
         config = self.config
         vocab_size = logits.shape[-1]
-        slices = _vocab_slices(vocab_size, config.vocab_chunk_size)
         p = config.dropout if training else 0.0
+        raw = config.logit_weighting == "raw"
 
-        if config.logit_weighting == "softmax":
-            # softmax(l / rms(l)) = exp(l / rms(l) - logsumexp(l / rms(l))), accumulated slice by slice.
-            mean_square = sum(logits[..., rows].pow(2).sum(-1, keepdim=True) for rows in slices) / vocab_size
-            inv_rms = torch.rsqrt(mean_square + config.rms_norm_eps)
-            log_normaliser = torch.logsumexp(
-                torch.cat([run(lambda z: torch.logsumexp(z * inv_rms, -1, keepdim=True), logits[..., rows]) for rows in slices], -1),
-                -1,
-                keepdim=True,
-            )
-
-            def weighted_values(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return F.dropout(torch.exp(z * inv_rms - log_normaliser), p, training) @ v
-
+        if raw and logits_to_values is not None and p == 0.0:
+            u = hidden @ logits_to_values
+        elif candidates is not None:
+            chosen = logits.gather(-1, candidates)
+            if not raw:
+                inv_rms, log_normaliser = _softmax_statistics(logits, None, config.rms_norm_eps, run)
+                chosen = torch.exp(chosen * inv_rms - log_normaliser)
+            u = torch.einsum("...k,...kd->...d", F.dropout(chosen, p, training), values[candidates])
         else:
+            slices = _vocab_slices(vocab_size, config.vocab_chunk_size)
+            if raw:
 
-            def weighted_values(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return F.dropout(z, p, training) @ v
+                def weighted_values(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                    return F.dropout(z, p, training) @ v
 
-        u = sum(run(weighted_values, logits[..., rows], values[rows]) for rows in slices)
+            else:
+                inv_rms, log_normaliser = _softmax_statistics(logits, config.vocab_chunk_size, config.rms_norm_eps, run)
+
+                def weighted_values(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                    return F.dropout(torch.exp(z * inv_rms - log_normaliser), p, training) @ v
+
+            u = sum(run(weighted_values, logits[..., rows], values[rows]) for rows in slices)
         if config.divide_by_vocab:
             u = u / vocab_size
         q = u @ self.w_query
@@ -132,6 +148,21 @@ class BackwardAttentionLayer(nn.Module):
         head_dim = config.out_dim // config.num_heads
         head_scale = (self.head_mix if self.head_mix is not None else q.new_ones(config.num_heads)) / math.sqrt(head_dim)
         return q * head_scale.repeat_interleave(head_dim)
+
+
+def _softmax_statistics(
+    logits: torch.Tensor, chunk_size: int | None, eps: float, run: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 / rms(l_t)`` and ``log sum_i exp(l_t[i] / rms(l_t))`` over the whole vocabulary, slice by slice.
+
+    ``softmax(l / rms(l))[i] = exp(l[i] / rms(l) - log_normaliser)``.
+    """
+    vocab_size = logits.shape[-1]
+    slices = _vocab_slices(vocab_size, chunk_size)
+    mean_square = sum(logits[..., rows].pow(2).sum(-1, keepdim=True) for rows in slices) / vocab_size
+    inv_rms = torch.rsqrt(mean_square + eps)
+    parts = [run(lambda z: torch.logsumexp(z * inv_rms, -1, keepdim=True), logits[..., rows]) for rows in slices]
+    return inv_rms, torch.logsumexp(torch.cat(parts, -1), -1, keepdim=True)
 
 
 class BackwardAttentionHead(nn.Module):
@@ -166,7 +197,24 @@ class BackwardAttentionHead(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------
 
-    def forward(self, logits: torch.Tensor, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        logits: torch.Tensor,
+        hidden: torch.Tensor,
+        embeddings: torch.Tensor,
+        output_weight: torch.Tensor | None = None,
+        rerank_top_k: int | None = None,
+        tables: list[tuple] | None = None,
+    ) -> torch.Tensor:
+        """The head's logits for the base logits ``l_t``, hidden states ``h_t`` and embedding table ``E``.
+
+        ``output_weight`` is the base's output layer ``W`` when ``logits`` were made as ``h_t W^T`` (no bias):
+        raw weighting then builds its query from ``h_t (W^T Vv)`` with no vocabulary-sized product.
+        ``rerank_top_k`` re-ranks only the base's ``k`` most likely tokens at each position (the other logits
+        are returned unchanged): steps 5-7 cost ``O(k x out_dim)`` instead of ``O(V x out_dim)``, while the
+        softmax weights of step 4 keep their full-vocabulary normaliser.
+        ``tables`` are precomputed ``tables(...)`` (the training loss computes them once for all chunks).
+        """
         config = self.config
         if logits.shape[-1] != config.vocab_size or embeddings.shape != (config.vocab_size, config.hidden_size):
             raise ValueError(
@@ -177,38 +225,65 @@ class BackwardAttentionHead(nn.Module):
         dtype = self.layers[0].w_key.dtype
         logits, hidden = logits.to(dtype), hidden.to(dtype)
         run = self._runner()
-        tables = self.tables(embeddings.to(dtype), run)
+        if tables is None:
+            weight = output_weight.to(dtype) if output_weight is not None else None
+            tables = self.tables(embeddings.to(dtype), run, weight)
+        candidates = None
+        if rerank_top_k:
+            if config.score_mode == "replace":
+                raise ValueError(
+                    "rerank_top_k re-ranks the base's top tokens and keeps the other logits, which needs "
+                    "score_mode 'add' or 'gate'; this head replaces the logits (score_mode='replace')."
+                )
+            if rerank_top_k < config.vocab_size:
+                candidates = logits.topk(rerank_top_k, dim=-1, sorted=False).indices
 
         if config.layer_mode == "sequential":
-            for index, (layer, (keys, values)) in enumerate(zip(self.layers, tables)):
-                query = layer.query(logits, hidden, values, run, self.training)
-                logits = self._merge(logits, query, keys, index, run)
+            # Only the first layer reads logits h_t W^T; later layers read the logits the one before produced.
+            for index, (layer, (keys, values, logits_to_values)) in enumerate(zip(self.layers, tables)):
+                shortcut = logits_to_values if index == 0 else None
+                query = layer.query(logits, hidden, values, run, self.training, shortcut, candidates)
+                logits = self._merge(logits, query, keys, index, run, candidates)
             return logits
 
         # Parallel layers: sum_j m_j q_j K_j^T is one dot product of the concatenated [m_j q_j] and [K_j].
-        queries = [layer.query(logits, hidden, values, run, self.training) for layer, (_, values) in zip(self.layers, tables)]
+        queries = [
+            layer.query(logits, hidden, values, run, self.training, logits_to_values, candidates)
+            for layer, (_, values, logits_to_values) in zip(self.layers, tables)
+        ]
         if self.layer_mix is not None:
             queries = [mix * query for mix, query in zip(self.layer_mix, queries)]
-        keys = torch.cat([keys for keys, _ in tables], dim=-1)
-        return self._merge(logits, torch.cat(queries, dim=-1), keys, 0, run)
+        keys = torch.cat([keys for keys, _, _ in tables], dim=-1)
+        return self._merge(logits, torch.cat(queries, dim=-1), keys, 0, run, candidates)
 
-    def _merge(self, logits: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, index: int, run: Callable) -> torch.Tensor:
-        """Step 7, slice by slice over the vocabulary: ``s = q K^T`` meets the logits."""
+    def _merge(
+        self,
+        logits: torch.Tensor,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        index: int,
+        run: Callable,
+        candidates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Step 7, slice by slice over the vocabulary (or on the candidates only): ``s = q K^T`` meets the logits."""
         mode, p, training = self.config.score_mode, self.config.dropout, self.training
         gate = self.gate[index] if self.gate is not None else None
 
-        def one_slice(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-            scores = F.dropout(query @ k.T, p, training)
+        def merged(z: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            scores = F.dropout(scores, p, training)
             if mode == "replace":
                 return scores
             return z + (gate * scores if mode == "gate" else scores)
 
+        if candidates is not None:
+            scores = torch.einsum("...d,...kd->...k", query, keys[candidates])
+            return logits.scatter(-1, candidates, merged(logits.gather(-1, candidates), scores))
         slices = _vocab_slices(logits.shape[-1], self.config.vocab_chunk_size)
         if len(slices) == 1:
-            return one_slice(logits, keys)
+            return merged(logits, query @ keys.T)
         out = torch.empty_like(logits)
         for rows in slices:
-            out[..., rows] = run(one_slice, logits[..., rows], keys[rows])
+            out[..., rows] = run(lambda z, k: merged(z, query @ k.T), logits[..., rows], keys[rows])
         return out
 
     def _runner(self) -> Callable:
@@ -219,21 +294,35 @@ class BackwardAttentionHead(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------
 
-    def tables(self, embeddings: torch.Tensor, run: Callable) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(K, Vv)`` of every layer; cached while neither weights nor ``E`` change and no grad is needed."""
+    def tables(
+        self, embeddings: torch.Tensor, run: Callable | None = None, output_weight: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(K, Vv, W^T Vv)`` of every layer (the last only for raw weighting given ``output_weight``).
+
+        They depend on weights alone, so without gradients they are cached and reused for as long as
+        neither the head's weights, ``E`` nor ``W`` change.
+        """
+        run = run or self._runner()
+
+        def compute() -> list[tuple]:
+            out = []
+            for layer in self.layers:
+                keys, values = layer.tables(embeddings, run)
+                raw = layer.config.logit_weighting == "raw" and output_weight is not None
+                out.append((keys, values, output_weight.T @ values if raw else None))
+            return out
+
         if torch.is_grad_enabled() and (embeddings.requires_grad or any(p.requires_grad for p in self.parameters())):
             self._tables_cache = None
-            return [layer.tables(embeddings, run) for layer in self.layers]
+            return compute()
         key = (
             torch.is_inference_mode_enabled(),
-            embeddings.data_ptr(),
-            embeddings._version,
             embeddings.dtype,
             embeddings.device,
-            tuple((p.data_ptr(), p._version) for p in self.parameters()),
+            tuple((t.data_ptr(), t._version) for t in (embeddings, output_weight, *self.parameters()) if t is not None),
         )
         if self._tables_cache is None or self._tables_cache[0] != key:
-            self._tables_cache = (key, [layer.tables(embeddings, run) for layer in self.layers])
+            self._tables_cache = (key, compute())
         return self._tables_cache[1]
 
 
@@ -509,14 +598,22 @@ class BackwardAttentionForCausalLMMixin:
                 raise ValueError(f"heads= names {name!r}, which is not loaded; the heads are {names or 'none'}.")
         return torch.tensor([-1 if name is None else names.index(name) for name in heads], dtype=torch.long)
 
-    def _apply_heads(self, logits: torch.Tensor, hidden: torch.Tensor, heads: list | torch.Tensor | None) -> torch.Tensor:
+    def _output_weight(self) -> torch.Tensor | None:
+        """The output layer ``W`` when the logits are exactly ``h_t W^T`` (no bias), else ``None``."""
+        return self.lm_head.weight if getattr(self.lm_head, "bias", None) is None else None
+
+    def _apply_heads(
+        self, logits: torch.Tensor, hidden: torch.Tensor, heads: list | torch.Tensor | None, rerank_top_k: int | None
+    ) -> torch.Tensor:
         if not self._heads_enabled:
             return logits
-        embeddings = self.get_input_embeddings().weight
+        embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
+
+        def score(name: str, rows=slice(None)) -> torch.Tensor:
+            return self.heads[name](logits[rows], hidden[rows], embeddings, weight, rerank_top_k)
+
         if heads is None:
-            if self.config.active_head is None:
-                return logits
-            return self.heads[self.config.active_head](logits, hidden, embeddings)
+            return logits if self.config.active_head is None else score(self.config.active_head)
 
         indices = self._head_indices(heads).to(logits.device)
         if indices.shape[0] != logits.shape[0] or logits.dim() < 3:
@@ -526,11 +623,25 @@ class BackwardAttentionForCausalLMMixin:
             if index < 0:
                 continue
             rows = indices == index
-            scored = self.heads[names[index]](logits[rows], hidden[rows], embeddings)
+            scored = score(names[index], rows)
             if out is None:
                 out = logits.to(scored.dtype).clone()
             out[rows] = scored
         return logits if out is None else out
+
+    def _chunked_loss_applies(self, labels, heads, logits_to_keep) -> bool:
+        """Whether ``forward`` takes the head's loss chunk by chunk (see ``forward``)."""
+        return (
+            labels is not None
+            and self.training
+            and torch.is_grad_enabled()
+            and heads is None
+            and self.active_head() is not None
+            and bool(self.config.loss_chunk_size)
+            and isinstance(logits_to_keep, int)
+            and logits_to_keep == 0
+            and self._output_weight() is not None
+        )
 
     def generate(self, *args, heads: list | torch.Tensor | None = None, **kwargs):
         """``GenerationMixin.generate``; ``heads=`` (one head name or ``None`` per row) mixes heads in a batch."""
@@ -552,6 +663,7 @@ class BackwardAttentionForCausalLMMixin:
         logits_to_keep: int | torch.Tensor = 0,
         heads: list | torch.Tensor | None = None,
         base_hidden_states: torch.Tensor | None = None,
+        rerank_top_k: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""The base model's forward, then the active head on the positions kept.
@@ -561,7 +673,13 @@ class BackwardAttentionForCausalLMMixin:
         ``heads`` (one head name, or ``None`` for the base, per batch row) serves different heads to the rows
         of one batch; each row gets what it would get alone with its head active. ``base_hidden_states``
         (batch x sequence x hidden) are the frozen base's final hidden states for ``input_ids``, precomputed
-        (for example by :mod:`backattn.feature_cache`): the base is then not run at all.
+        (for example by :mod:`backattn.feature_cache`): the base is then not run at all. ``rerank_top_k``
+        lets the head re-rank only the base's ``k`` most likely tokens per position, leaving the other
+        logits as they are (cheaper, and an approximation; ``generate`` passes it through too).
+
+        While training a head with ``labels`` (``model.train()``, gradients on, one active head), the loss
+        is computed chunk by chunk over the labelled positions (``config.loss_chunk_size``, see
+        :mod:`backattn.head_loss`) and ``logits`` is ``None``, as in Liger-Kernel's fused losses.
         """
         vocab_size = self.config.vocab_size
         if input_ids is not None and input_ids.numel():
@@ -585,11 +703,17 @@ class BackwardAttentionForCausalLMMixin:
             )
             hidden = outputs.last_hidden_state
         hidden = slice_logits_to_keep(hidden, logits_to_keep)
-        logits = self._apply_heads(self.lm_head(hidden), hidden, heads)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        loss = logits = None
+        if self._chunked_loss_applies(labels, heads, logits_to_keep):
+            loss = head_cross_entropy(
+                self.heads[self.config.active_head], hidden, labels, self._output_weight(),
+                self.get_input_embeddings().weight, self.config.loss_chunk_size, kwargs.get("num_items_in_batch"),
+                kwargs.get("ignore_index", -100), kwargs.get("shift_labels"),
+            )  # fmt: skip
+        else:
+            logits = self._apply_heads(self.lm_head(hidden), hidden, heads, rerank_top_k)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -251,6 +251,91 @@ def test_no_nan_for_extreme_or_constant_logits():
         assert torch.isfinite(head(logits, hidden, embeddings)).all()
 
 
+RAW_CASES = {name: options for name, options in OPTION_CASES.items() if options.get("logit_weighting") == "raw"}
+
+
+@pytest.mark.parametrize("options", RAW_CASES.values(), ids=RAW_CASES.keys())
+def test_raw_weighting_shortcut_through_the_output_layer_is_exact(options):
+    """Given logits made as ``h W^T``, raw weighting uses ``h (W^T Vv)``: same output, same gradients."""
+    head = random_head(options)
+    _, hidden, embeddings = random_inputs(shape=(2, 3))
+    weight = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    logits = hidden @ weight.T
+    results = []
+    for output_weight in (None, weight):
+        head.zero_grad()
+        out = head(logits, hidden, embeddings, output_weight=output_weight)
+        (out * torch.linspace(-1, 1, VOCAB, dtype=out.dtype)).sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in head.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        expected = torch.stack([reference_head_logits(head, logits[b], hidden[b], embeddings) for b in range(2)])
+        assert torch.allclose(head(logits, hidden, embeddings, output_weight=weight), expected, atol=1e-10)
+
+
+def reference_top_k_logits(head, logits, hidden, embeddings, k):
+    """Top-k re-ranking from its definition, one position at a time, for a one-layer head: the step-5 sum
+    runs over the base's k most likely tokens only (softmax weights keep the full normaliser), scores are
+    added to those k tokens only, and every other logit is the base's."""
+    config, layer = head.config, head.layers[0]
+    rms = torch.sqrt((embeddings**2).mean(dim=1, keepdim=True) + config.rms_norm_eps)
+    latent = embeddings / rms * layer.norm.weight
+    latent = latent @ layer.w_latent if config.latent_dim else latent
+    keys, values = latent @ layer.w_key, latent @ layer.w_value
+    head_dim = config.out_dim // config.num_heads
+    out = logits.clone()
+    for t in range(logits.shape[0]):
+        z = logits[t]
+        top = sorted(range(VOCAB), key=lambda i: -z[i].item())[:k]
+        if config.logit_weighting == "softmax":
+            z_rms = torch.sqrt((z**2).mean() + config.rms_norm_eps)
+            weights = torch.exp(z / z_rms) / torch.exp(z / z_rms).sum()
+        else:
+            weights = z
+        u = sum(weights[i] * values[i] for i in top)
+        if config.divide_by_vocab:
+            u = u / VOCAB
+        q = u @ layer.w_query + (hidden[t] @ layer.w_hidden if config.use_hidden_state else 0)
+        for i in top:
+            score = sum(
+                (layer.head_mix[j] if config.head_combine == "mix" else 1.0)
+                * (keys[i, j * head_dim : (j + 1) * head_dim] @ q[j * head_dim : (j + 1) * head_dim])
+                / math.sqrt(head_dim)
+                for j in range(config.num_heads)
+            )
+            out[t, i] = z[i] + (head.gate[0] * score if config.score_mode == "gate" else score)
+    return out
+
+
+TOP_K_CASES = {name: OPTION_CASES[name] for name in ("seed", "three-heads-mix", "raw-weighting", "hidden-state")}
+
+
+@pytest.mark.parametrize("options", TOP_K_CASES.values(), ids=TOP_K_CASES.keys())
+@pytest.mark.parametrize("k", [1, 5])
+def test_top_k_reranking_matches_its_reference(options, k):
+    head = random_head(options)
+    logits, hidden, embeddings = random_inputs(shape=(4,))
+    with torch.no_grad():
+        reranked = head(logits, hidden, embeddings, rerank_top_k=k)
+        assert torch.allclose(reranked, reference_top_k_logits(head, logits, hidden, embeddings, k), atol=1e-10)
+        untouched = torch.ones_like(logits, dtype=torch.bool).scatter(-1, logits.topk(k).indices, False)
+        assert torch.equal(reranked[untouched], logits[untouched])  # the other logits are the base's, exactly
+
+
+def test_top_k_over_the_whole_vocabulary_is_the_full_head():
+    head = random_head({"num_layers": 2, "score_mode": "gate"})
+    logits, hidden, embeddings = random_inputs(shape=(3,))
+    with torch.no_grad():
+        assert torch.equal(head(logits, hidden, embeddings, rerank_top_k=VOCAB), head(logits, hidden, embeddings))
+
+
+def test_top_k_reranking_needs_scores_added_to_the_logits():
+    head = random_head({"score_mode": "replace"})
+    with pytest.raises(ValueError, match="needs score_mode 'add' or 'gate'"):
+        head(*random_inputs(), rerank_top_k=3)
+
+
 def test_head_refuses_a_base_of_another_size():
     head = random_head({})
     logits, hidden, embeddings = random_inputs()
@@ -296,6 +381,18 @@ def test_model_logits_are_the_head_applied_to_the_base(family, gpt2_base_dir, ll
             [reference_head_logits(model.heads.default, base_logits[b], hidden[b], model.get_input_embeddings().weight) for b in range(2)]
         )  # fmt: skip
         assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+
+
+def test_generate_passes_top_k_reranking_to_every_step(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, {"num_heads": 2, "use_hidden_state": True, "score_mode": "gate"})
+    randomise(model.heads)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   rerank_top_k=3, pad_token_id=0)  # fmt: skip
+        for step in range(ids.shape[1], generated.shape[1]):
+            logits = model(generated[:, :step], rerank_top_k=3).logits[:, -1]
+            assert torch.equal(generated[:, step], logits.argmax(-1))
 
 
 def test_one_optimiser_step_changes_only_head_tensors(gpt2_base_dir):

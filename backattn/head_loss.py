@@ -1,0 +1,112 @@
+"""The head's training loss without ``batch x sequence x vocabulary`` tensors.
+
+The straightforward loss builds the base logits ``l_t = h_t W^T`` and the head's logits for every position
+(``batch x sequence x V`` each, ``V = 50257`` for GPT-2), then a cross-entropy over them. Here only the
+positions that carry a label are scored, ``chunk_size`` of them at a time, and each chunk's gradient with
+respect to the head is taken right away (as Liger-Kernel's fused linear cross-entropy does for an output
+layer), so nothing vocabulary-sized outlives its chunk and nothing is recomputed in the backward pass:
+
+1. pair each position with the next token's label and keep the ``N`` positions whose label is not ignored;
+2. compute the head's weight-only tables (``K``, ``Vv``, and ``W^T Vv`` for raw weighting) once, with autograd;
+3. for each chunk of positions: ``l = h W^T``, the head's logits ``z``, ``sum CE(z, y)`` and its gradients
+   with respect to the tables and the head's other weights, accumulated;
+4. the loss is the sum over chunks divided by ``num_items_in_batch`` (when the Trainer passes it, as for
+   gradient accumulation) or by ``N``, as ``transformers``' own causal-LM loss divides it.
+
+Results and gradients equal the straightforward computation's to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+
+class _EagerChunkedLoss(torch.autograd.Function):
+    """``sum_c chunk_loss(c, *tensors)`` whose gradients are taken chunk by chunk in the forward pass.
+
+    The backward pass only scales the accumulated gradients by the incoming gradient, which is exact
+    because the loss is a sum over chunks and the outer gradient is a scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, chunk_loss: Callable, num_chunks: int, *tensors: torch.Tensor) -> torch.Tensor:
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[2:]) if needed]
+        grads: list[torch.Tensor | None] = [None] * len(tensors)
+        total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+        for chunk in range(num_chunks):
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors)]
+                loss = chunk_loss(chunk, *leaves)
+                parts = torch.autograd.grad(loss, [leaves[i] for i in wanted], allow_unused=True) if wanted else ()
+            total += loss.detach()
+            for i, part in zip(wanted, parts):
+                if part is not None:
+                    grads[i] = part if grads[i] is None else grads[i].add_(part)
+        ctx.grads = grads
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads]
+        return (None, None, *grads)
+
+
+def labelled_positions(
+    hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: the hidden states (``N x d``) of the positions with a next-token label, and those labels.
+
+    ``labels`` are aligned with the inputs (as for every ``...ForCausalLM``); ``shift_labels`` already
+    hold the next token of each position.
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+    keep = shift_labels != ignore_index
+    return hidden[keep], shift_labels[keep]
+
+
+def head_cross_entropy(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor | None,
+    output_weight: torch.Tensor,
+    embeddings: torch.Tensor,
+    chunk_size: int,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Steps 1-4: the causal-LM cross-entropy of ``head``'s logits over ``l_t = h_t W^T``, chunk by chunk.
+
+    ``hidden`` (``batch x sequence x d``) are the base's final hidden states and ``output_weight`` its output
+    layer ``W`` (``V x d``, no bias); only the head's weights receive gradients.
+    """
+    positions, targets = labelled_positions(hidden, labels, shift_labels, ignore_index)
+    dtype = head.layers[0].w_key.dtype
+    positions, output_weight = positions.to(dtype), output_weight.to(dtype)
+    tables = head.tables(embeddings.to(dtype), output_weight=output_weight)
+    flat_tables = [t for layer in tables for t in layer if t is not None]
+    names, parameters = zip(*head.named_parameters())
+    num_chunks = -(-positions.shape[0] // chunk_size)
+
+    def chunk_loss(chunk: int, *tensors: torch.Tensor) -> torch.Tensor:
+        weights, table_tensors = tensors[: len(names)], iter(tensors[len(names) :])
+        chunk_tables = [tuple(None if t is None else next(table_tensors) for t in layer) for layer in tables]
+        rows = slice(chunk * chunk_size, (chunk + 1) * chunk_size)
+        h = positions[rows]
+        z = functional_call(
+            head, dict(zip(names, weights)), (h @ output_weight.T, h, embeddings), {"tables": chunk_tables}
+        )
+        return F.cross_entropy(z.float(), targets[rows], reduction="sum")
+
+    total = _EagerChunkedLoss.apply(chunk_loss, num_chunks, *parameters, *flat_tables)
+    if num_items_in_batch is None:
+        return total / max(positions.shape[0], 1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

@@ -1,0 +1,117 @@
+"""The chunked training loss equals the straightforward one, and keeps nothing vocabulary-sized."""
+
+import pytest
+import torch
+
+from backattn import GPT2BackwardAttentionForCausalLM
+from backattn.head_loss import head_cross_entropy
+
+from test_modeling_backattn import VOCAB, randomise
+
+CASES = {
+    "seed": {},
+    "raw-weighting": {"logit_weighting": "raw"},
+    "hidden": {"divide_by_vocab": False, "score_mode": "gate", "use_hidden_state": True},
+    "sequential-raw": {"num_layers": 2, "layer_mode": "sequential", "logit_weighting": "raw", "score_mode": "gate"},
+    "parallel-mix-vocab-chunks": {"num_layers": 2, "num_heads": 2, "head_combine": "mix", "vocab_chunk_size": 20},
+}
+
+
+def training_model(base_dir, options, chunk):
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir, head_config=options).double().train()
+    randomise(model.heads)
+    model.config.loss_chunk_size = chunk
+    return model
+
+
+def batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=generator)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[2, 7:] = -100  # padding
+    return ids, labels
+
+
+def loss_and_gradients(model, ids, labels, **kwargs):
+    model.zero_grad()
+    output = model(ids, labels=labels, **kwargs)
+    output.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return output, {name: torch.zeros_like(p) if g is None else g.clone() for (name, g), p in zip(grads.items(), model.heads.parameters())}
+
+
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_loss_and_gradients_equal_the_straightforward_ones(gpt2_base_dir, options, chunk):
+    ids, labels = batch()
+    reference, expected = loss_and_gradients(training_model(gpt2_base_dir, options, None), ids, labels)
+    chunked, grads = loss_and_gradients(training_model(gpt2_base_dir, options, chunk), ids, labels)
+    assert reference.logits is not None and chunked.logits is None
+    # Both take the cross-entropy in float32, as transformers' causal-LM loss does (only the order of the
+    # float32 sums differs); everything else runs in float64 here.
+    assert torch.allclose(chunked.loss, reference.loss, rtol=1e-6, atol=0)
+    assert grads.keys() == expected.keys()
+    for name in expected:
+        scale = expected[name].abs().max()
+        assert torch.allclose(grads[name], expected[name], rtol=1e-5, atol=1e-5 * scale), name
+        assert torch.count_nonzero(grads[name]), f"{name} got no gradient"
+
+
+def test_num_items_in_batch_divides_the_sum_as_transformers_does(gpt2_base_dir):
+    """Gradient accumulation: the Trainer passes the token count of the whole accumulated batch."""
+    ids, labels = batch(1)
+    reference, _ = loss_and_gradients(training_model(gpt2_base_dir, "hidden", None), ids, labels, num_items_in_batch=50)
+    chunked, _ = loss_and_gradients(training_model(gpt2_base_dir, "hidden", 4), ids, labels, num_items_in_batch=50)
+    assert torch.allclose(chunked.loss, reference.loss, rtol=1e-6, atol=0)
+
+
+def test_a_batch_without_labels_gives_zero_loss_and_zero_gradients(gpt2_base_dir):
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    ids, _ = batch()
+    output, grads = loss_and_gradients(model, ids, torch.full_like(ids, -100))
+    assert output.loss.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+def test_evaluation_and_frozen_use_take_the_straightforward_path(gpt2_base_dir):
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    ids, labels = batch()
+    model.eval()
+    assert model(ids, labels=labels).logits is not None
+    model.train()
+    with torch.no_grad():
+        assert model(ids, labels=labels).logits is not None
+
+
+def test_what_is_kept_for_backward_does_not_grow_with_the_batch(gpt2_base_dir):
+    """The largest tensor kept for the backward pass: on the straightforward path it is (positions x V) and
+    grows with the batch; on the chunked path it is a chunk's or a weight table's and does not."""
+    ids, labels = batch()
+    largest = {}
+    for chunk in (None, 4):
+        model = training_model(gpt2_base_dir, "hidden", chunk)
+        for rows in (1, 3):
+            sizes = [0]
+
+            def pack(tensor):
+                sizes.append(tensor.numel())
+                return tensor
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(ids[:rows], labels=labels[:rows]).loss.backward()
+            largest[chunk, rows] = max(sizes)
+    assert largest[None, 3] >= ids.numel() * VOCAB > largest[None, 1]
+    assert largest[4, 1] == largest[4, 3]
+
+
+def test_head_cross_entropy_accepts_shifted_labels(gpt2_base_dir):
+    model = training_model(gpt2_base_dir, "seed", 5)
+    ids, labels = batch()
+    hidden = model.base_model(ids).last_hidden_state
+    arguments = (model.heads.default, hidden)
+    weights = (model.lm_head.weight, model.get_input_embeddings().weight, 5)
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    assert torch.equal(
+        head_cross_entropy(*arguments, labels, *weights), head_cross_entropy(*arguments, None, *weights, shift_labels=shifted)
+    )
