@@ -4,6 +4,7 @@
     python evaluate_math.py --head outputs/demo                     # the same base with a trained head
     python evaluate_math.py --model_name_or_path openai-community/gpt2 --dataset problems.jsonl
     python evaluate_math.py --do_sample --temperature 0.7 --top_k 40  # sampled instead of greedy solutions
+    python evaluate_math.py --head outputs/demo --rerank_top_k 50    # the head in top-k re-ranking mode
 
 Writes ``eval_results.json`` and ``eval_results.md`` to ``--output_dir``. The metrics
 (:func:`backattn.evaluation.evaluate_model`): target- and answer-token cross-entropy and perplexity
@@ -34,6 +35,9 @@ class EvaluationArguments:
     model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={"help": "A causal LM, or 'embedded' (SmolLM2)."})
     head: str | None = field(default=None, metadata={"help": "A saved head (directory or Hub repo id) to load."})
     heads_off: bool = field(default=False, metadata={"help": "Score with heads disabled: the base model's own logits."})
+    rerank_top_k: int | None = field(
+        default=None, metadata={"help": "The head re-ranks only the base's k most likely tokens (top-k mode)."}
+    )
     name: str | None = field(default=None, metadata={"help": "Row name in the results table."})
     dataset: str = field(default=EMBEDDED_DATASET, metadata={"help": "'gsm_symbolic' (its held-out split), a file or Hub id."})
     dataset_split: str = field(default="train")
@@ -63,6 +67,7 @@ def load_model(args: EvaluationArguments):
         model.set_head(model.load_head(args.head))
     if args.heads_off:
         model.disable_heads()
+    model.config.rerank_top_k = args.rerank_top_k
     return model, base
 
 

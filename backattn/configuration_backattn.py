@@ -198,10 +198,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _normalise_heads(config) -> None:
-    """Turn ``config.heads`` into ``{name: options dict}``; check ``active_head`` and ``loss_chunk_size``."""
-    chunk = config.loss_chunk_size
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
-        raise ValueError(f"config.loss_chunk_size must be a positive integer or None (full logits), got {chunk!r}.")
+    """Turn ``config.heads`` into ``{name: options dict}``; check the other fields backattn adds."""
+    for name, meaning in (("loss_chunk_size", "full logits"), ("rerank_top_k", "the whole vocabulary")):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"config.{name} must be a positive integer or None ({meaning}), got {value!r}.")
     heads = config.heads or {}
     if not isinstance(heads, dict):
         raise ValueError(f"config.heads must map head names to head options, got {type(heads).__name__}.")
@@ -223,6 +224,11 @@ class GPT2BackwardAttentionConfig(GPT2Config):
         Positions per chunk of the training loss (see :mod:`backattn.head_loss`): while training a head with
         labels, only labelled positions are scored, this many at a time, and ``logits`` are not returned.
         ``None`` builds the full logits and takes the usual cross-entropy (the straightforward path).
+    rerank_top_k (`int`, *optional*):
+        When set, the active head re-ranks only the base model's ``k`` most likely tokens at each position
+        and leaves the other logits as they are (cheaper, an approximation); ``None`` scores the whole
+        vocabulary. A ``rerank_top_k=`` argument to ``forward`` or ``generate`` overrides it for one call.
+        The chunked training loss always scores the whole vocabulary.
     """
 
     model_type = "gpt2_backattn"
@@ -230,6 +236,7 @@ class GPT2BackwardAttentionConfig(GPT2Config):
     heads: dict | None = None
     active_head: str | None = None
     loss_chunk_size: int | None = 256
+    rerank_top_k: int | None = None
 
     def __post_init__(self, **kwargs):
         _normalise_heads(self)
@@ -247,6 +254,11 @@ class LlamaBackwardAttentionConfig(LlamaConfig):
         Positions per chunk of the training loss (see :mod:`backattn.head_loss`): while training a head with
         labels, only labelled positions are scored, this many at a time, and ``logits`` are not returned.
         ``None`` builds the full logits and takes the usual cross-entropy (the straightforward path).
+    rerank_top_k (`int`, *optional*):
+        When set, the active head re-ranks only the base model's ``k`` most likely tokens at each position
+        and leaves the other logits as they are (cheaper, an approximation); ``None`` scores the whole
+        vocabulary. A ``rerank_top_k=`` argument to ``forward`` or ``generate`` overrides it for one call.
+        The chunked training loss always scores the whole vocabulary.
     """
 
     model_type = "llama_backattn"
@@ -254,6 +266,7 @@ class LlamaBackwardAttentionConfig(LlamaConfig):
     heads: dict | None = None
     active_head: str | None = None
     loss_chunk_size: int | None = 256
+    rerank_top_k: int | None = None
 
     def __post_init__(self, **kwargs):
         _normalise_heads(self)

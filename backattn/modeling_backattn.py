@@ -608,6 +608,7 @@ class BackwardAttentionForCausalLMMixin:
         if not self._heads_enabled:
             return logits
         embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
+        rerank_top_k = self.config.rerank_top_k if rerank_top_k is None else rerank_top_k
 
         def score(name: str, rows=slice(None)) -> torch.Tensor:
             return self.heads[name](logits[rows], hidden[rows], embeddings, weight, rerank_top_k)
@@ -675,7 +676,8 @@ class BackwardAttentionForCausalLMMixin:
         (batch x sequence x hidden) are the frozen base's final hidden states for ``input_ids``, precomputed
         (for example by :mod:`backattn.feature_cache`): the base is then not run at all. ``rerank_top_k``
         lets the head re-rank only the base's ``k`` most likely tokens per position, leaving the other
-        logits as they are (cheaper, and an approximation; ``generate`` passes it through too).
+        logits as they are (cheaper, and an approximation; ``generate`` passes it through too); it overrides
+        ``config.rerank_top_k`` for this call, and ``0`` scores the whole vocabulary.
 
         While training a head with ``labels`` (``model.train()``, gradients on, one active head), the loss
         is computed chunk by chunk over the labelled positions (``config.loss_chunk_size``, see

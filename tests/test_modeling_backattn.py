@@ -395,6 +395,22 @@ def test_generate_passes_top_k_reranking_to_every_step(gpt2_base_dir):
             assert torch.equal(generated[:, step], logits.argmax(-1))
 
 
+def test_config_rerank_top_k_is_the_default_for_every_call_and_is_saved(gpt2_base_dir, tmp_path):
+    model = head_model(gpt2_base_dir, {"score_mode": "gate"})
+    randomise(model.heads)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full, top3 = model(ids).logits, model(ids, rerank_top_k=3).logits
+        model.config.rerank_top_k = 3
+        assert torch.equal(model(ids).logits, top3) and not torch.equal(top3, full)
+        assert torch.equal(model(ids, rerank_top_k=0).logits, full)  # 0: the whole vocabulary for this call
+        model.save_pretrained(tmp_path)
+        reloaded = GPT2BackwardAttentionForCausalLM.from_pretrained(tmp_path).eval()
+        assert reloaded.config.rerank_top_k == 3 and torch.equal(reloaded(ids).logits, top3)
+    with pytest.raises(ValueError, match="rerank_top_k must be a positive integer or None"):
+        type(model.config)(rerank_top_k=-1)
+
+
 def test_one_optimiser_step_changes_only_head_tensors(gpt2_base_dir):
     model = head_model(gpt2_base_dir, "seed").train()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
