@@ -5,8 +5,9 @@ Read top to bottom: :class:`BackwardAttentionLayer` (one layer of DESIGN.md sect
 :class:`BackwardAttentionForCausalLMMixin` (the forward pass shared by every base family) and the two
 families, GPT-2 and Llama.
 
-This module imports only torch, transformers and its sibling ``configuration_backattn`` (relatively), so a
-saved checkpoint loads with ``trust_remote_code=True`` where ``backattn`` is not installed.
+This module imports only torch, transformers and its siblings (relatively: ``configuration_backattn``,
+``head_files``, ``head_loss``), so a saved checkpoint loads with ``trust_remote_code=True`` where
+``backattn`` is not installed.
 """
 
 from __future__ import annotations
