@@ -126,6 +126,9 @@ class BackwardAttentionLayer(nn.Module):
                 inv_rms, log_normaliser = _softmax_statistics(logits, None, config.rms_norm_eps, run)
                 chosen = torch.exp(chosen * inv_rms - log_normaliser)
             u = torch.einsum("...k,...kd->...d", F.dropout(chosen, p, training), values[candidates])
+        elif not raw and config.vocab_chunk_size is None:  # one fused softmax over the whole vocabulary
+            inv_rms = torch.rsqrt(logits.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+            u = F.dropout(torch.softmax(logits * inv_rms, dim=-1), p, training) @ values
         else:
             slices = _vocab_slices(vocab_size, config.vocab_chunk_size)
             if raw:

@@ -211,7 +211,7 @@ def test_chunking_keeps_no_vocabulary_sized_activations_for_backward():
             head(logits, hidden, embeddings).sum()
         saved_bytes[chunk] = sum(storages.values())
     # unchunked keeps several (positions x vocab) tensors; chunked keeps about one (its output)
-    assert saved_bytes[None] >= 3 * logits.nbytes, saved_bytes
+    assert saved_bytes[None] >= 2 * logits.nbytes, saved_bytes
     assert saved_bytes[8] <= 1.5 * logits.nbytes
 
 
