@@ -67,7 +67,10 @@ def load_model(args: EvaluationArguments):
         model.set_head(model.load_head(args.head))
     if args.heads_off:
         model.disable_heads()
-    model.config.rerank_top_k = args.rerank_top_k
+    if args.rerank_top_k is not None:
+        if args.rerank_top_k < 0:
+            raise ValueError(f"--rerank_top_k must be a positive integer (0: off), got {args.rerank_top_k}.")
+        model.config.rerank_top_k = args.rerank_top_k or None
     return model, base
 
 

@@ -13,7 +13,9 @@ layer), so nothing vocabulary-sized outlives its chunk and nothing is recomputed
 4. the loss is the sum over chunks divided by ``num_items_in_batch`` (when the Trainer passes it, as for
    gradient accumulation) or by ``N``, as ``transformers``' own causal-LM loss divides it.
 
-Results and gradients equal the straightforward computation's to float rounding (tested).
+Results and gradients equal the straightforward computation's to float rounding (tested); a batch with
+no labelled position gives a loss of 0 (the straightforward mean gives NaN). Only the head gets gradients:
+the model takes this path only when the base's hidden states, output layer and embeddings are frozen.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class _EagerChunkedLoss(torch.autograd.Function):
     """``sum_c chunk_loss(c, *tensors)`` whose gradients are taken chunk by chunk in the forward pass.
 
     The backward pass only scales the accumulated gradients by the incoming gradient, which is exact
-    because the loss is a sum over chunks and the outer gradient is a scalar.
+    because the loss is a sum over chunks and the outer gradient is a scalar. Gradients accumulate in
+    float32 at least, and are returned in each input's dtype.
     """
 
     @staticmethod
@@ -46,13 +49,14 @@ class _EagerChunkedLoss(torch.autograd.Function):
             total += loss.detach()
             for i, part in zip(wanted, parts):
                 if part is not None:
+                    part = part.to(torch.promote_types(part.dtype, torch.float32))
                     grads[i] = part if grads[i] is None else grads[i].add_(part)
-        ctx.grads = grads
+        ctx.grads, ctx.dtypes = grads, [t.dtype for t in tensors]
         return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads]
+        grads = [None if g is None else (g * grad_output.to(g.dtype)).to(d) for g, d in zip(ctx.grads, ctx.dtypes)]
         return (None, None, *grads)
 
 
@@ -66,6 +70,7 @@ def labelled_positions(
     """
     if shift_labels is None:
         shift_labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+    shift_labels = shift_labels.to(hidden.device)
     keep = shift_labels != ignore_index
     return hidden[keep], shift_labels[keep]
 
@@ -87,9 +92,9 @@ def head_cross_entropy(
     layer ``W`` (``V x d``, no bias); only the head's weights receive gradients.
     """
     positions, targets = labelled_positions(hidden, labels, shift_labels, ignore_index)
+    tables = head.tables(embeddings, output_weight=output_weight)
     dtype = head.layers[0].w_key.dtype
     positions, output_weight = positions.to(dtype), output_weight.to(dtype)
-    tables = head.tables(embeddings.to(dtype), output_weight=output_weight)
     flat_tables = [t for layer in tables for t in layer if t is not None]
     names, parameters = zip(*head.named_parameters())
     num_chunks = -(-positions.shape[0] // chunk_size)

@@ -118,7 +118,7 @@ class BackwardAttentionLayer(nn.Module):
         p = config.dropout if training else 0.0
         raw = config.logit_weighting == "raw"
 
-        if raw and logits_to_values is not None and p == 0.0:
+        if raw and logits_to_values is not None and p == 0.0 and candidates is None:
             u = hidden @ logits_to_values
         elif candidates is not None:
             chosen = logits.gather(-1, candidates)
@@ -230,17 +230,17 @@ class BackwardAttentionHead(nn.Module):
         logits, hidden = logits.to(dtype), hidden.to(dtype)
         run = self._runner()
         if tables is None:
-            weight = output_weight.to(dtype) if output_weight is not None else None
-            tables = self.tables(embeddings.to(dtype), run, weight)
+            tables = self.tables(embeddings, run, output_weight)
         candidates = None
         if rerank_top_k:
+            if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 0:
+                raise ValueError(f"rerank_top_k must be a positive integer (or 0 / None: off), got {rerank_top_k!r}.")
             if config.score_mode == "replace":
                 raise ValueError(
                     "rerank_top_k re-ranks the base's top tokens and keeps the other logits, which needs "
                     "score_mode 'add' or 'gate'; this head replaces the logits (score_mode='replace')."
                 )
-            if rerank_top_k < config.vocab_size:
-                candidates = logits.topk(rerank_top_k, dim=-1, sorted=False).indices
+            candidates = logits.topk(min(rerank_top_k, config.vocab_size), dim=-1, sorted=False).indices
 
         if config.layer_mode == "sequential":
             # Only the first layer reads logits h_t W^T; later layers read the logits the one before produced.
@@ -301,29 +301,35 @@ class BackwardAttentionHead(nn.Module):
     def tables(
         self, embeddings: torch.Tensor, run: Callable | None = None, output_weight: torch.Tensor | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """``(K, Vv, W^T Vv)`` of every layer (the last only for raw weighting given ``output_weight``).
+        """``(K, Vv, W^T Vv)`` of every layer, in the head's dtype (``W^T Vv`` only where raw weighting reads
+        the logits ``h_t W^T``: every parallel layer, the first sequential one).
 
         They depend on weights alone, so without gradients they are cached and reused for as long as
-        neither the head's weights, ``E`` nor ``W`` change.
+        neither the head's weights, ``E`` nor ``W`` change (the key is taken from the tensors as given,
+        before any cast to the head's dtype).
         """
         run = run or self._runner()
+        dtype = self.layers[0].w_key.dtype
+        sequential = self.config.layer_mode == "sequential"
 
         def compute() -> list[tuple]:
-            out = []
-            for layer in self.layers:
-                keys, values = layer.tables(embeddings, run)
-                raw = layer.config.logit_weighting == "raw" and output_weight is not None
-                out.append((keys, values, output_weight.T @ values if raw else None))
+            out, weight = [], output_weight.to(dtype) if output_weight is not None else None
+            for index, layer in enumerate(self.layers):
+                keys, values = layer.tables(embeddings.to(dtype), run)
+                reads_base_logits = index == 0 or not sequential
+                raw = layer.config.logit_weighting == "raw" and weight is not None and reads_base_logits
+                out.append((keys, values, weight.T @ values if raw else None))
             return out
 
-        if torch.is_grad_enabled() and (embeddings.requires_grad or any(p.requires_grad for p in self.parameters())):
+        inputs = (embeddings, output_weight) if output_weight is not None else (embeddings,)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *self.parameters())):
             self._tables_cache = None
             return compute()
         key = (
             torch.is_inference_mode_enabled(),
-            embeddings.dtype,
+            dtype,
             embeddings.device,
-            tuple((t.data_ptr(), t._version) for t in (embeddings, output_weight, *self.parameters()) if t is not None),
+            tuple((t.data_ptr(), t._version) for t in (*inputs, *self.parameters())),
         )
         if self._tables_cache is None or self._tables_cache[0] != key:
             self._tables_cache = (key, compute())
@@ -604,7 +610,8 @@ class BackwardAttentionForCausalLMMixin:
 
     def _output_weight(self) -> torch.Tensor | None:
         """The output layer ``W`` when the logits are exactly ``h_t W^T`` (no bias), else ``None``."""
-        return self.lm_head.weight if getattr(self.lm_head, "bias", None) is None else None
+        # Exactly nn.Linear: a PEFT- or quantisation-wrapped layer exposes a .weight that is not what it applies.
+        return self.lm_head.weight if type(self.lm_head) is nn.Linear and self.lm_head.bias is None else None
 
     def _apply_heads(
         self, logits: torch.Tensor, hidden: torch.Tensor, heads: list | torch.Tensor | None, rerank_top_k: int | None
@@ -612,7 +619,7 @@ class BackwardAttentionForCausalLMMixin:
         if not self._heads_enabled:
             return logits
         embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
-        rerank_top_k = self.config.rerank_top_k if rerank_top_k is None else rerank_top_k
+        rerank_top_k = self._rerank_top_k(rerank_top_k)
 
         def score(name: str, rows=slice(None)) -> torch.Tensor:
             return self.heads[name](logits[rows], hidden[rows], embeddings, weight, rerank_top_k)
@@ -634,8 +641,17 @@ class BackwardAttentionForCausalLMMixin:
             out[rows] = scored
         return logits if out is None else out
 
-    def _chunked_loss_applies(self, labels, heads, logits_to_keep) -> bool:
-        """Whether ``forward`` takes the head's loss chunk by chunk (see ``forward``)."""
+    def _rerank_top_k(self, rerank_top_k: int | None) -> int | None:
+        """The ``k`` of top-k re-ranking for one call: the argument, else ``config.rerank_top_k``; 0 means off."""
+        return self.config.rerank_top_k if rerank_top_k is None else rerank_top_k
+
+    def _chunked_loss_applies(self, labels, heads, logits_to_keep, hidden, rerank_top_k) -> bool:
+        """Whether ``forward`` takes the head's loss chunk by chunk (see ``forward``).
+
+        Only the head may need gradients there: the base's hidden states, output layer and embedding table
+        must be frozen (no LoRA on the base, no trainable output layer), as the chunked loss gives them none.
+        """
+        weight = self._output_weight()
         return (
             labels is not None
             and self.training
@@ -643,9 +659,11 @@ class BackwardAttentionForCausalLMMixin:
             and heads is None
             and self.active_head() is not None
             and bool(self.config.loss_chunk_size)
+            and not self._rerank_top_k(rerank_top_k)
             and isinstance(logits_to_keep, int)
             and logits_to_keep == 0
-            and self._output_weight() is not None
+            and weight is not None
+            and not (hidden.requires_grad or weight.requires_grad or self.get_input_embeddings().weight.requires_grad)
         )
 
     def generate(self, *args, heads: list | torch.Tensor | None = None, **kwargs):
@@ -710,7 +728,7 @@ class BackwardAttentionForCausalLMMixin:
             hidden = outputs.last_hidden_state
         hidden = slice_logits_to_keep(hidden, logits_to_keep)
         loss = logits = None
-        if self._chunked_loss_applies(labels, heads, logits_to_keep):
+        if self._chunked_loss_applies(labels, heads, logits_to_keep, hidden, rerank_top_k):
             loss = head_cross_entropy(
                 self.heads[self.config.active_head], hidden, labels, self._output_weight(),
                 self.get_input_embeddings().weight, self.config.loss_chunk_size, kwargs.get("num_items_in_batch"),

@@ -10,9 +10,10 @@ row labelled, as the target of an SFT example):
   (full logits) and with the chunked loss (:mod:`backattn.head_loss`), each running the base and from
   cached base features; of LoRA (PEFT) on attention at the head's parameter budget; and the frozen base's
   forward alone (no gradients), the reference for memory;
-* peak memory of each: the process's peak resident set during the timed steps (each variant runs in a
-  fresh process with glibc returning freed blocks to the system, so the peak reflects live tensors), and
-  the part of it the step adds on top of the loaded model;
+* peak memory of each: the process's peak resident set during one more step after the timed ones (each
+  variant runs in a fresh process; before that step glibc is told to return every freed block of 64 KiB
+  or more to the system, so the peak follows live tensors), and the part of it the step adds on top of
+  the loaded model;
 * greedy ``generate`` tokens per second (batch 1, KV cache): the plain base model, the head in full mode
   and in top-k re-ranking mode (``--top_k``).
 
@@ -23,6 +24,7 @@ Ratios are against figures measured in the same run. ``gpt2-small`` is GPT-2 sma
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -116,6 +118,10 @@ def _memory_kib() -> dict[str, int]:
 
 
 def _reset_peak() -> None:
+    """Make freed memory leave the resident set from now on, then reset the peak to the current size."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks of 64 KiB or more are mapped, and unmapped when freed
+    libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # resets VmHWM to the current resident set
 
@@ -154,13 +160,14 @@ def measure_training(model_name: str, variant: str, options) -> dict:
             optimiser.zero_grad(set_to_none=True)
 
     step()  # warm-up: first-call kernels, optimiser state
-    _reset_peak()
-    before = _memory_kib()["VmRSS"]
     seconds = []
-    for _ in range(options.steps):
+    for _ in range(options.steps):  # timed with the allocator's default settings
         start = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - start)
+    _reset_peak()
+    before = _memory_kib()["VmRSS"]
+    step()
     peak = _memory_kib()["VmHWM"]
     return {"seconds": statistics.median(seconds), "peak_mib": peak / 1024, "step_mib": (peak - before) / 1024,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}  # fmt: skip
@@ -190,7 +197,7 @@ def measure_generation(model_name: str, options) -> dict:
 
 
 def in_subprocess(task: dict, argv: list[str]) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
     command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", json.dumps(task)]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:

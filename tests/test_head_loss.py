@@ -61,8 +61,9 @@ def test_chunked_loss_and_gradients_equal_the_straightforward_ones(gpt2_base_dir
 def test_num_items_in_batch_divides_the_sum_as_transformers_does(gpt2_base_dir):
     """Gradient accumulation: the Trainer passes the token count of the whole accumulated batch."""
     ids, labels = batch(1)
-    reference, _ = loss_and_gradients(training_model(gpt2_base_dir, "hidden", None), ids, labels, num_items_in_batch=50)
-    chunked, _ = loss_and_gradients(training_model(gpt2_base_dir, "hidden", 4), ids, labels, num_items_in_batch=50)
+    count = torch.tensor(50)
+    reference, _ = loss_and_gradients(training_model(gpt2_base_dir, "hidden", None), ids, labels, num_items_in_batch=count)
+    chunked, _ = loss_and_gradients(training_model(gpt2_base_dir, "hidden", 4), ids, labels, num_items_in_batch=count)
     assert torch.allclose(chunked.loss, reference.loss, rtol=1e-6, atol=0)
 
 
@@ -115,3 +116,26 @@ def test_head_cross_entropy_accepts_shifted_labels(gpt2_base_dir):
     assert torch.equal(
         head_cross_entropy(*arguments, labels, *weights), head_cross_entropy(*arguments, None, *weights, shift_labels=shifted)
     )
+
+
+def test_the_full_path_serves_whatever_else_trains_or_reranks(gpt2_base_dir):
+    """The chunked loss gives gradients to the head alone: a trainable output layer, LoRA on it (PEFT wraps
+    the layer) or top-k re-ranking send training through the full logits instead."""
+    from peft import LoraConfig, get_peft_model
+
+    ids, labels = batch()
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    model.lm_head.weight.requires_grad_(True)  # tied to the input embeddings in this GPT-2
+    output = model(ids, labels=labels)
+    output.loss.backward()
+    assert output.logits is not None and torch.count_nonzero(model.lm_head.weight.grad)
+
+    model = training_model(gpt2_base_dir, {"logit_weighting": "raw", "score_mode": "gate"}, 4)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    assert lora(input_ids=ids, labels=labels).logits is not None
+
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    model.config.rerank_top_k = 5
+    assert model(ids, labels=labels).logits is not None

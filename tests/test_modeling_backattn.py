@@ -323,11 +323,38 @@ def test_top_k_reranking_matches_its_reference(options, k):
         assert torch.equal(reranked[untouched], logits[untouched])  # the other logits are the base's, exactly
 
 
-def test_top_k_over_the_whole_vocabulary_is_the_full_head():
-    head = random_head({"num_layers": 2, "score_mode": "gate"})
+@pytest.mark.parametrize("options", [{"num_layers": 2, "score_mode": "gate"}, {"layer_mode": "sequential", "num_layers": 2}])
+def test_top_k_over_the_whole_vocabulary_is_the_full_head(options):
+    head = random_head(options)
     logits, hidden, embeddings = random_inputs(shape=(3,))
     with torch.no_grad():
-        assert torch.equal(head(logits, hidden, embeddings, rerank_top_k=VOCAB), head(logits, hidden, embeddings))
+        everything = head(logits, hidden, embeddings, rerank_top_k=VOCAB + 5)  # gathers and scatters all V tokens
+        assert torch.allclose(everything, head(logits, hidden, embeddings), rtol=1e-12, atol=1e-12)
+
+
+def test_raw_weighting_top_k_is_the_same_with_or_without_the_output_layer():
+    head = random_head({"logit_weighting": "raw"})
+    _, hidden, embeddings = random_inputs(shape=(4,))
+    weight = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(
+            head(hidden @ weight.T, hidden, embeddings, output_weight=weight, rerank_top_k=5),
+            head(hidden @ weight.T, hidden, embeddings, rerank_top_k=5),
+        )
+
+
+def test_tables_follow_changes_of_the_output_layer():
+    head = random_head({"logit_weighting": "raw"})
+    _, hidden, embeddings = random_inputs(shape=(4,))
+    weight = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    with torch.no_grad():
+        head(hidden @ weight.T, hidden, embeddings, output_weight=weight)
+        weight.mul_(3)  # in place: same storage, new version
+        assert torch.allclose(
+            head(hidden @ weight.T, hidden, embeddings, output_weight=weight),
+            reference_head_logits(head, hidden @ weight.T, hidden, embeddings),
+            atol=1e-10,
+        )
 
 
 def test_top_k_reranking_needs_scores_added_to_the_logits():
