@@ -55,6 +55,19 @@ def test_heads_off_scores_exactly_like_the_plain_base(model_with_head_dir, tiny_
     assert with_head["target_ce"] != pytest.approx(plain["target_ce"], rel=1e-3)  # the head does change things
 
 
+def test_top_k_mode_scores_the_reranked_model(model_with_head_dir, math_jsonl, tmp_path):
+    full = run(model_with_head_dir, math_jsonl, tmp_path / "full", "--name", "m")["m"]
+    top_k = run(model_with_head_dir, math_jsonl, tmp_path / "k", "--rerank_top_k", "3", "--name", "m")["m"]
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(model_with_head_dir).eval()
+    model.config.rerank_top_k = 3
+    tokenizer = AutoTokenizer.from_pretrained(model_with_head_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    examples, _ = tokenize_examples(load_math_dataset(str(math_jsonl), max_samples=6), tokenizer, PromptTemplate(), 512)
+    expected = evaluate_model(model, tokenizer, examples, None, 3, 5, 4)
+    assert top_k["target_ce"] == pytest.approx(expected["target_ce"], rel=1e-6)
+    assert top_k["target_ce"] != pytest.approx(full["target_ce"], rel=1e-4)
+
+
 def test_lm_evaluation_harness_loglikelihood_equals_ours(model_with_head_dir):
     pytest.importorskip("lm_eval", reason="lm-eval is installed by `make test` (the eval extra)")
     from lm_eval.api.instance import Instance
