@@ -24,7 +24,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
-from backattn import BackwardAttentionConfig, family_for
+from backattn import DEFAULT_PRESET, BackwardAttentionConfig, family_for
 from backattn.evaluation import evaluate_model, results_table
 from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.offline import default_cache_dir, smollm2_path
@@ -47,7 +47,7 @@ class ModelArguments:
 
 @dataclass
 class HeadArguments:
-    preset: str = field(default="hidden", metadata={"help": "Head preset: seed, gated or hidden."})
+    preset: str = field(default=DEFAULT_PRESET, metadata={"help": "Head preset: seed, gated or hidden."})
     head_options: str | None = field(
         default=None, metadata={"help": 'JSON object of head options overriding the preset, e.g. \'{"out_dim": 64}\'.'}
     )

@@ -6,6 +6,7 @@ Importing the package registers the model families with ``AutoConfig`` and ``Aut
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_backattn import (
+    DEFAULT_PRESET,
     PRESETS,
     BackwardAttentionConfig,
     GPT2BackwardAttentionConfig,
@@ -31,6 +32,7 @@ for _config_class, _model_class in (
 
 __all__ = [
     "FAMILIES",
+    "DEFAULT_PRESET",
     "PRESETS",
     "BackwardAttentionConfig",
     "BackwardAttentionHead",

@@ -138,9 +138,9 @@ class BackwardAttentionConfig:
 
     @classmethod
     def coerce(cls, value: BackwardAttentionConfig | dict | str | None) -> BackwardAttentionConfig:
-        """Accept a config, a dict of options, a preset name or ``None`` (the defaults, which are the seed's)."""
+        """Accept a config, a dict of options, a preset name or ``None`` (the :data:`DEFAULT_PRESET`)."""
         if value is None:
-            return cls()
+            return cls.from_preset(DEFAULT_PRESET)
         if isinstance(value, cls):
             return cls(**value.to_dict())
         if isinstance(value, str):
@@ -195,6 +195,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # As "gated", and the query also sees the base's final hidden state (best in DESIGN.md section 6).
     "hidden": {"divide_by_vocab": False, "score_mode": "gate", "use_hidden_state": True},
 }
+
+
+#: The head ``add_head()`` and ``train_sft.py`` build when no options are given; chosen from the measured
+#: comparison in BENCHMARKS.md ("Does the head help?"): of the presets, only ``hidden`` measurably lowers
+#: held-out loss. ``BackwardAttentionConfig()`` itself holds the seed's options.
+DEFAULT_PRESET = "hidden"
 
 
 def _normalise_heads(config) -> None:
@@ -277,6 +283,7 @@ GPT2BackwardAttentionConfig.register_for_auto_class()
 LlamaBackwardAttentionConfig.register_for_auto_class()
 
 __all__ = [
+    "DEFAULT_PRESET",
     "BackwardAttentionConfig",
     "GPT2BackwardAttentionConfig",
     "LlamaBackwardAttentionConfig",

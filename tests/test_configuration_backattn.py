@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from backattn import PRESETS, BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
+from backattn import DEFAULT_PRESET, PRESETS, BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
 
 
 def test_defaults_are_the_seed_preset():
@@ -61,7 +61,8 @@ def test_coerce_accepts_config_dict_preset_and_none():
     assert BackwardAttentionConfig.coerce(config) == config and BackwardAttentionConfig.coerce(config) is not config
     assert BackwardAttentionConfig.coerce({"out_dim": 8}) == config
     assert BackwardAttentionConfig.coerce("gated") == BackwardAttentionConfig.from_preset("gated")
-    assert BackwardAttentionConfig.coerce(None) == BackwardAttentionConfig()
+    assert BackwardAttentionConfig.coerce(None) == BackwardAttentionConfig.from_preset(DEFAULT_PRESET) == BackwardAttentionConfig.from_preset("hidden")
+    assert BackwardAttentionConfig() == BackwardAttentionConfig.from_preset("seed")
     with pytest.raises(ValueError, match="must be a BackwardAttentionConfig"):
         BackwardAttentionConfig.coerce(3)
 

@@ -159,10 +159,11 @@ def test_mixed_head_batch_equals_rows_run_alone(saved_heads, base_dir):
     plain = GPT2LMHeadModel.from_pretrained(base_dir).eval()
     ids = ids_batch()
     mixed = logits(model, ids, heads=["sentiment", None, "math"])
-    assert torch.allclose(mixed[0], expected["sentiment"][0], atol=1e-6)
+    # float32, and each head runs on a sub-batch of another shape than the whole batch: rounding differs
+    assert torch.allclose(mixed[0], expected["sentiment"][0], atol=2e-5)
     with torch.no_grad():
-        assert torch.allclose(mixed[1], plain(ids).logits[1], atol=1e-6)
-    assert torch.allclose(mixed[2], expected["math"][2], atol=1e-6)
+        assert torch.equal(mixed[1], plain(ids).logits[1])
+    assert torch.allclose(mixed[2], expected["math"][2], atol=2e-5)
     with pytest.raises(ValueError, match="heads= names 'chat', which is not loaded"):
         logits(model, ids, heads=["chat", None, "math"])
     with pytest.raises(ValueError, match="one entry per batch row: got 2 for a batch of 3"):
