@@ -83,12 +83,13 @@ def plot_sweep(sweep: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    metrics = {"accuracy": "final-answer accuracy", "f1": "answer token F1", "parse_rate": "answers that parse"}
+    figure, axes = plt.subplots(1, len(metrics), figsize=(14, 4), sharex=True)
     for (name, top_k), points in sweep.items():
         temperatures = [t for t, _ in points]
-        for axis, metric in zip(axes, ("accuracy", "f1")):
+        for axis, metric in zip(axes, metrics):
             axis.plot(temperatures, [s[metric] for _, s in points], marker="o", label=f"{name}, top-k {top_k}")
-    for axis, metric in zip(axes, ("final-answer accuracy", "answer token F1")):
+    for axis, metric in zip(axes, metrics.values()):
         axis.set_xlabel("temperature")
         axis.set_ylabel(metric)
         axis.legend(fontsize=8)
@@ -99,6 +100,7 @@ def plot_sweep(sweep: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
+    started = time.perf_counter()
     options = arguments(argv)
     logging.set_verbosity_error()
     set_seed(0)
@@ -170,7 +172,8 @@ def main(argv=None) -> dict:
     (output / "results.md").write_text(f"{budget}\n\n{table}\n")
     serialisable_sweep = {f"{name}, top-k {k}": [[t, s] for t, s in points] for (name, k), points in sweep.items()}
     (output / "results.json").write_text(json.dumps({"options": vars(options), "results": results,
-                                                      "sampling_sweep": serialisable_sweep}, indent=2))  # fmt: skip
+                                                      "sampling_sweep": serialisable_sweep,
+                                                      "wall_seconds": time.perf_counter() - started}, indent=2))  # fmt: skip
     print(f"\n{budget}\n\n{table}\n\nWritten to {output}")
     return results
 
