@@ -127,8 +127,9 @@ class BackwardAttentionLayer(nn.Module):
                 chosen = torch.exp(chosen * inv_rms - log_normaliser)
             u = torch.einsum("...k,...kd->...d", F.dropout(chosen, p, training), values[candidates])
         elif not raw and config.vocab_chunk_size is None:  # one fused softmax over the whole vocabulary
-            inv_rms = torch.rsqrt(logits.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
-            u = F.dropout(torch.softmax(logits * inv_rms, dim=-1), p, training) @ values
+            mean_square = torch.linalg.vector_norm(logits, dim=-1, keepdim=True).square() / vocab_size
+            weights = torch.softmax(logits * torch.rsqrt(mean_square + config.rms_norm_eps), dim=-1)
+            u = (F.dropout(weights, p, training) if p else weights) @ values
         else:
             slices = _vocab_slices(vocab_size, config.vocab_chunk_size)
             if raw:
@@ -279,15 +280,23 @@ class BackwardAttentionHead(nn.Module):
                 return scores
             return z + (gate * scores if mode == "gate" else scores)
 
+        def one_slice(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            if mode == "replace" or (p and training):
+                return merged(z, query @ k.T)
+            # z + g (q K^T) = z + (g q) K^T, in one fused multiply-add: no vocabulary-sized temporaries.
+            scaled = query if gate is None else gate * query
+            flat = torch.addmm(z.reshape(-1, z.shape[-1]), scaled.reshape(-1, scaled.shape[-1]), k.T)
+            return flat.view(z.shape)
+
         if candidates is not None:
             scores = torch.einsum("...d,...kd->...k", query, keys[candidates])
             return logits.scatter(-1, candidates, merged(logits.gather(-1, candidates), scores))
         slices = _vocab_slices(logits.shape[-1], self.config.vocab_chunk_size)
         if len(slices) == 1:
-            return merged(logits, query @ keys.T)
+            return one_slice(logits, keys)
         out = torch.empty_like(logits)
         for rows in slices:
-            out[..., rows] = run(lambda z, k: merged(z, query @ k.T), logits[..., rows], keys[rows])
+            out[..., rows] = run(one_slice, logits[..., rows], keys[rows])
         return out
 
     def _runner(self) -> Callable:
