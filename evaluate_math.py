@@ -20,14 +20,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
 
 from backattn import family_for
 from backattn.evaluation import evaluate_model, results_table
 from backattn.modeling_backattn import FAMILIES
-from backattn.offline import smollm2_path
-from backattn.sft_data import PromptTemplate, load_math_dataset, tokenize_examples
-from train_sft import EMBEDDED_DATASET, EMBEDDED_MODEL
+from backattn.sft_data import PromptTemplate, load_math_dataset, sft_tokenizer, tokenize_examples
+from train_sft import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_model
 
 
 @dataclass
@@ -58,7 +57,7 @@ class EvaluationArguments:
 
 def load_model(args: EvaluationArguments):
     """The model to score: a backattn family when a head is involved, else any ``AutoModelForCausalLM``."""
-    base = str(smollm2_path()) if args.model_name_or_path == EMBEDDED_MODEL else args.model_name_or_path
+    base = resolve_base_model(args.model_name_or_path)
     model_type = AutoConfig.from_pretrained(base).model_type
     if args.head is None and model_type not in FAMILIES:
         return AutoModelForCausalLM.from_pretrained(base).eval(), base
@@ -94,10 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = rows.select(range(min(args.max_samples, len(rows))))
 
     model, base = load_model(args)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    tokenizer = sft_tokenizer(base)
     examples, skipped = tokenize_examples(rows, tokenizer, template, args.max_length)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k} if args.do_sample else {}
     name = args.name or (args.head and f"{base} + head {args.head}") or base

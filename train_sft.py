@@ -22,13 +22,13 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoConfig, HfArgumentParser, TrainingArguments, set_seed
 
 from backattn import DEFAULT_PRESET, BackwardAttentionConfig, family_for
 from backattn.evaluation import evaluate_model, results_table
 from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.offline import default_cache_dir, smollm2_path
-from backattn.sft_data import PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
+from backattn.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.trainer import HeadTrainer
 
 EMBEDDED_MODEL = "embedded"
@@ -211,6 +211,11 @@ def compare_with_base(model, tokenizer, eval_examples, scored, data_args, batch_
     return results
 
 
+def resolve_base_model(model_name_or_path: str) -> str:
+    """A model id or path as given; ``"embedded"`` is the offline SmolLM2 (converted once into the cache)."""
+    return str(smollm2_path()) if model_name_or_path == EMBEDDED_MODEL else model_name_or_path
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, head_args, data_args, training_args = parse_arguments(argv)
     head_config, template = check_arguments(head_args, data_args, training_args)
@@ -220,11 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     with training_args.main_process_first(desc="data and the embedded base"):  # once, with accelerate launch
         train_rows, eval_rows, data_source = load_splits(data_args, training_args.seed)
-        base = str(smollm2_path()) if model_args.model_name_or_path == EMBEDDED_MODEL else model_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+        base = resolve_base_model(model_args.model_name_or_path)
+    tokenizer = sft_tokenizer(base)
     train_examples, train_skipped = tokenize_examples(train_rows, tokenizer, template, data_args.max_length)
     eval_examples, eval_skipped = tokenize_examples(eval_rows, tokenizer, template, data_args.max_length)
     for split, examples, skipped in (("train", train_examples, train_skipped), ("held-out", eval_examples, eval_skipped)):

@@ -219,10 +219,8 @@ def _normalise_heads(config) -> None:
         )
 
 
-class GPT2BackwardAttentionConfig(GPT2Config):
-    r"""A :class:`~transformers.GPT2Config` plus the backward-attention heads attached to the model.
-
-    heads (`dict[str, dict]`, *optional*):
+# The fields both families add to their base config, as documented in each class's docstring.
+_FIELDS_DOC = """    heads (`dict[str, dict]`, *optional*):
         Options of each attached head (see :class:`BackwardAttentionConfig`), by head name.
     active_head (`str`, *optional*):
         The head that scores the next token; ``None`` gives the base model's own logits.
@@ -235,7 +233,13 @@ class GPT2BackwardAttentionConfig(GPT2Config):
         and leaves the other logits as they are (cheaper, an approximation); ``None`` scores the whole
         vocabulary. A ``rerank_top_k=`` argument to ``forward`` or ``generate`` overrides it for one call.
         The chunked training loss always scores the whole vocabulary.
-    """
+"""
+
+
+class GPT2BackwardAttentionConfig(GPT2Config):
+    __doc__ = f"""A :class:`~transformers.GPT2Config` plus the backward-attention heads attached to the model.
+
+{_FIELDS_DOC}"""
 
     model_type = "gpt2_backattn"
 
@@ -250,22 +254,9 @@ class GPT2BackwardAttentionConfig(GPT2Config):
 
 
 class LlamaBackwardAttentionConfig(LlamaConfig):
-    r"""A :class:`~transformers.LlamaConfig` plus the backward-attention heads attached to the model.
+    __doc__ = f"""A :class:`~transformers.LlamaConfig` plus the backward-attention heads attached to the model.
 
-    heads (`dict[str, dict]`, *optional*):
-        Options of each attached head (see :class:`BackwardAttentionConfig`), by head name.
-    active_head (`str`, *optional*):
-        The head that scores the next token; ``None`` gives the base model's own logits.
-    loss_chunk_size (`int`, *optional*, defaults to 256):
-        Positions per chunk of the training loss (see :mod:`backattn.head_loss`): while training a head with
-        labels, only labelled positions are scored, this many at a time, and ``logits`` are not returned.
-        ``None`` builds the full logits and takes the usual cross-entropy (the straightforward path).
-    rerank_top_k (`int`, *optional*):
-        When set, the active head re-ranks only the base model's ``k`` most likely tokens at each position
-        and leaves the other logits as they are (cheaper, an approximation); ``None`` scores the whole
-        vocabulary. A ``rerank_top_k=`` argument to ``forward`` or ``generate`` overrides it for one call.
-        The chunked training loss always scores the whole vocabulary.
-    """
+{_FIELDS_DOC}"""
 
     model_type = "llama_backattn"
 

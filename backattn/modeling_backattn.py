@@ -127,8 +127,7 @@ class BackwardAttentionLayer(nn.Module):
                 chosen = torch.exp(chosen * inv_rms - log_normaliser)
             u = torch.einsum("...k,...kd->...d", F.dropout(chosen, p, training), values[candidates])
         elif not raw and config.vocab_chunk_size is None:  # one fused softmax over the whole vocabulary
-            mean_square = torch.linalg.vector_norm(logits, dim=-1, keepdim=True).square() / vocab_size
-            weights = torch.softmax(logits * torch.rsqrt(mean_square + config.rms_norm_eps), dim=-1)
+            weights = torch.softmax(logits * _inverse_rms(logits, [slice(None)], config.rms_norm_eps), dim=-1)
             u = (F.dropout(weights, p, training) if p else weights) @ values
         else:
             slices = _vocab_slices(vocab_size, config.vocab_chunk_size)
@@ -155,6 +154,12 @@ class BackwardAttentionLayer(nn.Module):
         return q * head_scale.repeat_interleave(head_dim)
 
 
+def _inverse_rms(logits: torch.Tensor, slices: list[slice], eps: float) -> torch.Tensor:
+    """``1 / rms(l_t)`` over the last dimension, its sum of squares accumulated slice by slice."""
+    sum_of_squares = sum(torch.linalg.vector_norm(logits[..., rows], dim=-1, keepdim=True).square() for rows in slices)
+    return torch.rsqrt(sum_of_squares / logits.shape[-1] + eps)
+
+
 def _softmax_statistics(
     logits: torch.Tensor, chunk_size: int | None, eps: float, run: Callable
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,10 +167,8 @@ def _softmax_statistics(
 
     ``softmax(l / rms(l))[i] = exp(l[i] / rms(l) - log_normaliser)``.
     """
-    vocab_size = logits.shape[-1]
-    slices = _vocab_slices(vocab_size, chunk_size)
-    mean_square = sum(logits[..., rows].pow(2).sum(-1, keepdim=True) for rows in slices) / vocab_size
-    inv_rms = torch.rsqrt(mean_square + eps)
+    slices = _vocab_slices(logits.shape[-1], chunk_size)
+    inv_rms = _inverse_rms(logits, slices, eps)
     parts = [run(lambda z: torch.logsumexp(z * inv_rms, -1, keepdim=True), logits[..., rows]) for rows in slices]
     return inv_rms, torch.logsumexp(torch.cat(parts, -1), -1, keepdim=True)
 
@@ -323,8 +326,9 @@ class BackwardAttentionHead(nn.Module):
 
         def compute() -> list[tuple]:
             out, weight = [], output_weight.to(dtype) if output_weight is not None else None
+            table_embeddings = embeddings.to(dtype)
             for index, layer in enumerate(self.layers):
-                keys, values = layer.tables(embeddings.to(dtype), run)
+                keys, values = layer.tables(table_embeddings, run)
                 reads_base_logits = index == 0 or not sequential
                 raw = layer.config.logit_weighting == "raw" and weight is not None and reads_base_logits
                 out.append((keys, values, weight.T @ values if raw else None))

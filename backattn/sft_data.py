@@ -159,6 +159,18 @@ def tokenize_examples(
     return datasets.Dataset.from_dict(kept), skipped
 
 
+def sft_tokenizer(model_name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, set up for :func:`tokenize_examples` and :class:`SFTCollator`: padding on
+    the right, with the end-of-sequence token as pad token when the tokenizer has none (GPT-2, SmolLM2)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 class SFTCollator:
     """Pads ``input_ids`` (pad token), ``labels`` (-100) and ``attention_mask`` with the Transformers
     collator, and pads precomputed ``base_hidden_states`` (from a feature cache) with zeros alongside."""

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from backattn import family_for
@@ -28,7 +28,7 @@ from backattn.baselines import lora_on_attention, lora_on_output_layer, output_l
 from backattn.evaluation import evaluate_model, results_table
 from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.offline import default_cache_dir, smollm2_path
-from backattn.sft_data import PromptTemplate, SFTCollator, tokenize_examples
+from backattn.sft_data import PromptTemplate, SFTCollator, sft_tokenizer, tokenize_examples
 from backattn.trainer import HeadTrainer
 
 HEAD_PRESETS = ("seed", "hidden")
@@ -107,10 +107,7 @@ def main(argv=None) -> dict:
     output = Path(options.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     base = options.model_name_or_path or str(smollm2_path())
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    tokenizer = sft_tokenizer(base)
     train_rows, eval_rows = load_rows(options)
     train_examples, _ = tokenize_examples(train_rows, tokenizer, PromptTemplate(), options.max_length)
     eval_examples, _ = tokenize_examples(eval_rows, tokenizer, PromptTemplate(), options.max_length)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from safetensors.torch import load_file
 
@@ -78,8 +79,8 @@ def test_bad_arguments_fail_before_any_model_is_loaded(tiny_gpt2_dir, math_jsonl
     def no_loading(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the arguments were checked")
 
-    monkeypatch.setattr(train_sft.AutoTokenizer, "from_pretrained", no_loading)
-    monkeypatch.setattr(train_sft.AutoConfig, "from_pretrained", no_loading)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_loading)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_loading)
     with pytest.raises(error, match=message):
         train_sft.main(arguments(tiny_gpt2_dir, math_jsonl, tmp_path, **overrides))
 
