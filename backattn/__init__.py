@@ -12,14 +12,9 @@ from .configuration_backattn import (
     GPT2BackwardAttentionConfig,
     LlamaBackwardAttentionConfig,
 )
-from .modeling_backattn import (
-    FAMILIES,
-    BackwardAttentionHead,
-    BackwardAttentionLayer,
-    GPT2BackwardAttentionForCausalLM,
-    LlamaBackwardAttentionForCausalLM,
-    family_for,
-)
+from .heads import BackwardAttentionHeads
+from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer
+from .modeling_families import FAMILIES, GPT2BackwardAttentionForCausalLM, LlamaBackwardAttentionForCausalLM, family_for
 
 __version__ = "0.1.0"
 
@@ -31,11 +26,12 @@ for _config_class, _model_class in (
     AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
 
 __all__ = [
-    "FAMILIES",
     "DEFAULT_PRESET",
+    "FAMILIES",
     "PRESETS",
     "BackwardAttentionConfig",
     "BackwardAttentionHead",
+    "BackwardAttentionHeads",
     "BackwardAttentionLayer",
     "GPT2BackwardAttentionConfig",
     "GPT2BackwardAttentionForCausalLM",

@@ -5,9 +5,13 @@ Two kinds of configuration live here:
 * :class:`BackwardAttentionConfig` holds the options of **one** head (the maths of DESIGN.md section 2).
   It is a small dataclass, saved as plain JSON, so a head can travel without its base model.
 * :class:`GPT2BackwardAttentionConfig` and :class:`LlamaBackwardAttentionConfig` are the base models' own
-  configurations plus two fields: ``heads`` (the options of every head attached to the model, by name) and
-  ``active_head`` (the head that scores the next token, or ``None`` for the base model's own logits).
-  Each has its own ``model_type`` so that the Auto classes can tell it from the stock model.
+  configurations plus the fields of :class:`BackwardAttentionModelFields`: ``heads`` (the options of every
+  head attached to the model, by name), ``active_head`` and two speed options. Each has its own
+  ``model_type`` so that the Auto classes can tell it from the stock model.
+
+Every option is a typed field whose help text sits in its metadata (as PEFT's ``LoraConfig`` does); the
+per-field checks are read from the types (``Literal`` choices, booleans, positive integers, the numeric
+domain in the metadata), and ``validate`` adds the one rule across fields.
 
 This module imports nothing from the rest of the package except through relative imports, so that a
 saved checkpoint loads with ``trust_remote_code=True`` where ``backattn`` is not installed.
@@ -17,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import textwrap
+import typing
+from dataclasses import field
+from typing import Any, Literal
 
 from transformers import GPT2Config, LlamaConfig
 
-LOGIT_WEIGHTINGS = ("softmax", "raw")
-HEAD_COMBINES = ("sum", "mix")
-SCORE_MODES = ("add", "gate", "replace")
-LAYER_MODES = ("parallel", "sequential")
+#: Option names of version 0.1.0 and the names that replaced them; old head files and configs still load.
+RENAMED_OPTIONS = {"num_heads": "num_attention_heads", "head_combine": "attention_head_combine"}
 
 
 @dataclasses.dataclass
@@ -42,8 +47,9 @@ class BackwardAttentionConfig:
        ``p_t = dropout(l_t)`` (``"raw"``, the seed's slides);
     5. ``u_t = (p_t Vv) / V`` (the division only when ``divide_by_vocab``), ``q_t = u_t W_q``, plus
        ``h_t W_h`` when ``use_hidden_state`` (``W_h`` is ``d x out_dim`` and starts at zero);
-    6. ``s_t = sum_j c_j q_t^j (K^j)^T / sqrt(out_dim / num_heads)`` over the ``num_heads`` slices ``j`` of
-       ``out_dim``, with ``c_j = 1`` (``head_combine="sum"``, the seed) or learned, starting at 1 (``"mix"``);
+    6. ``s_t = sum_j c_j q_t^j (K^j)^T / sqrt(out_dim / num_attention_heads)`` over the attention sub-heads
+       ``j`` (slices of ``out_dim``), with ``c_j = 1`` (``attention_head_combine="sum"``, the seed) or
+       learned, starting at 1 (``"mix"``);
     7. the scores meet the logits: ``l_t + dropout(s_t)`` (``score_mode="add"``, the seed's code),
        ``l_t + g * dropout(s_t)`` with a learned scalar ``g`` that starts at zero (``"gate"``: the untrained
        head reproduces the base model exactly), or ``dropout(s_t)`` alone (``"replace"``, the seed's slides).
@@ -52,76 +58,78 @@ class BackwardAttentionConfig:
     with learned weights that start at ``1 / num_layers`` before step 7, or ``"sequential"``: each layer
     reads the logits the previous one produced and applies step 7 with its own gate.
 
-    ``vocab_chunk_size`` walks the vocabulary in slices of that many rows: steps 1-3 and 5 are computed
+    ``vocab_chunk_size`` walks the vocabulary in slices of that many rows: steps 1-3 and 5-7 are computed
     slice by slice (the softmax of step 4 keeps its full-vocabulary normaliser, so the result equals the
     unchunked one) and, when gradients are needed, each slice is recomputed in the backward pass instead
     of being stored. It trades time for memory and never changes the output.
 
     ``vocab_size`` and ``hidden_size`` record the base model a head was built for; they are filled in when
     the head is attached and checked against the base every time after.
+
+    "Head" alone means a task head (a whole :class:`BackwardAttentionHead`); its attention sub-heads are
+    the ``num_attention_heads`` slices of step 6. Files saved with the 0.1.0 names (``num_heads``,
+    ``head_combine``, see :data:`RENAMED_OPTIONS`) still load through :meth:`from_dict`.
     """
 
-    latent_dim: int | None = 28
-    out_dim: int = 30
-    num_heads: int = 1
-    head_combine: str = "sum"
-    logit_weighting: str = "softmax"
-    divide_by_vocab: bool = True
-    dropout: float = 0.0
-    score_mode: str = "add"
-    num_layers: int = 1
-    layer_mode: str = "parallel"
-    use_hidden_state: bool = False
-    vocab_chunk_size: int | None = None
-    rms_norm_eps: float = 1e-6
-    vocab_size: int | None = None
-    hidden_size: int | None = None
+    latent_dim: int | None = field(
+        default=28,
+        metadata={"help": "Width of L in step 2 (L = E_n W_l); None: L = E_n.", "none": "(or None to turn it off)"},
+    )
+    out_dim: int = field(default=30, metadata={"help": "Width d_out of K, Vv and q_t (step 3)."})
+    num_attention_heads: int = field(
+        default=1,
+        metadata={"help": "Attention sub-heads h of step 6: slices of out_dim, each scaled by 1/sqrt(out_dim/h)."},
+    )
+    attention_head_combine: Literal["sum", "mix"] = field(
+        default="sum", metadata={"help": "Step 6: sub-head scores summed (c_j = 1) or mixed by learned c_j."}
+    )
+    logit_weighting: Literal["softmax", "raw"] = field(
+        default="softmax", metadata={"help": "Step 4: p_t = softmax(l_t / rms(l_t)) or the raw logits l_t."}
+    )
+    divide_by_vocab: bool = field(default=True, metadata={"help": "Step 5: divide u_t by the vocabulary size V."})
+    dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Dropout on p_t (step 4) and s_t (step 7), in training only.",
+            "domain": ("a number in [0, 1)", lambda x: 0 <= x < 1),
+        },
+    )
+    score_mode: Literal["add", "gate", "replace"] = field(
+        default="add", metadata={"help": "Step 7: l_t + s_t, l_t + g s_t (g starts at 0), or s_t alone."}
+    )
+    num_layers: int = field(default=1, metadata={"help": "Backward-attention layers in the head."})
+    layer_mode: Literal["parallel", "sequential"] = field(
+        default="parallel", metadata={"help": "Layers on the base logits with mixed scores, or one after another."}
+    )
+    use_hidden_state: bool = field(default=False, metadata={"help": "Step 5: q_t also gets h_t W_h (W_h starts at 0)."})
+    vocab_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Walk the vocabulary in slices of this many rows (memory only; same output).",
+            "none": "(or None to turn it off)",
+        },
+    )
+    rms_norm_eps: float = field(
+        default=1e-6,
+        metadata={
+            "help": "epsilon of both RMS norms (steps 1 and 4).",
+            "domain": ("a positive number", lambda x: x > 0),
+        },
+    )
+    vocab_size: int | None = field(default=None, metadata={"help": "V of the base model the head was built for."})
+    hidden_size: int | None = field(default=None, metadata={"help": "d of the base model the head was built for."})
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming every option that is out of range or does not fit with another."""
-        problems = []
-        for name in ("divide_by_vocab", "use_hidden_state"):
-            if not isinstance(getattr(self, name), bool):
-                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, optional in (
-            ("out_dim", False),
-            ("num_heads", False),
-            ("num_layers", False),
-            ("latent_dim", True),
-            ("vocab_chunk_size", True),
-            ("vocab_size", True),
-            ("hidden_size", True),
-        ):
-            value = getattr(self, name)
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                hint = " (or None to turn it off)" if name in ("latent_dim", "vocab_chunk_size") else ""
-                problems.append(f"{name} must be a positive integer{hint}, got {value!r}")
-        for name, allowed in (
-            ("logit_weighting", LOGIT_WEIGHTINGS),
-            ("head_combine", HEAD_COMBINES),
-            ("score_mode", SCORE_MODES),
-            ("layer_mode", LAYER_MODES),
-        ):
-            if getattr(self, name) not in allowed:
-                problems.append(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
-            problems.append(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
-        if (
-            isinstance(self.out_dim, int)
-            and isinstance(self.num_heads, int)
-            and self.num_heads > 0
-            and self.out_dim % self.num_heads
-        ):
+        problems = field_problems(self, BackwardAttentionConfig)
+        heads, width = self.num_attention_heads, self.out_dim
+        if not any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in (heads, width)) and width % heads:
             problems.append(
-                f"num_heads={self.num_heads} does not divide out_dim={self.out_dim}: "
-                "choose an out_dim that is a multiple of num_heads"
+                f"num_attention_heads={heads} does not divide out_dim={width}: "
+                "choose an out_dim that is a multiple of num_attention_heads"
             )
         if problems:
             raise ValueError("Invalid BackwardAttentionConfig: " + "; ".join(problems) + ".")
@@ -131,10 +139,10 @@ class BackwardAttentionConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> BackwardAttentionConfig:
-        """A named preset (see :data:`PRESETS`), with any option overridden by keyword."""
+        """A named preset (see :data:`PRESETS`), with any option overridden by keyword (0.1.0 names too)."""
         if name not in PRESETS:
             raise ValueError(f"Unknown head preset {name!r}; choose one of {', '.join(map(repr, PRESETS))}.")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **upgrade_options(overrides)})
 
     @classmethod
     def coerce(cls, value: BackwardAttentionConfig | dict | str | None) -> BackwardAttentionConfig:
@@ -160,6 +168,8 @@ class BackwardAttentionConfig:
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> BackwardAttentionConfig:
+        """The config of a dict of options; the 0.1.0 names of :data:`RENAMED_OPTIONS` are read as the new ones."""
+        options = upgrade_options(options)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -175,7 +185,10 @@ class BackwardAttentionConfig:
         """This config bound to a base model's sizes; ``ValueError`` if it was built for another base."""
         mismatches = [
             f"{name} {mine} (head) != {theirs} (base model)"
-            for name, mine, theirs in (("vocab_size", self.vocab_size, vocab_size), ("hidden_size", self.hidden_size, hidden_size))
+            for name, mine, theirs in (
+                ("vocab_size", self.vocab_size, vocab_size),
+                ("hidden_size", self.hidden_size, hidden_size),
+            )
             if mine is not None and mine != theirs
         ]
         if mismatches:
@@ -186,9 +199,50 @@ class BackwardAttentionConfig:
         return dataclasses.replace(self, vocab_size=vocab_size, hidden_size=hidden_size)
 
 
+def upgrade_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the 0.1.0 names of :data:`RENAMED_OPTIONS` replaced by the current ones."""
+    upgraded = dict(options)
+    for old, new in RENAMED_OPTIONS.items():
+        if old in upgraded:
+            if new in upgraded:
+                raise ValueError(f"Head options give both {old!r} (the 0.1.0 name) and {new!r}; keep {new!r}.")
+            upgraded[new] = upgraded.pop(old)
+    return upgraded
+
+
+def field_problems(options: Any, fields_class: type) -> list[str]:
+    """What is wrong with each field ``fields_class`` declares on ``options``, read from its type and metadata.
+
+    ``Literal[...]``: one of those values; ``bool``: True or False; ``int``: a positive integer (``None``
+    too when the type allows it); ``float``: a number in the field's ``domain`` (a description and a test).
+    """
+    problems, types = [], typing.get_type_hints(fields_class)
+    for option in dataclasses.fields(fields_class):
+        kind, value = types[option.name], getattr(options, option.name)
+        choices = typing.get_args(kind)
+        optional = type(None) in choices
+        if value is None and optional:
+            continue
+        if typing.get_origin(kind) is Literal:
+            if value not in choices:
+                problems.append(f"{option.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                problems.append(f"{option.name} must be True or False, got {value!r}")
+        elif kind is int or (optional and int in choices):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                hint = f" {option.metadata['none']}" if "none" in option.metadata else ""
+                problems.append(f"{option.name} must be a positive integer{hint}, got {value!r}")
+        elif kind is float:
+            description, allowed = option.metadata["domain"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not allowed(value):
+                problems.append(f"{option.name} must be {description}, got {value!r}")
+    return problems
+
+
 #: The seed project's defaults (DESIGN.md section 2) and the variants DESIGN.md section 6 measured.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The seed's code: latent 28, output 30, one head, softmax weighting, division by V, scores added.
+    # The seed's code: latent 28, output 30, one attention sub-head, softmax weighting, division by V, added.
     "seed": {},
     # The seed's head without the division by V, its scores entering through a zero-initialised gate.
     "gated": {"divide_by_vocab": False, "score_mode": "gate"},
@@ -202,72 +256,90 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: held-out loss. ``BackwardAttentionConfig()`` itself holds the seed's options.
 DEFAULT_PRESET = "hidden"
 
-
-def _normalise_heads(config) -> None:
-    """Turn ``config.heads`` into ``{name: options dict}``; check the other fields backattn adds."""
-    for name, meaning in (("loss_chunk_size", "full logits"), ("rerank_top_k", "the whole vocabulary")):
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"config.{name} must be a positive integer or None ({meaning}), got {value!r}.")
-    heads = config.heads or {}
-    if not isinstance(heads, dict):
-        raise ValueError(f"config.heads must map head names to head options, got {type(heads).__name__}.")
-    config.heads = {str(name): BackwardAttentionConfig.coerce(options).to_dict() for name, options in heads.items()}
-    if config.active_head is not None and config.active_head not in config.heads:
-        raise ValueError(
-            f"config.active_head={config.active_head!r} names no head; the heads are {sorted(config.heads) or 'none'}."
-        )
+LOGIT_WEIGHTINGS = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["logit_weighting"])
+HEAD_COMBINES = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["attention_head_combine"])
+SCORE_MODES = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["score_mode"])
+LAYER_MODES = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["layer_mode"])
 
 
-# The fields both families add to their base config, as documented in each class's docstring.
-_FIELDS_DOC = """    heads (`dict[str, dict]`, *optional*):
-        Options of each attached head (see :class:`BackwardAttentionConfig`), by head name.
-    active_head (`str`, *optional*):
-        The head that scores the next token; ``None`` gives the base model's own logits.
-    loss_chunk_size (`int`, *optional*, defaults to 256):
-        Positions per chunk of the training loss (see :mod:`backattn.head_loss`): while training a head with
-        labels, only labelled positions are scored, this many at a time, and ``logits`` are not returned.
-        ``None`` builds the full logits and takes the usual cross-entropy (the straightforward path).
-    rerank_top_k (`int`, *optional*):
-        When set, the active head re-ranks only the base model's ``k`` most likely tokens at each position
-        and leaves the other logits as they are (cheaper, an approximation); ``None`` scores the whole
-        vocabulary. A ``rerank_top_k=`` argument to ``forward`` or ``generate`` overrides it for one call.
-        The chunked training loss always scores the whole vocabulary.
-"""
+@dataclasses.dataclass(kw_only=True, repr=False, eq=False)
+class BackwardAttentionModelFields:
+    """The fields both families add to their base config (a dataclass mixin: Transformers 5 configs are
+    dataclasses, so a family config is ``class X(BackwardAttentionModelFields, BaseConfig)``)."""
+
+    heads: dict | None = field(
+        default=None,
+        metadata={"help": "Options of each attached head (see BackwardAttentionConfig), by head name."},
+    )
+    active_head: str | None = field(
+        default=None,
+        metadata={"help": "The head that scores the next token; None gives the base model's own logits."},
+    )
+    loss_chunk_size: int | None = field(
+        default=256,
+        metadata={
+            "help": "Positions per chunk of the training loss (see backattn.head_loss): while training a head "
+            "with labels, only labelled positions are scored, this many at a time, and logits are not returned. "
+            "None builds the full logits and takes the usual cross-entropy (the straightforward path).",
+            "none": "or None (full logits)",
+        },
+    )
+    rerank_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "When set, the active head re-ranks only the base model's k most likely tokens at each "
+            "position and leaves the other logits as they are (cheaper, an approximation); None scores the whole "
+            "vocabulary. A rerank_top_k= argument to forward or generate overrides it for one call. The chunked "
+            "training loss always scores the whole vocabulary.",
+            "none": "or None (the whole vocabulary)",
+        },
+    )
+
+    def __post_init__(self, **kwargs):
+        self.normalise_heads()
+        super().__post_init__(**kwargs)
+
+    def normalise_heads(self) -> None:
+        """Turn ``heads`` into ``{name: options dict}`` (0.1.0 option names upgraded); check the other fields."""
+        problems = field_problems(self, BackwardAttentionModelFields)
+        if problems:
+            raise ValueError(f"config.{problems[0]}.")
+        heads = self.heads or {}
+        if not isinstance(heads, dict):
+            raise ValueError(f"config.heads must map head names to head options, got {type(heads).__name__}.")
+        self.heads = {str(name): BackwardAttentionConfig.coerce(options).to_dict() for name, options in heads.items()}
+        if self.active_head is not None and self.active_head not in self.heads:
+            raise ValueError(
+                f"config.active_head={self.active_head!r} names no head; the heads are {sorted(self.heads) or 'none'}."
+            )
 
 
-class GPT2BackwardAttentionConfig(GPT2Config):
+def _fields_doc(fields_class: type) -> str:
+    """The docstring section of the fields ``fields_class`` adds, from their metadata."""
+    lines = []
+    for option in dataclasses.fields(fields_class):
+        default = "" if option.default is None else f", defaults to {option.default}"
+        lines.append(f"    {option.name} (`{option.type}`, *optional*{default}):")
+        lines += textwrap.wrap(option.metadata["help"], 112, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return "\n".join(lines)
+
+
+class GPT2BackwardAttentionConfig(BackwardAttentionModelFields, GPT2Config):
     __doc__ = f"""A :class:`~transformers.GPT2Config` plus the backward-attention heads attached to the model.
 
-{_FIELDS_DOC}"""
+{_fields_doc(BackwardAttentionModelFields)}
+"""
 
     model_type = "gpt2_backattn"
 
-    heads: dict | None = None
-    active_head: str | None = None
-    loss_chunk_size: int | None = 256
-    rerank_top_k: int | None = None
 
-    def __post_init__(self, **kwargs):
-        _normalise_heads(self)
-        super().__post_init__(**kwargs)
-
-
-class LlamaBackwardAttentionConfig(LlamaConfig):
+class LlamaBackwardAttentionConfig(BackwardAttentionModelFields, LlamaConfig):
     __doc__ = f"""A :class:`~transformers.LlamaConfig` plus the backward-attention heads attached to the model.
 
-{_FIELDS_DOC}"""
+{_fields_doc(BackwardAttentionModelFields)}
+"""
 
     model_type = "llama_backattn"
-
-    heads: dict | None = None
-    active_head: str | None = None
-    loss_chunk_size: int | None = 256
-    rerank_top_k: int | None = None
-
-    def __post_init__(self, **kwargs):
-        _normalise_heads(self)
-        super().__post_init__(**kwargs)
 
 
 GPT2BackwardAttentionConfig.register_for_auto_class()
@@ -275,8 +347,10 @@ LlamaBackwardAttentionConfig.register_for_auto_class()
 
 __all__ = [
     "DEFAULT_PRESET",
+    "PRESETS",
+    "RENAMED_OPTIONS",
     "BackwardAttentionConfig",
+    "BackwardAttentionModelFields",
     "GPT2BackwardAttentionConfig",
     "LlamaBackwardAttentionConfig",
-    "PRESETS",
 ]

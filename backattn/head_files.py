@@ -10,14 +10,21 @@ A saved head is a directory (local, or a Hub repo) holding
 
 Writing is atomic per file (a temporary name, then ``os.replace``), the config last; the config's checksum
 of the weights makes a mismatched or damaged pair fail loudly on reading instead of loading wrong weights.
+
+The model's ``save_head``, ``load_head`` (with ``hotswap=``) and ``push_head_to_hub`` are :func:`save_head`,
+:func:`load_head` and :func:`push_head_to_hub` here. Head files of every format version so far load; version
+1 (backattn 0.1.0) named two options ``num_heads`` and ``head_combine`` (see ``RENAMED_OPTIONS``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,7 @@ from .configuration_backattn import BackwardAttentionConfig
 HEAD_CONFIG_NAME = "head_config.json"
 HEAD_WEIGHTS_NAME = "head.safetensors"
 MODEL_CARD_NAME = "README.md"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: backattn 0.1.0 (options num_heads, head_combine); 2: their new names
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 
@@ -113,7 +120,12 @@ def resolve_head_directory(
                 token=token,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
-                allow_patterns=[HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, MODEL_CARD_NAME, *(f"*{s}" for s in PICKLE_SUFFIXES)],
+                allow_patterns=[
+                    HEAD_CONFIG_NAME,
+                    HEAD_WEIGHTS_NAME,
+                    MODEL_CARD_NAME,
+                    *(f"*{s}" for s in PICKLE_SUFFIXES),
+                ],
             )
         )
     except HFValidationError as error:
@@ -124,7 +136,9 @@ def read_head(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     """The record of ``head_config.json`` and the tensors of ``head.safetensors``, checked against each other."""
     config_path, weights_path = directory / HEAD_CONFIG_NAME, directory / HEAD_WEIGHTS_NAME
     if not weights_path.is_file():
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES) if directory.is_dir() else []
+        pickles = (
+            sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES) if directory.is_dir() else []
+        )
         if pickles:
             raise ValueError(
                 f"{directory} holds {', '.join(pickles)} but no {HEAD_WEIGHTS_NAME}: pickle files are never loaded "
@@ -158,6 +172,7 @@ def read_head(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 
 def head_options(record: dict[str, Any]) -> BackwardAttentionConfig:
+    """The head's options; ``from_dict`` reads the 0.1.0 option names as well."""
     return BackwardAttentionConfig.from_dict(record["head_options"])
 
 
@@ -195,3 +210,157 @@ def render_model_card(
         family=family,
         backattn_version=record.get("backattn_version", "unknown"),
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# a model's heads, saved, loaded, hot-swapped and shared through the Hub
+#
+# ``model`` is a backattn model (modeling_families.py): ``model.heads`` is its heads container (heads.py),
+# ``model.build_head(options)`` a fresh head for its base. The model classes take these functions as their
+# methods ``save_head``, ``load_head`` and ``push_head_to_hub``, so ``model`` is their ``self``.
+
+
+def library_version() -> str:
+    try:
+        return importlib.metadata.version("backattn")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def save_head(
+    model,
+    save_directory: str | os.PathLike,
+    head_name: str | None = None,
+    task: str | None = None,
+    training_data: str | None = None,
+    metrics: dict | str | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Save one head (default: the active one) on its own: config, safetensors weights and model card.
+
+    Only the head's tensors are written, never the base's. Each file is written under a temporary name
+    and renamed into place, so a save that fails leaves the directory as it was.
+    """
+    head_name = head_name or model.config.active_head
+    if head_name is None:
+        raise ValueError("No head is active; name the head to save with head_name=.")
+    head = model.heads.require(head_name)
+    record = {
+        "head_name": head_name,
+        "head_options": head.config.to_dict(),
+        "base_model_name_or_path": model.config._name_or_path or None,
+        "base_model_revision": getattr(model.config, "_commit_hash", None),
+        "base_model_type": model.config.model_type.removesuffix("_backattn"),
+        "embedding_fingerprint": model.embedding_fingerprint(),
+        "backattn_version": library_version(),
+        "metadata": metadata or {},
+    }
+    num_parameters = sum(p.numel() for p in head.parameters())
+    card = render_model_card(head_name, record, num_parameters, task=task, training_data=training_data, metrics=metrics)
+    return write_head(save_directory, head.state_dict(), record, card)
+
+
+def load_head(
+    model,
+    head_name_or_path: str | os.PathLike,
+    head_name: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    is_trainable: bool = False,
+    ignore_base_mismatch: bool = False,
+    hotswap: bool = False,
+) -> str:
+    """Load a saved head from a directory or a Hub repo id and keep it resident under ``head_name``.
+
+    The head is checked before anything changes: its vocabulary and hidden sizes must match this base
+    (always an error otherwise), and so must the fingerprint of the embedding table (an error, or only a
+    warning with ``ignore_base_mismatch=True``). A failed load leaves the resident heads and the active
+    head as they were. The loaded head becomes active only when no head is active yet (use
+    ``set_head`` to switch). Returns the name it was loaded under (default: the name it was saved with).
+
+    With ``hotswap=True`` the weights replace, in place, those of the resident head of that name, whose
+    options must be the same (as PEFT's ``hotswap``; an optimiser holding those parameters keeps them).
+    """
+    directory = resolve_head_directory(head_name_or_path, revision, token, cache_dir, local_files_only)
+    record, tensors = read_head(directory)
+    head_name = head_name or record.get("head_name") or "default"
+    model.heads.check_name(head_name)
+    if hotswap:
+        model.heads.require(head_name)
+    elif head_name in model.heads:
+        raise ValueError(
+            f"A head named {head_name!r} is already loaded; pass another head_name=, hotswap=True, or "
+            "delete_head it first."
+        )
+    head_config = head_options(record)
+    if head_config.vocab_size is None or head_config.hidden_size is None:
+        raise ValueError(f"The head config in {directory} does not record the base's vocab_size and hidden_size.")
+    head = model.build_head(head_config)
+    _check_fingerprint(model, record, head_name, head_name_or_path, ignore_base_mismatch)
+    try:
+        head.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"The weights in {directory} do not fit the head described by its config: {error}") from error
+    if hotswap:
+        hotswap_weights(model.heads[head_name], head, head_name)
+        return head_name
+    head.requires_grad_(is_trainable)
+    model.heads.add(head_name, head)
+    if model.config.active_head is None:
+        model.heads.set_active(head_name)
+    return head_name
+
+
+def _check_fingerprint(model, record: dict, head_name: str, source, ignore_base_mismatch: bool) -> None:
+    fingerprint = model.embedding_fingerprint()
+    if record.get("embedding_fingerprint") == fingerprint:
+        return
+    message = (
+        f"Head {head_name!r} from {source} was trained on a different base model "
+        f"({record.get('base_model_name_or_path')!r}): its embedding-table fingerprint "
+        f"{record.get('embedding_fingerprint')} differs from this model's {fingerprint}."
+    )
+    if not ignore_base_mismatch:
+        raise ValueError(message + " Load it on the base it was trained on, or pass ignore_base_mismatch=True.")
+    warnings.warn(message + " Loading it anyway (ignore_base_mismatch=True).", stacklevel=3)
+
+
+def hotswap_weights(resident: torch.nn.Module, loaded: torch.nn.Module, head_name: str) -> None:
+    """Copy ``loaded``'s weights into ``resident`` in place (as PEFT's ``hotswap``: an optimiser holding the
+    resident parameters keeps them); the two heads' options must be the same."""
+    if resident.config != loaded.config:
+        raise ValueError(
+            f"Cannot hotswap head {head_name!r}: the saved head's options {loaded.config.to_dict()} differ from "
+            f"the resident head's {resident.config.to_dict()}."
+        )
+    with torch.no_grad():
+        for name, tensor in loaded.state_dict().items():
+            resident.get_parameter(name).copy_(tensor)
+
+
+def push_head_to_hub(
+    model,
+    repo_id: str,
+    head_name: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+    **card_fields,
+) -> str:
+    """Save one head (see :func:`save_head`) and upload it to a Hub model repo; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as directory:
+        save_head(model, directory, head_name=head_name, **card_fields)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=directory,
+            commit_message=commit_message or f"Upload backward-attention head {head_name or model.config.active_head}",
+            revision=revision,
+        )
+    return str(commit)

@@ -8,8 +8,8 @@ layer), so nothing vocabulary-sized outlives its chunk and nothing is recomputed
 
 1. pair each position with the next token's label and keep the ``N`` positions whose label is not ignored;
 2. compute the head's weight-only tables (``K``, ``Vv``, and ``W^T Vv`` for raw weighting) once, with autograd;
-3. for each chunk of positions: ``l = h W^T``, the head's logits ``z``, ``sum CE(z, y)`` and its gradients
-   with respect to the tables and the head's other weights, accumulated;
+3. for each chunk of positions: ``l = h W^T``, the head's logits ``z`` (``head_kernels.head_logits``),
+   ``sum CE(z, y)`` and its gradients with respect to the tables and the head's other weights, accumulated;
 4. the loss is the sum over chunks divided by ``num_items_in_batch`` (when the Trainer passes it, as for
    gradient accumulation) or by ``N``, as ``transformers``' own causal-LM loss divides it.
 
@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from .head_kernels import head_logits, weight_tables
+from .modeling_backattn import LayerTables
 
 
 class _EagerChunkedLoss(torch.autograd.Function):
@@ -60,8 +63,22 @@ class _EagerChunkedLoss(torch.autograd.Function):
         return (None, None, *grads)
 
 
+class _HeadLogits(nn.Module):
+    """``head_kernels.head_logits`` as a module's forward, so that ``functional_call`` can swap the head's weights."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, logits, hidden, embeddings, output_weight, tables) -> torch.Tensor:
+        return head_logits(self.head, logits, hidden, embeddings, output_weight, tables=tables)
+
+
 def labelled_positions(
-    hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None, ignore_index: int = -100
+    hidden: torch.Tensor,
+    labels: torch.Tensor | None,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1: the hidden states (``N x d``) of the positions with a next-token label, and those labels.
 
@@ -92,20 +109,21 @@ def head_cross_entropy(
     layer ``W`` (``V x d``, no bias); only the head's weights receive gradients.
     """
     positions, targets = labelled_positions(hidden, labels, shift_labels, ignore_index)
-    tables = head.tables(embeddings, output_weight=output_weight)
+    tables = weight_tables(head, embeddings, output_weight)
     dtype = head.layers[0].w_key.dtype
     positions, output_weight = positions.to(dtype), output_weight.to(dtype)
     flat_tables = [t for layer in tables for t in layer if t is not None]
-    names, parameters = zip(*head.named_parameters())
+    scorer = _HeadLogits(head)
+    names, parameters = zip(*scorer.named_parameters())
     num_chunks = -(-positions.shape[0] // chunk_size)
 
     def chunk_loss(chunk: int, *tensors: torch.Tensor) -> torch.Tensor:
         weights, table_tensors = tensors[: len(names)], iter(tensors[len(names) :])
-        chunk_tables = [tuple(None if t is None else next(table_tensors) for t in layer) for layer in tables]
+        chunk_tables = [LayerTables(*(None if t is None else next(table_tensors) for t in layer)) for layer in tables]
         rows = slice(chunk * chunk_size, (chunk + 1) * chunk_size)
         h = positions[rows]
         z = functional_call(
-            head, dict(zip(names, weights)), (h @ output_weight.T, h, embeddings), {"tables": chunk_tables}
+            scorer, dict(zip(names, weights)), (h @ output_weight.T, h, embeddings, output_weight, chunk_tables)
         )
         return F.cross_entropy(z.float(), targets[rows], reduction="sum")
 

@@ -1,14 +1,24 @@
+import dataclasses
 import json
+import typing
 
 import pytest
+from transformers import GPT2Config, LlamaConfig
 
-from backattn import DEFAULT_PRESET, PRESETS, BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
+from backattn import (
+    DEFAULT_PRESET,
+    PRESETS,
+    BackwardAttentionConfig,
+    GPT2BackwardAttentionConfig,
+    LlamaBackwardAttentionConfig,
+)
+from backattn.configuration_backattn import RENAMED_OPTIONS, BackwardAttentionModelFields
 
 
 def test_defaults_are_the_seed_preset():
     seed = BackwardAttentionConfig.from_preset("seed")
     assert seed == BackwardAttentionConfig()
-    assert (seed.latent_dim, seed.out_dim, seed.num_heads) == (28, 30, 1)
+    assert (seed.latent_dim, seed.out_dim, seed.num_attention_heads) == (28, 30, 1)
     assert (seed.score_mode, seed.logit_weighting, seed.divide_by_vocab) == ("add", "softmax", True)
 
 
@@ -24,16 +34,16 @@ def test_presets_and_overrides():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"out_dim": 30, "num_heads": 4}, "num_heads=4 does not divide out_dim=30"),
+        ({"out_dim": 30, "num_attention_heads": 4}, "num_attention_heads=4 does not divide out_dim=30"),
         ({"out_dim": 0}, "out_dim must be a positive integer"),
-        ({"num_heads": -1}, "num_heads must be a positive integer"),
+        ({"num_attention_heads": -1}, "num_attention_heads must be a positive integer"),
         ({"num_layers": 0}, "num_layers must be a positive integer"),
         ({"latent_dim": 0}, r"latent_dim must be a positive integer \(or None"),
         ({"vocab_chunk_size": -5}, "vocab_chunk_size must be a positive integer"),
         ({"out_dim": 2.5}, "out_dim must be a positive integer"),
         ({"score_mode": "multiply"}, "score_mode must be one of 'add', 'gate', 'replace', got 'multiply'"),
         ({"logit_weighting": "linear"}, "logit_weighting must be one of 'softmax', 'raw'"),
-        ({"head_combine": "max"}, "head_combine must be one of 'sum', 'mix'"),
+        ({"attention_head_combine": "max"}, "attention_head_combine must be one of 'sum', 'mix'"),
         ({"layer_mode": "stacked"}, "layer_mode must be one of 'parallel', 'sequential'"),
         ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
         ({"divide_by_vocab": "yes"}, "divide_by_vocab must be True or False"),
@@ -61,7 +71,11 @@ def test_coerce_accepts_config_dict_preset_and_none():
     assert BackwardAttentionConfig.coerce(config) == config and BackwardAttentionConfig.coerce(config) is not config
     assert BackwardAttentionConfig.coerce({"out_dim": 8}) == config
     assert BackwardAttentionConfig.coerce("gated") == BackwardAttentionConfig.from_preset("gated")
-    assert BackwardAttentionConfig.coerce(None) == BackwardAttentionConfig.from_preset(DEFAULT_PRESET) == BackwardAttentionConfig.from_preset("hidden")
+    assert (
+        BackwardAttentionConfig.coerce(None)
+        == BackwardAttentionConfig.from_preset(DEFAULT_PRESET)
+        == BackwardAttentionConfig.from_preset("hidden")
+    )
     assert BackwardAttentionConfig() == BackwardAttentionConfig.from_preset("seed")
     with pytest.raises(ValueError, match="must be a BackwardAttentionConfig"):
         BackwardAttentionConfig.coerce(3)
@@ -91,3 +105,46 @@ def test_model_configs_round_trip_through_json(config_class, tmp_path):
 def test_active_head_must_name_a_head():
     with pytest.raises(ValueError, match="active_head='math' names no head"):
         GPT2BackwardAttentionConfig(heads={"chat": {}}, active_head="math")
+
+
+# --------------------------------------------------------------------------------------------------------
+# typed, documented options; 0.1.0 names; the fields both families share
+
+
+def test_every_option_is_typed_and_documented():
+    types = typing.get_type_hints(BackwardAttentionConfig)
+    for option in dataclasses.fields(BackwardAttentionConfig):
+        assert option.metadata.get("help"), option.name
+    for name in ("attention_head_combine", "logit_weighting", "score_mode", "layer_mode"):
+        assert typing.get_origin(types[name]) is typing.Literal, name
+    assert typing.get_args(types["score_mode"]) == ("add", "gate", "replace")
+
+
+def test_option_names_of_version_0_1_0_are_read_as_the_new_ones():
+    assert RENAMED_OPTIONS == {"num_heads": "num_attention_heads", "head_combine": "attention_head_combine"}
+    old = BackwardAttentionConfig.from_dict({"num_heads": 2, "head_combine": "mix", "out_dim": 8})
+    assert old == BackwardAttentionConfig(num_attention_heads=2, attention_head_combine="mix", out_dim=8)
+    assert BackwardAttentionConfig.from_preset("hidden", num_heads=3).num_attention_heads == 3
+    assert BackwardAttentionConfig.coerce({"num_heads": 5}).num_attention_heads == 5
+    with pytest.raises(ValueError, match="both 'num_heads' .* and 'num_attention_heads'"):
+        BackwardAttentionConfig.from_dict({"num_heads": 2, "num_attention_heads": 2})
+    config = GPT2BackwardAttentionConfig(heads={"math": {"num_heads": 2, "out_dim": 8}}, active_head="math")
+    assert config.heads["math"]["num_attention_heads"] == 2 and "num_heads" not in config.heads["math"]
+
+
+def test_the_families_share_one_declaration_of_their_added_fields(tmp_path):
+    shared = {option.name for option in dataclasses.fields(BackwardAttentionModelFields)}
+    assert shared == {"heads", "active_head", "loss_chunk_size", "rerank_top_k"}
+    for config_class, base_class in (
+        (GPT2BackwardAttentionConfig, GPT2Config),
+        (LlamaBackwardAttentionConfig, LlamaConfig),
+    ):
+        assert issubclass(config_class, BackwardAttentionModelFields) and issubclass(config_class, base_class)
+        assert shared <= {option.name for option in dataclasses.fields(config_class)}
+        assert "loss_chunk_size (`int | None`, *optional*, defaults to 256)" in config_class.__doc__
+        assert config_class._auto_class == "AutoConfig" and config_class.model_type != base_class.model_type
+        config = config_class.from_dict(base_class(vocab_size=50).to_dict())  # a plain base config
+        assert (config.vocab_size, config.heads, config.active_head, config.loss_chunk_size) == (50, {}, None, 256)
+        config.save_pretrained(tmp_path / config_class.model_type)
+        saved = json.loads((tmp_path / config_class.model_type / "config.json").read_text())
+        assert saved["model_type"] == config_class.model_type and saved["loss_chunk_size"] == 256

@@ -10,7 +10,7 @@ import evaluate_math
 from backattn import GPT2BackwardAttentionForCausalLM
 from backattn.evaluation import evaluate_model
 from backattn.sft_data import PromptTemplate, load_math_dataset, tokenize_examples
-from test_modeling_backattn import randomise
+from conftest import randomise
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,22 @@
 
 import pytest
 import torch
+from conftest import VOCAB, randomise
 
 from backattn import GPT2BackwardAttentionForCausalLM
 from backattn.head_loss import head_cross_entropy
-
-from test_modeling_backattn import VOCAB, randomise
 
 CASES = {
     "seed": {},
     "raw-weighting": {"logit_weighting": "raw"},
     "hidden": {"divide_by_vocab": False, "score_mode": "gate", "use_hidden_state": True},
     "sequential-raw": {"num_layers": 2, "layer_mode": "sequential", "logit_weighting": "raw", "score_mode": "gate"},
-    "parallel-mix-vocab-chunks": {"num_layers": 2, "num_heads": 2, "head_combine": "mix", "vocab_chunk_size": 20},
+    "parallel-mix-vocab-chunks": {
+        "num_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_combine": "mix",
+        "vocab_chunk_size": 20,
+    },
 }
 
 
@@ -38,7 +42,10 @@ def loss_and_gradients(model, ids, labels, **kwargs):
     output = model(ids, labels=labels, **kwargs)
     output.loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
-    return output, {name: torch.zeros_like(p) if g is None else g.clone() for (name, g), p in zip(grads.items(), model.heads.parameters())}
+    return output, {
+        name: torch.zeros_like(p) if g is None else g.clone()
+        for (name, g), p in zip(grads.items(), model.heads.parameters())
+    }
 
 
 @pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
@@ -62,7 +69,9 @@ def test_num_items_in_batch_divides_the_sum_as_transformers_does(gpt2_base_dir):
     """Gradient accumulation: the Trainer passes the token count of the whole accumulated batch."""
     ids, labels = batch(1)
     count = torch.tensor(50)
-    reference, _ = loss_and_gradients(training_model(gpt2_base_dir, "hidden", None), ids, labels, num_items_in_batch=count)
+    reference, _ = loss_and_gradients(
+        training_model(gpt2_base_dir, "hidden", None), ids, labels, num_items_in_batch=count
+    )
     chunked, _ = loss_and_gradients(training_model(gpt2_base_dir, "hidden", 4), ids, labels, num_items_in_batch=count)
     assert torch.allclose(chunked.loss, reference.loss, rtol=1e-6, atol=0)
 
@@ -114,7 +123,8 @@ def test_head_cross_entropy_accepts_shifted_labels(gpt2_base_dir):
     weights = (model.lm_head.weight, model.get_input_embeddings().weight, 5)
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     assert torch.equal(
-        head_cross_entropy(*arguments, labels, *weights), head_cross_entropy(*arguments, None, *weights, shift_labels=shifted)
+        head_cross_entropy(*arguments, labels, *weights),
+        head_cross_entropy(*arguments, None, *weights, shift_labels=shifted),
     )
 
 
@@ -139,3 +149,32 @@ def test_the_full_path_serves_whatever_else_trains_or_reranks(gpt2_base_dir):
     model = training_model(gpt2_base_dir, "hidden", 4)
     model.config.rerank_top_k = 5
     assert model(ids, labels=labels).logits is not None
+
+
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
+def test_chunked_loss_is_dispatched_and_equals_the_plain_forward(gpt2_base_dir, options, monkeypatch):
+    """The model's training forward takes the chunked loss, and it equals the cross-entropy of the plain
+    BackwardAttentionHead.forward (open gate, random weights), loss and gradients."""
+    from backattn import modeling_families
+
+    calls = []
+    chunked_loss = modeling_families.head_cross_entropy
+    monkeypatch.setattr(
+        modeling_families, "head_cross_entropy", lambda *a, **k: calls.append(1) or chunked_loss(*a, **k)
+    )
+    ids, labels = batch(2)
+    model = training_model(gpt2_base_dir, options, 4)
+    head = model.heads.default
+    assert head.gate is None or bool((head.gate != 0).all())
+    chunked, grads = loss_and_gradients(model, ids, labels)
+    assert calls == [1] and chunked.logits is None
+
+    model.zero_grad()
+    hidden = model.base_model(ids).last_hidden_state
+    plain = head(model.lm_head(hidden), hidden, model.get_input_embeddings().weight)
+    loss = model.loss_function(logits=plain, labels=labels, vocab_size=VOCAB)
+    loss.backward()
+    assert torch.allclose(chunked.loss, loss, rtol=1e-6, atol=0)
+    for name, parameter in head.named_parameters():
+        scale = parameter.grad.abs().max()
+        assert torch.allclose(grads[f"heads.default.{name}"], parameter.grad, rtol=1e-5, atol=1e-5 * scale), name

@@ -1,0 +1,176 @@
+"""The heads container: a model's task heads by name, which one serves, and mixed batches.
+
+:class:`BackwardAttentionHeads` plays the part of PEFT's adapter bookkeeping. It is itself the
+``nn.ModuleDict`` of the heads (so a model's state-dict keys stay ``heads.<name>.layers.0.w_key`` ...), and
+it owns the active head, the enabled state and the per-row routing of a batch whose rows want different
+heads. It is the only code that writes the model config's ``heads`` and ``active_head``, so
+``save_pretrained`` / ``from_pretrained`` always see the heads that are resident.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .configuration_backattn import BackwardAttentionConfig
+from .head_kernels import head_logits
+from .modeling_backattn import BackwardAttentionHead
+
+_HEAD_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class HeadsDisabled:
+    """What ``disable()`` returns: heads stay off until ``enable()``, or, used as a context manager, until
+    the ``with`` block ends (also on an exception), when the previous state comes back."""
+
+    def __init__(self, heads: BackwardAttentionHeads, was_enabled: bool):
+        self.heads, self.was_enabled = heads, was_enabled
+
+    def __enter__(self) -> BackwardAttentionHeads:
+        return self.heads
+
+    def __exit__(self, *exc_info) -> bool:
+        self.heads.enabled = self.was_enabled
+        return False
+
+
+class BackwardAttentionHeads(nn.ModuleDict):
+    """The task heads of one model, by name, in the order they were added.
+
+    ``config`` is the model's config: ``config.heads`` holds each resident head's options and
+    ``config.active_head`` the one that scores the next token (``None``: the base's own logits).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.model_config = config
+        self.enabled = True
+
+    # ----------------------------------------------------------------------------------------------------
+    # which heads there are
+
+    @staticmethod
+    def check_name(head_name: str) -> None:
+        valid = isinstance(head_name, str) and _HEAD_NAME.match(head_name)
+        if not valid or hasattr(BackwardAttentionHeads, head_name) or head_name in ("model_config", "enabled"):
+            raise ValueError(
+                f"Invalid head name {head_name!r}: use letters, digits, '_' and '-' (and not the name of a "
+                "method or attribute of the heads container, such as 'add' or 'keys')."
+            )
+
+    @classmethod
+    def attach_to_config(cls, config, head_name: str, head_config: BackwardAttentionConfig) -> None:
+        """Record one fresh head, active, in a model config that carries none yet (before the model exists)."""
+        if config.heads:
+            raise ValueError(
+                f"This model already carries heads {sorted(config.heads)}; head_config= only attaches a "
+                "fresh head to a plain base model. Use model.add_head(...) to add another."
+            )
+        cls.check_name(head_name)
+        config.heads, config.active_head = {head_name: head_config.to_dict()}, head_name
+
+    def names(self) -> list[str]:
+        return list(self.keys())
+
+    def require(self, head_name: str) -> BackwardAttentionHead:
+        if head_name not in self:
+            raise ValueError(f"No head named {head_name!r}; the heads are {self.names() or 'none'}.")
+        return self[head_name]
+
+    def add(self, head_name: str, head: BackwardAttentionHead) -> None:
+        """Make ``head`` resident under ``head_name`` (not active: see ``set_active``)."""
+        self.check_name(head_name)
+        if head_name in self:
+            raise ValueError(f"A head named {head_name!r} already exists; pick another name or delete_head it first.")
+        self[head_name] = head
+        self._sync_config()
+
+    def remove(self, head_name: str) -> None:
+        """Drop a resident head; if it was active, no head is active afterwards."""
+        self.require(head_name)
+        del self[head_name]
+        self._sync_config()
+        if self.model_config.active_head == head_name:
+            self.model_config.active_head = None
+
+    def _sync_config(self) -> None:
+        self.model_config.heads = {name: head.config.to_dict() for name, head in self.items()}
+
+    # ----------------------------------------------------------------------------------------------------
+    # which head serves
+
+    @property
+    def active(self) -> str | None:
+        """The head that scores the next token, or ``None`` (no head active, or heads disabled)."""
+        return self.model_config.active_head if self.enabled else None
+
+    def set_active(self, head_name: str) -> None:
+        self.require(head_name)
+        self.model_config.active_head = head_name
+
+    def disable(self) -> HeadsDisabled:
+        """The base model's own logits from now on: until ``enable()``, or the end of a ``with`` block."""
+        disabled = HeadsDisabled(self, self.enabled)
+        self.enabled = False
+        return disabled
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    # ----------------------------------------------------------------------------------------------------
+    # scoring, one head for the batch or one per row
+
+    def route(self, heads: list | torch.Tensor) -> torch.Tensor:
+        """Row -> head index (into ``names()``), ``-1`` for rows that take the base logits."""
+        if isinstance(heads, torch.Tensor):
+            indices = heads.to(torch.long)
+            if indices.dim() != 1 or (
+                indices.numel() and not -1 <= int(indices.min()) <= int(indices.max()) < len(self)
+            ):
+                raise ValueError(f"heads= as a tensor must be 1-D head indices in [-1, {len(self)}).")
+            return indices
+        names = self.names()
+        for name in heads:
+            if name is not None and name not in self:
+                raise ValueError(f"heads= names {name!r}, which is not loaded; the heads are {names or 'none'}.")
+        return torch.tensor([-1 if name is None else names.index(name) for name in heads], dtype=torch.long)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        hidden: torch.Tensor,
+        embeddings: torch.Tensor,
+        output_weight: torch.Tensor | None = None,
+        heads: list | torch.Tensor | None = None,
+        rerank_top_k: int | None = None,
+    ) -> torch.Tensor:
+        """The logits the active head gives (``heads=None``), or each row's own head's (``heads=`` one name, or
+        ``None`` for the base, per row); the base's logits while heads are disabled."""
+        if not self.enabled:
+            return logits
+
+        def score(name: str, rows=slice(None)) -> torch.Tensor:
+            return head_logits(self[name], logits[rows], hidden[rows], embeddings, output_weight, rerank_top_k)
+
+        if heads is None:
+            return logits if self.active is None else score(self.active)
+        indices = self.route(heads).to(logits.device)
+        if indices.shape[0] != logits.shape[0] or logits.dim() < 3:
+            raise ValueError(
+                f"heads= needs one entry per batch row: got {indices.shape[0]} for a batch of {logits.shape[0]}."
+            )
+        names, out = self.names(), None
+        for index in indices.unique().tolist():
+            if index < 0:
+                continue
+            rows = indices == index
+            scored = score(names[index], rows)
+            if out is None:
+                out = logits.to(scored.dtype).clone()
+            out[rows] = scored
+        return logits if out is None else out
+
+
+__all__ = ["BackwardAttentionHeads", "HeadsDisabled"]

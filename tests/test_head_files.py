@@ -1,0 +1,335 @@
+"""Head files (head_files.py): one head saved on its own, read back with every check, hot-swapped, and
+shared through the Hub.
+
+The Hub's servers cannot be reached from here: the `hub` fixture serves tests/fake_hub.py on 127.0.0.1 in
+their place. The client side is the real huggingface_hub; backattn calls only its public API.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import VOCAB, copy_head, fresh_base, ids_batch, logits, randomise, reference_head_logits, tiny_gpt2_config
+from huggingface_hub import constants
+from safetensors.torch import load_file, save_file
+
+from backattn import GPT2BackwardAttentionForCausalLM
+from backattn.head_files import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, MODEL_CARD_NAME
+
+
+def test_head_files_hold_only_the_head(saved_heads, base_dir):
+    root, _ = saved_heads
+    files = sorted(os.listdir(root / "math"))
+    assert files == sorted([MODEL_CARD_NAME, HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME])
+    record = json.loads((root / "math" / HEAD_CONFIG_NAME).read_text())
+    assert record["head_name"] == "math" and record["base_model_type"] == "gpt2"
+    assert record["base_model_name_or_path"] == str(base_dir)
+    assert record["head_options"]["use_hidden_state"] and record["head_options"]["vocab_size"] == VOCAB
+    assert record["embedding_fingerprint"].startswith("sha256-bf16:")
+    tensors = load_file(root / "math" / HEAD_WEIGHTS_NAME)
+    model = fresh_base(base_dir)
+    model.load_head(root / "math")
+    assert tensors.keys() == model.heads["math"].state_dict().keys()  # the head's tensors and nothing else
+    assert all(VOCAB not in t.shape for t in tensors.values())
+    card = (root / "math" / MODEL_CARD_NAME).read_text()
+    assert f"base_model: {base_dir}" in card and "| ppl | 3.5 |" in card and 'head_name="math"' in card
+
+
+def test_a_gpt2_sized_seed_head_is_a_few_hundred_kb(tmp_path):
+    config = tiny_gpt2_config(vocab_size=50257, n_embd=768, n_layer=1, n_head=12)
+    model = GPT2BackwardAttentionForCausalLM(config, head_config="seed")
+    model.save_head(tmp_path)
+    head_bytes = (tmp_path / HEAD_WEIGHTS_NAME).stat().st_size
+    assert 99_000 < head_bytes < 300_000  # 24,852 float32 parameters, not the 50257 x 768 table
+    model.save_pretrained(tmp_path / "whole")
+    assert head_bytes < (tmp_path / "whole" / "model.safetensors").stat().st_size / 100
+
+
+def test_save_then_load_on_a_fresh_base_reproduces_logits_exactly(saved_heads, base_dir):
+    root, expected = saved_heads
+    model = fresh_base(base_dir)
+    assert model.load_head(root / "math") == "math"
+    assert model.active_head() == "math"  # the first head loaded becomes active
+    assert torch.equal(logits(model), expected["math"])
+    assert not any(p.requires_grad for p in model.heads["math"].parameters())
+    model.load_head(root / "sentiment", is_trainable=True)
+    assert all(p.requires_grad for p in model.heads["sentiment"].parameters())
+
+
+def test_refuses_a_head_from_another_base(loaded, other_base_dir, saved_heads):
+    model, root = loaded
+    other = fresh_base(other_base_dir)
+    with pytest.raises(ValueError, match="trained on a different base model.*fingerprint.*ignore_base_mismatch=True"):
+        other.load_head(root / "math")
+    assert other.list_heads() == []
+    with pytest.warns(UserWarning, match="Loading it anyway"):
+        other.load_head(root / "math", ignore_base_mismatch=True)
+    assert other.list_heads() == ["math"]
+
+
+def test_refuses_a_head_of_other_sizes(loaded, tmp_path):
+    model, root = loaded
+    bad = copy_head(root, "sentiment", tmp_path)
+    record = json.loads((bad / HEAD_CONFIG_NAME).read_text())
+    record["head_options"]["hidden_size"] = 768
+    (bad / HEAD_CONFIG_NAME).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"hidden_size 768 \(head\) != 24 \(base model\)"):
+        model.load_head(bad)
+
+
+def test_missing_files(loaded, tmp_path):
+    model, root = loaded
+    bad = copy_head(root, "sentiment", tmp_path)
+    (bad / HEAD_WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="head.safetensors is missing"):
+        model.load_head(bad)
+    bad = copy_head(root, "math", tmp_path, copy_name="no-config")
+    (bad / HEAD_CONFIG_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="head_config.json is missing"):
+        model.load_head(bad, head_name="other")
+
+
+def test_truncated_and_corrupted_weights(loaded, tmp_path):
+    model, root = loaded
+    bad = copy_head(root, "sentiment", tmp_path)
+    data = (bad / HEAD_WEIGHTS_NAME).read_bytes()
+    (bad / HEAD_WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated, corrupted"):
+        model.load_head(bad)
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF
+    (bad / HEAD_WEIGHTS_NAME).write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="truncated, corrupted"):
+        model.load_head(bad)
+
+
+def test_corrupted_config(loaded, tmp_path):
+    model, root = loaded
+    bad = copy_head(root, "sentiment", tmp_path)
+    (bad / HEAD_CONFIG_NAME).write_text('{"head_options": ')
+    with pytest.raises(ValueError, match="is not a valid head config"):
+        model.load_head(bad)
+
+
+def test_weights_that_do_not_fit_the_config(loaded, tmp_path):
+    model, root = loaded
+    bad = copy_head(root, "sentiment", tmp_path)
+    record = json.loads((bad / HEAD_CONFIG_NAME).read_text())
+    record["head_options"]["out_dim"] = 10
+    record["head_options"]["num_attention_heads"] = 1
+    (bad / HEAD_CONFIG_NAME).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="do not fit the head described by its config"):
+        model.load_head(bad)
+
+
+def test_nan_weights_are_refused(loaded, tmp_path):
+    model, root = loaded
+    bad = tmp_path / "nan-head"
+    bad.mkdir()
+    record = json.loads((root / "sentiment" / HEAD_CONFIG_NAME).read_text())
+    record.pop("weights_sha256")
+    (bad / HEAD_CONFIG_NAME).write_text(json.dumps(record))
+    tensors = {n: t.clone() for n, t in model.heads["math"].state_dict().items()}
+    tensors["layers.0.w_key"][0, 0] = float("nan")
+    save_file(tensors, bad / HEAD_WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.load_head(bad)
+
+
+def test_pickle_files_are_never_loaded(loaded, tmp_path):
+    model, root = loaded
+    bad = copy_head(root, "sentiment", tmp_path)
+    (bad / HEAD_WEIGHTS_NAME).unlink()
+    torch.save(model.heads["math"].state_dict(), bad / "head.bin")
+    with pytest.raises(ValueError, match="pickle files are never loaded"):
+        model.load_head(bad)
+
+
+def test_failed_save_leaves_the_previous_head_intact(loaded, tmp_path, monkeypatch):
+    model, root = loaded
+    target = copy_head(root, "math", tmp_path)
+    before = {f.name: f.read_bytes() for f in target.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    from backattn import head_files
+
+    monkeypatch.setattr(head_files.os, "fsync", fail)
+    model.add_head("seed", head_name="new")
+    with pytest.raises(OSError, match="disk full"):
+        model.save_head(target, head_name="new")
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before  # no temporary files left either
+    model.delete_head("new")
+    model.set_head("math")
+
+
+def test_saving_nan_weights_is_refused(loaded, tmp_path):
+    model, _ = loaded
+    model.add_head("seed", head_name="broken")
+    with torch.no_grad():
+        model.heads["broken"].layers[0].w_query[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        model.save_head(tmp_path / "broken", head_name="broken")
+    assert not (tmp_path / "broken").exists() or not any((tmp_path / "broken").iterdir())
+    model.delete_head("broken")
+    model.set_head("math")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the Hub
+
+
+REPO = "fake-user/math-head"
+
+
+def test_push_then_pull_by_repo_id_then_offline_from_the_cache(hub, base_dir, tmp_path):
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir, head_config="hidden", head_name="math").eval()
+    randomise(model.heads)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+
+    with hub.as_default_endpoint():
+        model.push_head_to_hub(REPO, token="fake-token", task="math word problems")
+        assert set(hub.repos[REPO]) == {HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, MODEL_CARD_NAME}
+        assert "math word problems" in hub.repos[REPO][MODEL_CARD_NAME].decode()
+
+        cache = tmp_path / "hub-cache"
+        pulled = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir).eval()
+        assert pulled.load_head(REPO, cache_dir=cache) == "math"
+        with torch.no_grad():
+            assert torch.equal(pulled(ids).logits, expected)
+
+    # Offline, from the cache the online pull filled, in a fresh process with HF_HUB_OFFLINE=1.
+    requests_before = len(hub.requests)
+    save_file({"ids": ids, "logits": expected.contiguous()}, tmp_path / "expected.safetensors")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from huggingface_hub import constants
+        from safetensors.torch import load_file
+        from backattn import GPT2BackwardAttentionForCausalLM
+        assert constants.HF_HUB_OFFLINE
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})
+        model = GPT2BackwardAttentionForCausalLM.from_pretrained({str(base_dir)!r}).eval()
+        model.load_head({REPO!r}, cache_dir={str(cache)!r})
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        print("OK")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "OK"
+    assert len(hub.requests) == requests_before  # nothing reached the server
+
+
+def test_offline_pull_of_an_uncached_repo_fails_clearly_and_changes_nothing(hub, base_dir, tmp_path, monkeypatch):
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir, head_config="gated").eval()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with hub.as_default_endpoint(), pytest.raises(FileNotFoundError, match="outgoing traffic has been disabled"):
+        model.load_head("fake-user/never-pushed", cache_dir=tmp_path / "empty-cache")
+    assert model.list_heads() == ["default"] and model.active_head() == "default"
+
+
+def test_pushing_again_updates_the_repo(hub, base_dir, tmp_path):
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir, head_config="seed", head_name="math").eval()
+    with hub.as_default_endpoint():
+        model.push_head_to_hub(REPO, token="fake-token")
+        first = hub.repos[REPO][HEAD_WEIGHTS_NAME]
+        randomise(model.heads, seed=5)
+        model.push_head_to_hub(REPO, token="fake-token", commit_message="retrained")
+        assert hub.repos[REPO][HEAD_WEIGHTS_NAME] != first
+        assert hub.commits(REPO)[-1].message == "retrained"
+        pulled = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir).eval()
+        pulled.load_head(REPO, cache_dir=tmp_path / "cache")
+        for name, tensor in model.heads["math"].state_dict().items():
+            assert torch.equal(pulled.heads["math"].state_dict()[name], tensor)
+
+
+# --------------------------------------------------------------------------------------------------------
+# files written by backattn 0.1.0 still load
+
+#: The options of a head as 0.1.0 saved them: every field, the sub-head count and mix under their old names.
+OPTIONS_0_1_0 = {
+    "divide_by_vocab": False, "dropout": 0.0, "head_combine": "mix", "hidden_size": 24, "latent_dim": 6,
+    "layer_mode": "parallel", "logit_weighting": "softmax", "num_heads": 2, "num_layers": 1, "out_dim": 8,
+    "rms_norm_eps": 1e-06, "score_mode": "gate", "use_hidden_state": True, "vocab_chunk_size": None,
+    "vocab_size": VOCAB,
+}  # fmt: skip
+
+
+def write_head_0_1_0(directory, embeddings):
+    """A head directory exactly as backattn 0.1.0's save_head wrote it, built here by hand (random weights)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    generator = torch.Generator().manual_seed(5)
+    shapes = {"gate": (1,), "layers.0.head_mix": (2,), "layers.0.norm.weight": (24,), "layers.0.w_hidden": (24, 8),
+              "layers.0.w_key": (6, 8), "layers.0.w_latent": (24, 6), "layers.0.w_query": (8, 8),
+              "layers.0.w_value": (6, 8)}  # fmt: skip
+    tensors = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    weights = save(tensors, metadata={"format": "pt", "backattn_head": "1"})
+    table = embeddings.detach().to(torch.bfloat16).contiguous()
+    digest = hashlib.sha256(table.view(torch.int16).numpy().tobytes())
+    digest.update(repr(tuple(table.shape)).encode())
+    record = {
+        "backattn_version": "0.1.0", "base_model_name_or_path": None, "base_model_revision": None,
+        "base_model_type": "gpt2", "embedding_fingerprint": "sha256-bf16:" + digest.hexdigest(), "format_version": 1,
+        "head_name": "old", "head_options": OPTIONS_0_1_0, "metadata": {},
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }  # fmt: skip
+    directory.mkdir()
+    (directory / HEAD_WEIGHTS_NAME).write_bytes(weights)
+    (directory / MODEL_CARD_NAME).write_text("---\nlibrary_name: backattn\n---\n# old\n")
+    (directory / HEAD_CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return tensors
+
+
+def test_a_head_saved_by_version_0_1_0_loads(base_dir, tmp_path):
+    model = fresh_base(base_dir)
+    tensors = write_head_0_1_0(tmp_path / "old", model.get_input_embeddings().weight)
+    assert model.load_head(tmp_path / "old") == "old"
+    head = model.heads["old"]
+    assert (head.config.num_attention_heads, head.config.attention_head_combine) == (2, "mix")
+    for name, tensor in tensors.items():
+        assert torch.equal(head.state_dict()[name], tensor), name
+    ids = ids_batch()
+    with torch.no_grad():
+        hidden = model.base_model(ids).last_hidden_state
+        expected = torch.stack(
+            [
+                reference_head_logits(head, model.lm_head(hidden[b]), hidden[b], model.get_input_embeddings().weight)
+                for b in range(3)
+            ]
+        )
+        assert torch.allclose(logits(model, ids), expected, rtol=1e-4, atol=1e-4)  # float32, logits of size ~100
+    model.save_head(tmp_path / "again", head_name="old")  # saved again under the new option names
+    options = json.loads((tmp_path / "again" / HEAD_CONFIG_NAME).read_text())["head_options"]
+    assert options["num_attention_heads"] == 2 and "num_heads" not in options
+
+
+def test_a_model_saved_by_version_0_1_0_loads(base_dir, tmp_path):
+    """A saved model whose config.json holds the heads' options under the 0.1.0 names (and 0.1.0's auto_map)."""
+    from transformers import AutoModelForCausalLM
+
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir, head_config={**OPTIONS_0_1_0}, head_name="math")
+    randomise(model.heads)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["heads"] = {"math": OPTIONS_0_1_0}
+    config["auto_map"] = {"AutoConfig": "configuration_backattn.GPT2BackwardAttentionConfig",
+                          "AutoModelForCausalLM": "modeling_backattn.GPT2BackwardAttentionForCausalLM"}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for loader in (GPT2BackwardAttentionForCausalLM, AutoModelForCausalLM):
+        reloaded = loader.from_pretrained(tmp_path).eval()
+        assert type(reloaded) is GPT2BackwardAttentionForCausalLM and reloaded.list_heads() == ["math"]
+        assert reloaded.config.heads["math"]["num_attention_heads"] == 2
+        assert torch.equal(logits(reloaded), logits(model.eval()))

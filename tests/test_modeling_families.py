@@ -1,0 +1,286 @@
+"""The model families (modeling_families.py): a head on a small random GPT-2 or Llama base, through the
+whole Transformers surface (from_pretrained, save_pretrained, Auto classes, trust_remote_code, generate)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, head_model, randomise, reference_head_logits, tiny_gpt2_config
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, pipeline
+
+from backattn import GPT2BackwardAttentionForCausalLM, LlamaBackwardAttentionForCausalLM
+
+
+@pytest.mark.parametrize("family, base", [("gpt2", GPT2LMHeadModel), ("llama", LlamaForCausalLM)])
+def test_fresh_head_on_a_plain_base(family, base, gpt2_base_dir, llama_base_dir):
+    base_dir = gpt2_base_dir if family == "gpt2" else llama_base_dir
+    model_class = GPT2BackwardAttentionForCausalLM if family == "gpt2" else LlamaBackwardAttentionForCausalLM
+    plain = base.from_pretrained(base_dir).eval()
+    model = head_model(base_dir, "gated", model_class)
+    head_state = {k for k in model.state_dict() if k.startswith("heads.")}
+    assert head_state and {k for k in model.state_dict()} - head_state == set(plain.state_dict())
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name  # base weights load unchanged
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("heads.default.") for name in trainable)
+    assert model.config.heads["default"]["vocab_size"] == VOCAB
+
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)  # the zero gate gives the base exactly
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_model_logits_are_the_head_applied_to_the_base(family, gpt2_base_dir, llama_base_dir):
+    base_dir = gpt2_base_dir if family == "gpt2" else llama_base_dir
+    model_class = GPT2BackwardAttentionForCausalLM if family == "gpt2" else LlamaBackwardAttentionForCausalLM
+    model = head_model(
+        base_dir, {"num_attention_heads": 2, "use_hidden_state": True, "score_mode": "gate"}, model_class
+    )
+    randomise(model.heads)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base_out = model.base_model(ids)
+        hidden = base_out.last_hidden_state
+        base_logits = model.lm_head(hidden)
+        expected = torch.stack(
+            [
+                reference_head_logits(
+                    model.heads.default, base_logits[b], hidden[b], model.get_input_embeddings().weight
+                )
+                for b in range(2)
+            ]
+        )
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+
+
+def test_generate_passes_top_k_reranking_to_every_step(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, {"num_attention_heads": 2, "use_hidden_state": True, "score_mode": "gate"})
+    randomise(model.heads)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   rerank_top_k=3, pad_token_id=0)  # fmt: skip
+        for step in range(ids.shape[1], generated.shape[1]):
+            logits = model(generated[:, :step], rerank_top_k=3).logits[:, -1]
+            assert torch.equal(generated[:, step], logits.argmax(-1))
+
+
+def test_config_rerank_top_k_is_the_default_for_every_call_and_is_saved(gpt2_base_dir, tmp_path):
+    model = head_model(gpt2_base_dir, {"score_mode": "gate"})
+    randomise(model.heads)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full, top3 = model(ids).logits, model(ids, rerank_top_k=3).logits
+        model.config.rerank_top_k = 3
+        assert torch.equal(model(ids).logits, top3) and not torch.equal(top3, full)
+        assert torch.equal(model(ids, rerank_top_k=0).logits, full)  # 0: the whole vocabulary for this call
+        model.save_pretrained(tmp_path)
+        reloaded = GPT2BackwardAttentionForCausalLM.from_pretrained(tmp_path).eval()
+        assert reloaded.config.rerank_top_k == 3 and torch.equal(reloaded(ids).logits, top3)
+    with pytest.raises(ValueError, match="rerank_top_k must be a positive integer or None"):
+        type(model.config)(rerank_top_k=-1)
+
+
+def test_one_optimiser_step_changes_only_head_tensors(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, "seed").train()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("heads."))
+    optimiser.step()
+    for name, tensor in model.state_dict().items():
+        if name.startswith("heads."):
+            assert not torch.equal(tensor, before[name]), f"head tensor {name} did not train"
+        else:
+            assert torch.equal(tensor, before[name]), f"base tensor {name} changed"
+
+
+def test_zero_gate_passes_gradient_only_to_the_gate(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, "gated").train()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    model(ids, labels=ids).loss.backward()
+    for name, parameter in model.heads.default.named_parameters():
+        if name == "gate":
+            assert parameter.grad.abs().sum() > 0
+        else:
+            assert torch.count_nonzero(parameter.grad) == 0, name
+
+
+def test_training_mode_keeps_the_frozen_base_deterministic(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, "gated").train()
+    assert model.heads.training and not model.base_model.training
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_loss_is_shifted_masked_cross_entropy(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, "seed")
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(8))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+        expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+
+
+def test_logits_to_keep_and_hidden_states(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, "hidden")
+    randomise(model.heads)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(ids, output_hidden_states=True)
+        last = model(ids, logits_to_keep=1)
+        positions = model(ids, logits_to_keep=torch.tensor([2, 5]))
+    assert len(full.hidden_states) == model.config.n_layer + 1
+    assert last.logits.shape == (2, 1, VOCAB) and torch.allclose(last.logits, full.logits[:, -1:], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(positions.logits, full.logits[:, [2, 5]], atol=1e-6)
+    tuple_out = model(ids, return_dict=False)
+    assert torch.allclose(tuple_out[0], full.logits, atol=1e-6)
+
+
+def test_attention_mask_is_honoured_and_padding_rows_stay_finite(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, "hidden")
+    randomise(model.heads)
+    ids = torch.randint(1, VOCAB, (3, 6), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    mask[2] = 0  # a row of padding only
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # GPT-2's absolute positions start after the padding
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        alone = model(ids[1:2, 2:]).logits
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[1, 2:], alone[0], atol=1e-4)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, "seed")
+    with pytest.raises(ValueError, match=r"token id 97, outside this model's vocabulary \[0, 97\)"):
+        model(torch.tensor([[1, 2, VOCAB]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
+
+
+def test_a_head_built_for_another_base_is_refused(gpt2_base_dir, tmp_path):
+    model = head_model(gpt2_base_dir, "seed")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"vocab_size 97 \(head\) != 120 \(base model\)"):
+        GPT2BackwardAttentionForCausalLM(GPT2BackwardAttentionConfig_from(model.config, vocab_size=120))
+    with pytest.raises(ValueError, match="already carries heads"):
+        GPT2BackwardAttentionForCausalLM.from_pretrained(tmp_path, head_config="seed")
+
+
+def GPT2BackwardAttentionConfig_from(config, **changes):
+    options = config.to_dict()
+    options.update(changes)
+    return type(config).from_dict(options)
+
+
+def test_save_and_auto_load_gives_identical_logits(gpt2_base_dir, tmp_path):
+    model = head_model(gpt2_base_dir, {"num_layers": 2, "layer_mode": "sequential", "score_mode": "gate"})
+    randomise(model.heads)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is GPT2BackwardAttentionForCausalLM
+    assert {n for n, p in reloaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_trust_remote_code_loads_without_backattn(family, gpt2_base_dir, llama_base_dir, tmp_path):
+    base_dir = gpt2_base_dir if family == "gpt2" else llama_base_dir
+    model_class = GPT2BackwardAttentionForCausalLM if family == "gpt2" else LlamaBackwardAttentionForCausalLM
+    model = head_model(base_dir, "hidden", model_class)
+    randomise(model.heads)
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        save_file({"ids": ids, "logits": model(ids).logits.contiguous()}, tmp_path / "expected.safetensors")
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        class NoBackattn(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "backattn" or name.startswith("backattn."):
+                    raise ImportError("backattn must not be imported here")
+        sys.meta_path.insert(0, NoBackattn())
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})
+        with torch.no_grad():
+            logits = model(expected["ids"]).logits
+        assert "backattn" not in sys.modules
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        print("OK", type(model).__name__)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"OK {model_class.__name__}" in result.stdout
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_greedy_with_and_without_cache(family, gpt2_base_dir, llama_base_dir):
+    base_dir = gpt2_base_dir if family == "gpt2" else llama_base_dir
+    model_class = GPT2BackwardAttentionForCausalLM if family == "gpt2" else LlamaBackwardAttentionForCausalLM
+    model = head_model(base_dir, {"use_hidden_state": True, "num_attention_heads": 2}, model_class)
+    randomise(model.heads)
+    prompt = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(13))
+    options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    cached = model.generate(prompt, use_cache=True, **options)
+    uncached = model.generate(prompt, use_cache=False, **options)
+    assert cached.shape == (2, 13) and torch.equal(cached, uncached)
+    # greedy follows the head's own argmax, step by step
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, ids)
+
+
+def test_generate_sampling_and_beam_search(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, "seed")
+    prompt = torch.randint(1, VOCAB, (2, 4), generator=torch.Generator().manual_seed(14))
+    common = dict(max_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, do_sample=True, top_k=20, temperature=0.8, **common)
+    torch.manual_seed(0)
+    assert torch.equal(sampled, model.generate(prompt, do_sample=True, top_k=20, temperature=0.8, **common))
+    assert sampled.shape == (2, 10) and sampled.max() < VOCAB
+    beams = model.generate(prompt, num_beams=3, do_sample=False, use_cache=True, **common)
+    assert torch.equal(beams, model.generate(prompt, num_beams=3, do_sample=False, use_cache=False, **common))
+
+
+def test_real_gpt2_tokenizer_and_pipeline(gpt2_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(tiny_gpt2_config(vocab_size=len(gpt2_tokenizer), bos_token_id=50256, eos_token_id=50256))
+    base.save_pretrained(tmp_path)
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(tmp_path, head_config="hidden").eval()
+    randomise(model.heads)
+    text = "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"
+    inputs = gpt2_tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        assert model(**inputs).logits.shape == (1, inputs.input_ids.shape[1], 50257)
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=gpt2_tokenizer.eos_token_id)
+    continuation = gpt2_tokenizer.decode(generated[0, inputs.input_ids.shape[1] :])
+    generator = pipeline("text-generation", model=model, tokenizer=gpt2_tokenizer)
+    result = generator(text, max_new_tokens=5, do_sample=False, pad_token_id=gpt2_tokenizer.eos_token_id)
+    assert result[0]["generated_text"] == text + continuation
