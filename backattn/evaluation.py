@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 import re
 from collections import Counter
 from fractions import Fraction
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .sft_data import IGNORE_INDEX
+from .data.sft_data import IGNORE_INDEX
 
 _FINAL_ANSWER = re.compile(r"final answer is:?\s*\$?\\?(?:boxed\{)?\s*([^\n]*)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
@@ -50,26 +52,44 @@ def answers_match(predicted: str | None, expected: str) -> bool:
 
 
 @torch.no_grad()
-def target_token_loss(model, dataset, collator, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
-    """Mean cross-entropy and perplexity over the target tokens (labels not ``-100``) of a tokenized data set,
-    and over the final-answer tokens alone when the collator gives ``answer_labels``."""
+def per_problem_scores(model, dataset, collator, batch_size: int = 8, progress: bool = False) -> dict[str, list]:
+    """Teacher-forced scores of each problem of a tokenized data set, in its order.
+
+    ``target_loss`` / ``target_tokens``: summed cross-entropy and count of the target tokens (labels not
+    ``-100``); with a collator that gives ``answer_labels``, also ``answer_loss`` / ``answer_tokens`` /
+    ``answer_correct`` over the final-answer tokens alone (``answer_correct``: those the model ranks first).
+    """
     model.eval()
-    totals = {"labels": [0.0, 0], "answer_labels": [0.0, 0]}
+    scores: dict[str, list] = {}
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(dataset), batch_size), desc="Scoring", disable=not progress):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        targets = {key: batch.pop(key) for key in totals if key in batch}
-        logits = model(**batch).logits[:, :-1].float().transpose(1, 2)
+        targets = {key: batch.pop(key) for key in ("labels", "answer_labels") if key in batch}
+        logits = model(**batch).logits[:, :-1].float()
         for key, labels in targets.items():
             shifted = labels[:, 1:]
-            totals[key][0] += F.cross_entropy(logits, shifted, ignore_index=IGNORE_INDEX, reduction="sum").item()
-            totals[key][1] += int((shifted != IGNORE_INDEX).sum())
-    loss = totals["labels"][0] / max(totals["labels"][1], 1)
-    results = {"target_ce": loss, "perplexity": math.exp(loss), "target_tokens": totals["labels"][1]}
-    if totals["answer_labels"][1]:
-        results["answer_ce"] = totals["answer_labels"][0] / totals["answer_labels"][1]
-        results["answer_tokens"] = totals["answer_labels"][1]
+            mask = shifted != IGNORE_INDEX
+            losses = F.cross_entropy(logits.transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none")
+            prefix = key.removesuffix("_labels").replace("labels", "target")
+            scores.setdefault(f"{prefix}_loss", []).extend(losses.sum(1).tolist())
+            scores.setdefault(f"{prefix}_tokens", []).extend(mask.sum(1).tolist())
+            if key == "answer_labels":
+                correct = (logits.argmax(-1) == shifted) & mask
+                scores.setdefault("answer_correct", []).extend(correct.sum(1).tolist())
+    return scores
+
+
+def target_token_loss(model, dataset, collator, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
+    """Mean cross-entropy and perplexity over the target tokens (labels not ``-100``) of a tokenized data set,
+    and over the final-answer tokens alone when the collator gives ``answer_labels``."""
+    scores = per_problem_scores(model, dataset, collator, batch_size, progress)
+    tokens = sum(scores["target_tokens"])
+    loss = sum(scores["target_loss"]) / max(tokens, 1)
+    results = {"target_ce": loss, "perplexity": math.exp(loss), "target_tokens": tokens}
+    if sum(scores.get("answer_tokens", [])):
+        results["answer_ce"] = sum(scores["answer_loss"]) / sum(scores["answer_tokens"])
+        results["answer_tokens"] = sum(scores["answer_tokens"])
     return results
 
 
@@ -96,6 +116,103 @@ def generate_solutions(
     finally:
         tokenizer.padding_side = padding_side
     return outputs
+
+
+#: A generation "loops" when one word n-gram of this length occurs at least this many times in it. Fixed on
+#: the gold solutions of training templates (none of them loops; see ``benchmarks/compare_heads.py``).
+REPETITION_NGRAM = 6
+REPETITION_THRESHOLD = 3
+
+
+def repeats_itself(text: str, n: int = REPETITION_NGRAM, threshold: int = REPETITION_THRESHOLD) -> bool:
+    """Whether some ``n`` consecutive words occur ``threshold`` or more times in ``text`` (a decoding loop)."""
+    words = text.split()
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= threshold
+
+
+def distractors(answer: str, key: str, count: int = 3) -> list[str]:
+    """``count`` wrong final answers near ``answer``, the same for the same ``(answer, key)`` on any machine.
+
+    The rule: from ``a +- 1, a +- 2, a +- 10, 2a, a / 2, 10a`` keep the values that differ from ``a``, are not
+    negative when ``a`` is not, and are whole when ``a`` is; draw ``count`` of them with a generator seeded
+    by a hash of ``key`` (the problem text). Near misses are what a model that almost solved it would write.
+    """
+    value = Fraction(answer.replace(",", ""))
+    pool = [value + 1, value - 1, value + 2, value - 2, value + 10, value - 10, 2 * value, value / 2, 10 * value]
+    allowed = sorted(
+        {c for c in pool if c != value and (c >= 0 or value < 0) and (c.denominator == 1 or value.denominator != 1)}
+    )
+    rng = random.Random(int.from_bytes(hashlib.sha256(f"{answer}\n{key}".encode()).digest()[:8], "big"))
+    return [_format_number(c) for c in rng.sample(allowed, count)]
+
+
+def _format_number(value: Fraction) -> str:
+    if value.denominator == 1:
+        return str(value.numerator)
+    return format(value.numerator / value.denominator, ".10g")
+
+
+@torch.no_grad()
+def continuation_log_likelihoods(model, prefix: list[int], continuations: list[list[int]]) -> list[float]:
+    """``log p(c | prefix)`` for each token list ``c``: one forward of the shared prefix, whose key-value cache
+    then serves every continuation at once (a batch of the continuations, right-padded)."""
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), -1)
+    lengths = [len(c) for c in continuations]
+    if min(lengths) < 1:
+        raise ValueError("Every continuation needs at least one token.")
+    ids = torch.zeros(len(continuations), max(lengths), dtype=torch.long, device=device)
+    for row, tokens in enumerate(continuations):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(continuations))
+    mask = torch.cat([torch.ones(len(continuations), len(prefix), dtype=torch.long, device=device),
+                      (torch.arange(ids.shape[1], device=device) < torch.tensor(lengths, device=device)[:, None]).long()],
+                     dim=1)  # fmt: skip
+    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
+    log_probs = torch.log_softmax(logits, -1)
+    scores = []
+    for row, tokens in enumerate(continuations):
+        rest = log_probs[row, : len(tokens) - 1].gather(-1, ids[row, 1 : len(tokens), None]).sum()
+        scores.append(float(first[tokens[0]] + rest))
+    return scores
+
+
+def multiple_choice(model, tokenizer, rows, template, after_solution: bool, progress: bool = False) -> dict[str, list]:
+    """Per problem: does the gold final-answer line out-score three :func:`distractors`?
+
+    The candidates are the target's final-answer line (for the default template ``The final answer is N.``)
+    with ``N`` the gold answer or a distractor, tokenized exactly as in training. They follow the prompt
+    alone (*direct*: the answer without written reasoning) or the prompt and the gold solution
+    (``after_solution``: copying the result the reasoning reached). ``correct``: the gold line has the highest
+    log-likelihood; ``correct_normalised``: the highest log-likelihood per token (ties count as wrong).
+    """
+    results: dict[str, list] = {"correct": [], "correct_normalised": []}
+    model.eval()
+    for row in tqdm(rows, desc="Multiple choice", disable=not progress):
+        answers = [row["expected_answer"], *distractors(row["expected_answer"], row["problem"])]
+        prompt_ids = tokenizer(template.render_prompt(row))["input_ids"]
+        token_lists = []
+        for answer in answers:
+            target = template.render_target({**row, "expected_answer": answer})
+            line_start = target.rfind("\n", 0, target.rfind(answer)) + 1
+            if not after_solution:
+                target, line_start = target[line_start:], 0
+            encoded = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+            first_line_token = next(i for i, (start, end) in enumerate(encoded["offset_mapping"]) if end > line_start)
+            token_lists.append((encoded["input_ids"], first_line_token))
+        shared = min(first for _, first in token_lists)
+        prefix = prompt_ids + token_lists[0][0][:shared]
+        if any(ids[:shared] != token_lists[0][0][:shared] for ids, _ in token_lists):
+            raise ValueError(f"The candidates' targets differ before their final-answer line: {row['problem']!r}.")
+        lines = [ids[shared:] for ids, _ in token_lists]
+        scores = continuation_log_likelihoods(model, prefix, lines)
+        normalised = [score / len(line) for score, line in zip(scores, lines)]
+        results["correct"].append(float(all(scores[0] > s for s in scores[1:])))
+        results["correct_normalised"].append(float(all(normalised[0] > s for s in normalised[1:])))
+    return results
 
 
 def _answer_tokens(text: str | None) -> list[str]:
@@ -159,7 +276,7 @@ def evaluate_model(
     ``generation_options`` say otherwise, on the first ``num_generation_examples``): final-answer accuracy,
     token-overlap precision/recall/F1, MSE/RMSE over parseable answers and the parse rate.
     """
-    from .sft_data import SFTCollator
+    from .data.sft_data import SFTCollator
 
     results = {}
     if teacher_forced:

@@ -1,7 +1,10 @@
 """The benchmark scripts still run (smoke tests at a tiny scale; their figures come from full runs)."""
 
 import importlib.util
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -9,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -43,3 +47,71 @@ def test_efficiency_benchmark_measures_and_reports(tmp_path):
     assert set(generation) == {"plain base", "head, full", "head, top-4"} and min(generation.values()) > 0
     table = script.report("gpt2-small", training, generation, options)
     assert "| head, chunked loss | " in table and "| head, top-4 |" in table
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_and_rows(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama with the real SmolLM2 tokenizer, and 24 problems from 6 templates."""
+    import json
+    import random
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("compare-heads")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.save_pretrained(path / "model")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path / "model")
+    rng = random.Random(0)
+    with open(path / "rows.jsonl", "w") as handle:
+        for template in range(6):
+            for _ in range(4):
+                a, b = rng.randint(2, 60), rng.randint(2, 60)
+                handle.write(json.dumps({"problem": f"Tom has {a} apples and buys {b}. How many?", "template_id": template,
+                                         "generated_solution": f"{a} + {b} = {a + b}.", "expected_answer": str(a + b)}) + "\n")  # fmt: skip
+    return path
+
+
+def test_compare_heads_runs_every_method_resumes_and_splits_by_template(tiny_llama_and_rows, tmp_path, monkeypatch):
+    script = load_script("compare_heads")
+    argv = ["--model_name_or_path", str(tiny_llama_and_rows / "model"), "--dataset", str(tiny_llama_and_rows / "rows.jsonl"),
+            "--train_templates", "0-3", "--eval_templates", "4-5", "--budgets", "1", "2", "--budget_problems", "8",
+            "--batch_size", "4", "--calibration_steps", "1", "--generation_problems", "3", "--max_new_tokens", "3",
+            "--n_resamples", "50", "--max_eval_problems", "5", "--output_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"),
+            "--learning_rates", "0.003"]  # fmt: skip
+    summary = script.main(argv)
+    rows = summary["rows"]
+    assert {r["method"] for r in rows.values()} == {"frozen base", *script.METHODS}
+    assert summary["held_out_problems"] == 5 and summary["held_out_templates"] == 2
+    for name, row in rows.items():
+        if name == "frozen base":
+            continue
+        assert row["training_seconds"] <= row["budget"] * row["T_seconds"] + 1e-9  # never over its budget
+        metrics = row["metrics"]
+        assert {"target_ce", "answer_ce", "mc_direct", "mc_after_solution"} <= set(metrics)
+        assert ("greedy_accuracy" in metrics) == (row["budget"] == 2)
+        assert metrics["target_ce"]["low"] <= metrics["target_ce"]["value"] <= metrics["target_ce"]["high"]
+        assert "minus_base" in metrics["target_ce"]
+    for name in ("results.json", "results.md", "pareto_target_ce.png", "pareto_mc.png", "greedy.png"):
+        assert (tmp_path / "out" / name).is_file()
+
+    # A second sitting finds every result and trains nothing.
+    monkeypatch.setattr(script.BudgetTrainer, "train", lambda *a, **k: pytest.fail("trained again"))
+    again = script.main(argv)
+    assert again["rows"].keys() == rows.keys()
+    assert again["rows"]["LoRA attention lr=0.003 @2T"]["metrics"] == rows["LoRA attention lr=0.003 @2T"]["metrics"]
+
+    # Without --learning_rates, the rates come from a validation run, and there is none here.
+    with pytest.raises(ValueError, match="No validation choice of learning rate"):
+        script.main([*argv[:-2], "--validation_results", str(tmp_path / "missing.json")])
+
+    # The split is by template: every held-out problem's template is outside the training templates.
+    train, held_out = script.load_rows(script.ComparisonArguments(dataset=str(tiny_llama_and_rows / "rows.jsonl"),
+                                                                  train_templates="0-3", eval_templates="4-5"))  # fmt: skip
+    assert set(held_out["template_id"]) == {4, 5} and not set(train["template_id"]) & set(held_out["template_id"])
+    with pytest.raises(ValueError, match="overlap"):
+        script.load_rows(script.ComparisonArguments(dataset=str(tiny_llama_and_rows / "rows.jsonl"),
+                                                    train_templates="0-4", eval_templates="4-5"))  # fmt: skip

@@ -1,0 +1,641 @@
+"""Is a head worth training instead of LoRA? Every method on one frozen base, at equal parameters and equal time.
+
+    .venv/bin/python benchmarks/compare_heads.py benchmarks/compare_heads_validation.yaml   # 1. learning rates
+    .venv/bin/python benchmarks/compare_heads.py                                            # 2. the held-out run
+
+Methods (all on the same frozen base, the same training rows in the same order, batch size and warm-up):
+the frozen base; the head presets (trained from cached base features); PEFT LoRA on attention and on the
+output layer; PEFT IA3; LM-Steer (trained from cached features too); a LoReFT intervention on the last layer
+(a torch hook: ``pyreft`` 0.1.0 pins Transformers 4.45). Their trainable parameters are matched to the
+``hidden`` head's where a method's size can be chosen.
+
+Equal wall-clock: ``T`` is one LoRA-on-attention epoch over ``budget_problems`` problems. Each method trains
+once at a constant learning rate after warm-up and is scored at ``T``, ``2T``, ``4T`` training-seconds, where
+a method's seconds are its steps times its step time (the median of ``calibration_steps`` timed steps, taken
+once per method and kept in ``calibration.json``), plus, for a method trained from cached features, the
+recorded time of building that cache. The learning rate of each method is the one with the lowest target
+cross-entropy on the validation split (whole training templates held out), read from that run's results.
+
+Held-out metrics, each with a 95% bootstrap interval resampling templates then problems
+(:mod:`backattn.bootstrap`), and the paired difference to the frozen base: target-token CE and perplexity,
+final-answer-token CE and accuracy, multiple-choice accuracy against three distractors (direct and after
+the gold solution, raw and length-normalised log-likelihood), and from greedy solutions at the last budget:
+accuracy, parse rate and repetition rate.
+
+Resumable: each (method, learning rate, budget) result is written as it finishes and never recomputed;
+training resumes from the last budget checkpoint. Results go to ``output_dir`` (json, md, plots).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.utils import logging
+
+from backattn import BackwardAttentionConfig, family_for
+from backattn.baselines import (
+    ia3_on_top_layers,
+    lm_steer,
+    lora_on_attention,
+    lora_on_output_layer,
+    loreft_on_last_layer,
+    trainable_parameters,
+)
+from backattn.bootstrap import bootstrap_interval
+from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
+from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
+from backattn.evaluation import (
+    answers_match,
+    generate_solutions,
+    multiple_choice,
+    parse_final_answer,
+    parse_number,
+    per_problem_scores,
+    repeats_itself,
+)
+from backattn.offline import smollm2_path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINABLE_NAME = "trainable.safetensors"
+REFERENCE = "head hidden"  # the parameter budget every sizable method is matched to
+
+
+@dataclass
+class ComparisonArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base model; default: embedded SmolLM2."})
+    dataset: str = field(
+        default="gsm_symbolic",
+        metadata={"help": "'gsm_symbolic' (generated offline) or a .jsonl/.parquet/.csv file with a template_id."},
+    )
+    variants_per_template: int = field(default=16, metadata={"help": "GSM-Symbolic variants per template."})
+    train_templates: str = field(default="0-79", metadata={"help": "Training templates, e.g. '0-79'."})
+    eval_templates: str = field(default="80-99", metadata={"help": "Held-out templates, e.g. '80-99'."})
+    split_name: str = field(default="test", metadata={"help": "Name of this run's results ('test', 'validation')."})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "Methods to run."})
+    learning_rates: list[float] | None = field(
+        default=None,
+        metadata={"help": "Try each of these learning rates (a validation sweep); default: the validation choice."},
+    )
+    budgets: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0], metadata={"help": "Budgets, in T."})
+    budget_problems: int = field(default=250, metadata={"help": "T = one LoRA-on-attention epoch over this many."})
+    charge_feature_cache: bool = field(
+        default=True, metadata={"help": "Charge the feature cache's build time to methods trained from it."}
+    )
+    batch_size: int = field(default=8)
+    warmup_steps: int = field(default=5)
+    max_length: int = field(default=384, metadata={"help": "Longest prompt + target in tokens; longer rows dropped."})
+    calibration_steps: int = field(default=6, metadata={"help": "Timed steps per method (after 2 untimed)."})
+    metrics: list[str] = field(
+        default_factory=lambda: ["teacher_forced", "multiple_choice", "generation"],
+        metadata={"help": "What to score: teacher_forced, multiple_choice, generation (at the last budget)."},
+    )
+    max_eval_problems: int | None = field(default=None, metadata={"help": "Score only the first N held-out (a quick look)."})
+    generation_problems: int = field(default=100, metadata={"help": "Held-out problems solved greedily."})
+    max_new_tokens: int = field(default=256)
+    n_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples per interval."})
+    output_dir: str = field(default="benchmarks/results/compare_heads", metadata={"help": "Results (committed)."})
+    work_dir: str = field(default="outputs/compare_heads", metadata={"help": "Checkpoints and caches (not committed)."})
+    validation_results: str = field(
+        default="benchmarks/results/compare_heads_validation/results.json",
+        metadata={"help": "The validation run whose best learning rate per method this run uses."},
+    )
+    seed: int = field(default=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to build one competitor on a fresh base; ``features``: it trains from cached base features."""
+
+    build: Callable  # (base path, reference parameters) -> model whose trainable parameters are the method's
+    features: bool = False
+
+
+def _head(preset: str) -> Method:
+    def build(base: str, budget: int):
+        return family_for(AutoConfig.from_pretrained(base).model_type).from_pretrained(base, head_config=preset)
+
+    return Method(build, features=True)
+
+
+def _plain(attach: Callable, features: bool = False) -> Method:
+    return Method(lambda base, budget: attach(AutoModelForCausalLM.from_pretrained(base), budget), features)
+
+
+def _rank(model, budget: int) -> int:
+    """The rank whose ``2 d r`` parameters come closest to the budget (LM-Steer's, LoReFT's size)."""
+    return max(1, round(budget / (2 * model.config.hidden_size)))
+
+
+METHODS: dict[str, Method] = {
+    "head seed": _head("seed"),
+    "head gated": _head("gated"),
+    "head hidden": _head("hidden"),
+    "LoRA attention": _plain(lambda m, budget: lora_on_attention(m, budget)),
+    "LoRA output layer": _plain(lambda m, budget: lora_on_output_layer(m, rank=1)),
+    "IA3": _plain(lambda m, budget: ia3_on_top_layers(m, budget)),
+    "LM-Steer": _plain(lambda m, budget: lm_steer(m, _rank(m, budget)), features=True),
+    "LoReFT (hook)": _plain(lambda m, budget: loreft_on_last_layer(m, _rank(m, budget))),
+}
+#: The rate of the LoRA run that times one step to set ``T`` (step time does not depend on it).
+CALIBRATION_LEARNING_RATE = 3e-3
+
+
+def reference_parameters(base: str) -> int:
+    config = AutoConfig.from_pretrained(base)
+    head = BackwardAttentionConfig.from_preset("hidden")
+    model = family_for(config.model_type)(config, head_config=head)
+    return sum(p.numel() for p in model.heads.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------
+# training to a time budget
+
+
+class BudgetTrainer(Trainer):
+    """A ``Trainer`` whose checkpoints hold the trainable parameters alone (safetensors), for any method.
+
+    Batches with ``base_hidden_states`` train a model without heads (LM-Steer) through its output layer.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "base_hidden_states" in inputs and not hasattr(model, "heads"):
+            hidden, labels = inputs["base_hidden_states"], inputs["labels"]
+            output = model.get_output_embeddings()
+            logits = output(hidden.to(output.weight.dtype))
+            loss = model.loss_function(logits, labels, model.config.vocab_size, num_items_in_batch=num_items_in_batch)
+            return (loss, {"logits": logits}) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        directory = Path(output_dir or self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_trainable(self.model, directory / TRAINABLE_NAME)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_trainable(model or self.model, Path(resume_from_checkpoint) / TRAINABLE_NAME)
+
+
+def save_trainable(model, path: Path) -> None:
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary))
+    os.replace(temporary, path)
+
+
+def load_trainable(model, source: Path | dict) -> None:
+    """Copy saved trainable parameters (a safetensors file, or a dict of tensors) into the model in place."""
+    tensors = source if isinstance(source, dict) else load_file(str(source))
+    parameters = dict(model.named_parameters())
+    missing = sorted({n for n, p in parameters.items() if p.requires_grad} - set(tensors))
+    if missing:
+        raise ValueError(f"The saved parameters lack the trainable {missing[:3]}...")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
+
+
+class SaveAtSteps(TrainerCallback):
+    """Checkpoint at exactly these global steps (the budgets) and nowhere else."""
+
+    def __init__(self, steps: set[int]):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_save = state.global_step in self.steps
+        return control
+
+
+def training_arguments(options, directory: Path, learning_rate: float, max_steps: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(directory), per_device_train_batch_size=options.batch_size, max_steps=max(max_steps, 1),
+        learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=options.warmup_steps,
+        logging_steps=10, save_strategy="no", report_to="none", seed=options.seed, disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(), remove_unused_columns=False,
+    )  # fmt: skip
+
+
+def step_seconds(trainer: BudgetTrainer, steps: int) -> float:
+    """Median seconds of one forward and backward pass over the first batches (2 untimed first); no update."""
+    model, times = trainer.model, []
+    model.train()
+    for index, batch in enumerate(trainer.get_train_dataloader()):
+        if index >= steps + 2:
+            break
+        started = time.perf_counter()
+        trainer.compute_loss(model, {k: v.to(trainer.args.device) for k, v in batch.items()}).backward()
+        if index >= 2:
+            times.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------------------
+# data
+
+
+def template_range(text: str) -> list[int]:
+    """``"0-63"`` or ``"0,5,7-9"`` -> template ids."""
+    ids = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        ids.extend(range(int(low), int(high or low) + 1))
+    return ids
+
+
+def load_rows(options) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Training and held-out rows, split by template: no held-out template is ever trained on."""
+    if options.dataset == "gsm_symbolic":
+        from backattn.data.gsm_symbolic import build_gsm_symbolic
+
+        built = build_gsm_symbolic(variants_per_template=options.variants_per_template, seed=0)
+        rows = datasets.concatenate_datasets([built["train"], built["test"]])
+    else:
+        rows = load_math_dataset(options.dataset)
+    train, held_out = set(template_range(options.train_templates)), set(template_range(options.eval_templates))
+    if train & held_out:
+        raise ValueError(f"Training and held-out templates overlap: {sorted(train & held_out)}.")
+    return (rows.filter(lambda r: r["template_id"] in train), rows.filter(lambda r: r["template_id"] in held_out))
+
+
+def generation_subset(examples, count: int) -> list[int]:
+    """``count`` held-out problems, spread evenly over the templates (the first variants of each, round-robin)."""
+    by_template: dict[int, list[int]] = {}
+    for index, template in enumerate(examples["template_id"]):
+        by_template.setdefault(template, []).append(index)
+    chosen, depth = [], 0
+    while len(chosen) < min(count, len(examples)):
+        for indices in by_template.values():
+            if depth < len(indices) and len(chosen) < count:
+                chosen.append(indices[depth])
+        depth += 1
+    return sorted(chosen)
+
+
+# --------------------------------------------------------------------------------------------------------
+# scoring
+
+
+def score(model, tokenizer, examples, options, generate: bool) -> dict[str, list]:
+    """Per-problem scores of one trained model on the held-out examples (lists, in the examples' order)."""
+    scores = {}
+    if "teacher_forced" in options.metrics:
+        collator = SFTCollator(tokenizer, answer_labels=True)
+        scores.update(per_problem_scores(model, examples, collator, options.batch_size, progress=True))
+    if "multiple_choice" in options.metrics:
+        template = PromptTemplate()
+        for name, after in (("mc_direct", False), ("mc_after_solution", True)):
+            picked = multiple_choice(model, tokenizer, examples, template, after_solution=after, progress=True)
+            scores.update({f"{name}{'' if k == 'correct' else '_normalised'}": v for k, v in picked.items()})
+    if generate and "generation" in options.metrics:
+        subset = generation_subset(examples, options.generation_problems)
+        problems = examples.select(subset)
+        solutions = generate_solutions(model, tokenizer, problems["prompt"], options.max_new_tokens,
+                                       options.batch_size, progress=True)  # fmt: skip
+        answers = [parse_final_answer(s) for s in solutions]
+        scores["generation_index"] = subset
+        scores["greedy_correct"] = [float(answers_match(a, e)) for a, e in zip(answers, problems["expected_answer"])]
+        scores["greedy_parsed"] = [float(parse_number(a) is not None) for a in answers]
+        scores["greedy_repeats"] = [float(repeats_itself(s)) for s in solutions]
+        scores["solutions"] = solutions
+    return scores
+
+
+#: metric -> (per-problem numerator, denominator or None, transform of the statistic, label)
+METRICS = {
+    "target_ce": ("target_loss", "target_tokens", None, "target CE"),
+    "perplexity": ("target_loss", "target_tokens", math.exp, "perplexity"),
+    "answer_ce": ("answer_loss", "answer_tokens", None, "answer-token CE"),
+    "answer_accuracy": ("answer_correct", "answer_tokens", None, "answer-token accuracy"),
+    "mc_direct": ("mc_direct", None, None, "MC direct"),
+    "mc_direct_normalised": ("mc_direct_normalised", None, None, "MC direct (per token)"),
+    "mc_after_solution": ("mc_after_solution", None, None, "MC after solution"),
+    "mc_after_solution_normalised": ("mc_after_solution_normalised", None, None, "MC after solution (per token)"),
+    "greedy_accuracy": ("greedy_correct", None, None, "greedy accuracy"),
+    "parse_rate": ("greedy_parsed", None, None, "parse rate"),
+    "repetition_rate": ("greedy_repeats", None, None, "repetition rate"),
+}
+
+
+def summarise(scores: dict, base: dict | None, groups: list[int], n_resamples: int) -> dict:
+    """Every metric with its interval, and its paired difference to the base on the same problems."""
+    out = {}
+    for metric, (numerator, denominator, transform, _) in METRICS.items():
+        if numerator not in scores:
+            continue
+        rows = scores.get("generation_index") if numerator.startswith("greedy") else None
+        g = [groups[i] for i in rows] if rows is not None else groups
+        values, weights = scores[numerator], scores.get(denominator) if denominator else None
+        interval = bootstrap_interval(values, weights, groups=g, n_resamples=n_resamples)
+        if transform is not None:
+            interval = type(interval)(*(transform(v) for v in interval))
+        out[metric] = {"value": interval.estimate, "low": interval.low, "high": interval.high, "n": len(values)}
+        if base is not None and numerator in base and transform is None:
+            paired = bootstrap_interval(values, weights, groups=g, baseline=base[numerator],
+                                        baseline_denominators=base.get(denominator) if denominator else None,
+                                        n_resamples=n_resamples)  # fmt: skip
+            out[metric]["minus_base"] = {"value": paired.estimate, "low": paired.low, "high": paired.high}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# the run
+
+
+class Run:
+    """Paths and saved state of one comparison (one split): every result is a small json written atomically."""
+
+    def __init__(self, options):
+        self.options = options
+        self.output = ROOT / options.output_dir  # relative paths are the repository's
+        self.work = ROOT / options.work_dir / options.split_name
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.calibration_path = ROOT / options.work_dir / "calibration.json"
+
+    def read(self, path: Path) -> dict | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write(self, path: Path, value: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(value, indent=1))
+        os.replace(temporary, path)
+
+    def calibration(self) -> dict:
+        return self.read(self.calibration_path) or {}
+
+    def calibrate(self, key: str, value: float) -> None:
+        self.write(self.calibration_path, {**self.calibration(), key: value})
+
+    def result_path(self, run_name: str, budget: float | None) -> Path:
+        name = "scores.json" if budget is None else f"budget-{budget:g}T.json"
+        return self.output / "runs" / run_name.replace(" ", "_") / name
+
+
+def chosen_learning_rates(options) -> dict[str, float]:
+    """The validation run's best learning rate per method (lowest validation target CE at its budget)."""
+    if options.learning_rates:
+        return {}
+    path = ROOT / options.validation_results
+    chosen = json.loads(path.read_text())["chosen_learning_rates"] if path.is_file() else {}
+    missing = [m for m in options.methods if m not in chosen]
+    if missing:
+        raise ValueError(
+            f"No validation choice of learning rate for {missing} in {path}: run "
+            "`benchmarks/compare_heads.py benchmarks/compare_heads_validation.yaml` first (the held-out set is "
+            "never used to choose), or name rates with --learning_rates."
+        )
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
+    parser = HfArgumentParser(ComparisonArguments)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        (options,) = parser.parse_yaml_file(Path(argv[0]).resolve(), allow_extra_keys=False)
+    else:
+        (options,) = parser.parse_args_into_dataclasses(args=argv)
+    unknown = sorted(set(options.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
+    learning_rates = chosen_learning_rates(options)  # before anything slow: a missing choice fails now
+    logging.set_verbosity_error()
+    run = Run(options)
+    base = options.model_name_or_path or str(smollm2_path())
+    tokenizer = sft_tokenizer(base)
+    train_rows, eval_rows = load_rows(options)
+    keep = ("template_id", "problem", "generated_solution")
+    train_examples, _ = tokenize_examples(train_rows, tokenizer, PromptTemplate(), options.max_length)
+    eval_examples, _ = tokenize_examples(eval_rows, tokenizer, PromptTemplate(), options.max_length, keep)
+    if options.max_eval_problems is not None:
+        eval_examples = eval_examples.select(range(min(options.max_eval_problems, len(eval_examples))))
+    train_examples = train_examples.remove_columns(["prompt", "expected_answer"])
+    groups = eval_examples["template_id"]
+    print(f"{len(train_examples)} training problems ({options.train_templates}), {len(eval_examples)} held-out "
+          f"({options.eval_templates}, {len(set(groups))} templates)", file=sys.stderr)  # fmt: skip
+    budget_parameters = reference_parameters(base)
+    collator = SFTCollator(tokenizer)
+
+    # The frozen base: scored once, the reference of every paired difference.
+    base_path = run.result_path("frozen base", None)
+    if run.read(base_path) is None:
+        model = AutoModelForCausalLM.from_pretrained(base).eval()
+        run.write(base_path, {"scores": score(model, tokenizer, eval_examples, options, generate=True)})
+        del model
+    base_scores = run.read(base_path)["scores"]
+
+    features: dict[str, object] = {}
+
+    def feature_dataset(model):
+        """The cached-features training set; its build time is recorded once and charged to every user."""
+        if "dataset" not in features:
+            key = f"feature_cache_seconds:{options.split_name}:{len(train_examples)}"
+            if key not in run.calibration():  # its build time is unknown: build it afresh and time that
+                shutil.rmtree(run.work / "features", ignore_errors=True)
+            started_cache = time.perf_counter()
+            cache = FeatureCache.build_or_load(model, train_examples["input_ids"], run.work / "features", "float16",
+                                               options.batch_size)  # fmt: skip
+            if key not in run.calibration():
+                run.calibrate(key, time.perf_counter() - started_cache)
+            features["dataset"], features["seconds"] = CachedFeaturesDataset(train_examples, cache), run.calibration()[key]
+        return features["dataset"], features["seconds"]
+
+    def trainer_for(name: str, learning_rate: float, max_steps: int = 1, callbacks=None):
+        """A fresh model of the method and its trainer; the method's step time, calibrated once."""
+        set_seed(options.seed)
+        method = METHODS[name]
+        model = method.build(base, budget_parameters)
+        dataset, cache_seconds = feature_dataset(model) if method.features else (train_examples, 0.0)
+        cache_seconds = cache_seconds if options.charge_feature_cache else 0.0
+        directory = run.work / f"{name} lr={learning_rate:g}".replace(" ", "_")
+        trainer = BudgetTrainer(model=model, args=training_arguments(options, directory, learning_rate, max_steps),
+                                train_dataset=dataset, data_collator=collator, callbacks=callbacks)  # fmt: skip
+        key = f"step_seconds:{name}:{options.batch_size}"
+        if key not in run.calibration():
+            run.calibrate(key, step_seconds(trainer, options.calibration_steps))
+        return trainer, run.calibration()[key], cache_seconds
+
+    # T: one LoRA-on-attention epoch over budget_problems problems, at LoRA's calibrated step time.
+    _, lora_step, _ = trainer_for("LoRA attention", CALIBRATION_LEARNING_RATE)
+    unit = math.ceil(options.budget_problems / options.batch_size) * lora_step
+    for name in options.methods:
+        for learning_rate in options.learning_rates or [learning_rates[name]]:
+            run_name = f"{name} lr={learning_rate:g}"
+            if all(run.read(run.result_path(run_name, b)) for b in options.budgets):
+                continue
+            trainer, seconds_per_step, cache_seconds = trainer_for(name, learning_rate)
+            steps = {b: max(0, int((b * unit - cache_seconds) // seconds_per_step)) for b in options.budgets}
+            model, last = trainer.model, max(steps.values())
+            print(f"\n{run_name}: {trainable_parameters(model):,} trainable parameters, {seconds_per_step:.2f} s a "
+                  f"step, cache {cache_seconds:.0f} s, T = {unit:.0f} s, steps per budget {steps}", file=sys.stderr)
+            initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            directory = Path(trainer.args.output_dir)
+            finished = sorted(int(p.name.split("-")[1]) for p in directory.glob("checkpoint-*"))
+            if last and (not finished or finished[-1] < last):
+                trainer, _, _ = trainer_for(name, learning_rate, last, [SaveAtSteps(set(steps.values()))])
+                model = trainer.model
+                trainer.train(resume_from_checkpoint=str(directory / f"checkpoint-{finished[-1]}") if finished else None)
+            for budget in options.budgets:
+                path = run.result_path(run_name, budget)
+                if run.read(path):
+                    continue
+                if steps[budget]:
+                    load_trainable(model, directory / f"checkpoint-{steps[budget]}" / TRAINABLE_NAME)
+                else:  # the budget is spent before the first step (on the feature cache): the untrained method
+                    load_trainable(model, initial)
+                scores = score(model.eval(), tokenizer, eval_examples, options, generate=budget == max(options.budgets))
+                run.write(path, {
+                    "method": name, "learning_rate": learning_rate, "budget": budget, "steps": steps[budget],
+                    "training_seconds": steps[budget] * seconds_per_step + cache_seconds, "T_seconds": unit,
+                    "step_seconds": seconds_per_step, "feature_cache_seconds": cache_seconds,
+                    "trainable_parameters": trainable_parameters(model), "scores": scores,
+                })  # fmt: skip
+            del model, trainer
+    return report(run, options, base_scores, groups, time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the report
+
+
+def report(run: Run, options, base_scores: dict, groups: list[int], seconds: float) -> dict:
+    """results.json, results.md and the plots from every result written so far (finished or not)."""
+    rows = {"frozen base": {"method": "frozen base", "budget": 0, "training_seconds": 0.0, "trainable_parameters": 0,
+                            "metrics": summarise(base_scores, None, groups, options.n_resamples)}}  # fmt: skip
+    order = {name: index for index, name in enumerate(METHODS)}
+    results = [json.loads(path.read_text()) for path in (run.output / "runs").glob("*/budget-*.json")]
+    for result in sorted(results, key=lambda r: (order[r["method"]], r["learning_rate"], r["budget"])):
+        metrics = summarise(result.pop("scores"), base_scores, groups, options.n_resamples)
+        rows[f"{result['method']} lr={result['learning_rate']:g} @{result['budget']:g}T"] = {**result, "metrics": metrics}
+    chosen = {}
+    for name in METHODS:
+        candidates = [r for r in rows.values() if r["method"] == name and r["budget"] == max(options.budgets)]
+        if candidates and all("target_ce" in r["metrics"] for r in candidates):
+            chosen[name] = min(candidates, key=lambda r: r["metrics"]["target_ce"]["value"])["learning_rate"]
+    summary = {"options": asdict(options), "rows": rows, "chosen_learning_rates": chosen,
+               "held_out_problems": len(groups), "held_out_templates": len(set(groups)),
+               "wall_seconds_this_sitting": seconds}  # fmt: skip
+    run.write(run.output / "results.json", summary)
+    (run.output / "results.md").write_text(markdown(rows, options))
+    plot(rows, run.output)
+    print(markdown(rows, options))
+    return summary
+
+
+def _cell(metric: dict | None, spec: str) -> str:
+    if metric is None:
+        return "-"
+    text = f"{metric['value']:{spec}} [{metric['low']:{spec}}, {metric['high']:{spec}}]"
+    return text
+
+
+def markdown(rows: dict, options) -> str:
+    reference = next((r["trainable_parameters"] for r in rows.values() if r["method"] == REFERENCE), None)
+    teacher = ["target_ce", "perplexity", "answer_ce", "answer_accuracy", "mc_direct", "mc_after_solution",
+               "mc_direct_normalised", "mc_after_solution_normalised"]  # fmt: skip
+    greedy = ["greedy_accuracy", "parse_rate", "repetition_rate"]
+    lines = [f"Held-out: {options.eval_templates}; 95% intervals resample templates, then problems.\n"]
+    for title, keys, spec in (("Teacher-forced and multiple-choice", teacher, ".3f"), ("Greedy", greedy, ".2f")):
+        present = [k for k in keys if any(k in r["metrics"] for r in rows.values())]
+        if not present:
+            continue
+        lines += [f"### {title}\n", "| method | params | x ref | budget | train s | "
+                  + " | ".join(METRICS[k][3] for k in present) + " |", "|" + " --- |" * (5 + len(present))]  # fmt: skip
+        for name, r in rows.items():
+            if not any(k in r["metrics"] for k in present):
+                continue
+            ratio = f"{r['trainable_parameters'] / reference:.2f}" if reference and r["trainable_parameters"] else "-"
+            cells = [_cell(r["metrics"].get(k), spec) for k in present]
+            lines.append(f"| {name} | {r['trainable_parameters']:,} | {ratio} | {r['budget']:g}T | "
+                         f"{r['training_seconds']:.0f} | " + " | ".join(cells) + " |")  # fmt: skip
+        lines.append("")
+    differences = [(n, r) for n, r in rows.items() if any("minus_base" in m for m in r["metrics"].values())]
+    if differences:
+        present = [k for k in teacher + greedy if any("minus_base" in r["metrics"].get(k, {}) for _, r in differences)]
+        lines += ["### Paired difference to the frozen base (same problems)\n",
+                  "| method | " + " | ".join(METRICS[k][3] for k in present) + " |", "|" + " --- |" * (1 + len(present))]
+        for name, r in differences:
+            cells = [_cell(r["metrics"].get(k, {}).get("minus_base"), "+.3f") for k in present]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict, output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in rows.values()} - {"frozen base"})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    base = rows["frozen base"]["metrics"]
+    for metric, filename in (("target_ce", "pareto_target_ce.png"), ("mc_after_solution", "pareto_mc.png")):
+        if metric not in base:
+            continue
+        figure, axis = plt.subplots(figsize=(8, 5))
+        axis.axhspan(base[metric]["low"], base[metric]["high"], color="black", alpha=0.1, label="frozen base (95% CI)")
+        axis.axhline(base[metric]["value"], color="black", linewidth=1)
+        for budget, unit in {(r["budget"], r["T_seconds"]) for r in rows.values() if "T_seconds" in r}:
+            axis.axvline(budget * unit, color="black", linestyle=":", linewidth=0.8)
+        for method in methods:
+            points = sorted((r["training_seconds"], r["metrics"][metric]) for r in rows.values()
+                            if r["method"] == method and metric in r["metrics"])  # fmt: skip
+            if not points:
+                continue
+            x = [p[0] for p in points]
+            y = [p[1]["value"] for p in points]
+            error = [[p[1]["value"] - p[1]["low"] for p in points], [p[1]["high"] - p[1]["value"] for p in points]]
+            axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=method, color=colours[method])
+        axis.set_xlabel("training seconds (steps x step time + feature cache); dotted: the budgets T, 2T, 4T")
+        axis.set_ylabel(METRICS[metric][3] + " (held out)")
+        axis.set_title(f"{METRICS[metric][3]} against training time, 95% intervals")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(output / filename, dpi=120)
+        plt.close(figure)
+    greedy = [(n, r) for n, r in rows.items() if "greedy_accuracy" in r["metrics"]]
+    if greedy:
+        keys = ["greedy_accuracy", "parse_rate", "repetition_rate"]
+        figure, axes = plt.subplots(1, len(keys), figsize=(15, 5), sharey=True)
+        for axis, key in zip(axes, keys):
+            values = [r["metrics"][key] for _, r in greedy]
+            axis.barh(range(len(greedy)), [v["value"] for v in values],
+                      xerr=[[v["value"] - v["low"] for v in values], [v["high"] - v["value"] for v in values]],
+                      color=[colours.get(r["method"], "grey") for _, r in greedy], capsize=3)  # fmt: skip
+            axis.set_yticks(range(len(greedy)), [n for n, _ in greedy], fontsize=8)
+            axis.set_xlabel(METRICS[key][3])
+            axis.set_xlim(0, 1)
+        figure.suptitle("Greedy solutions of held-out problems, 95% intervals")
+        figure.tight_layout()
+        figure.savefig(output / "greedy.png", dpi=120)
+        plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
