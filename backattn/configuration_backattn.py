@@ -20,6 +20,7 @@ saved checkpoint loads with ``trust_remote_code=True`` where ``backattn`` is not
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import textwrap
 import typing
@@ -73,7 +74,7 @@ class BackwardAttentionConfig:
 
     latent_dim: int | None = field(
         default=28,
-        metadata={"help": "Width of L in step 2 (L = E_n W_l); None: L = E_n.", "none": "(or None to turn it off)"},
+        metadata={"help": "Width of L in step 2 (L = E_n W_l); None: L = E_n.", "if_none": "(or None to turn it off)"},
     )
     out_dim: int = field(default=30, metadata={"help": "Width d_out of K, Vv and q_t (step 3)."})
     num_attention_heads: int = field(
@@ -106,7 +107,7 @@ class BackwardAttentionConfig:
         default=None,
         metadata={
             "help": "Walk the vocabulary in slices of this many rows (memory only; same output).",
-            "none": "(or None to turn it off)",
+            "if_none": "(or None to turn it off)",
         },
     )
     rms_norm_eps: float = field(
@@ -210,13 +211,19 @@ def upgrade_options(options: dict[str, Any]) -> dict[str, Any]:
     return upgraded
 
 
+@functools.cache
+def _field_types(fields_class: type) -> dict[str, Any]:
+    return typing.get_type_hints(fields_class)
+
+
 def field_problems(options: Any, fields_class: type) -> list[str]:
     """What is wrong with each field ``fields_class`` declares on ``options``, read from its type and metadata.
 
     ``Literal[...]``: one of those values; ``bool``: True or False; ``int``: a positive integer (``None``
-    too when the type allows it); ``float``: a number in the field's ``domain`` (a description and a test).
+    too when the type allows it, ``if_none`` saying what it means); ``float``: a number in the field's
+    ``domain`` (a description and a test).
     """
-    problems, types = [], typing.get_type_hints(fields_class)
+    problems, types = [], _field_types(fields_class)
     for option in dataclasses.fields(fields_class):
         kind, value = types[option.name], getattr(options, option.name)
         choices = typing.get_args(kind)
@@ -231,7 +238,7 @@ def field_problems(options: Any, fields_class: type) -> list[str]:
                 problems.append(f"{option.name} must be True or False, got {value!r}")
         elif kind is int or (optional and int in choices):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                hint = f" {option.metadata['none']}" if "none" in option.metadata else ""
+                hint = f" {option.metadata['if_none']}" if "if_none" in option.metadata else ""
                 problems.append(f"{option.name} must be a positive integer{hint}, got {value!r}")
         elif kind is float:
             description, allowed = option.metadata["domain"]
@@ -281,7 +288,7 @@ class BackwardAttentionModelFields:
             "help": "Positions per chunk of the training loss (see backattn.head_loss): while training a head "
             "with labels, only labelled positions are scored, this many at a time, and logits are not returned. "
             "None builds the full logits and takes the usual cross-entropy (the straightforward path).",
-            "none": "or None (full logits)",
+            "if_none": "or None (full logits)",
         },
     )
     rerank_top_k: int | None = field(
@@ -291,7 +298,7 @@ class BackwardAttentionModelFields:
             "position and leaves the other logits as they are (cheaper, an approximation); None scores the whole "
             "vocabulary. A rerank_top_k= argument to forward or generate overrides it for one call. The chunked "
             "training loss always scores the whole vocabulary.",
-            "none": "or None (the whole vocabulary)",
+            "if_none": "or None (the whole vocabulary)",
         },
     )
 

@@ -108,9 +108,6 @@ class BackwardAttentionForCausalLMMixin:
         self, head_config: BackwardAttentionConfig | dict | str | None = None, head_name: str = "default"
     ) -> None:
         """Attach a fresh, trainable head and make it the active one (as ``add_adapter`` does)."""
-        self.heads.check_name(head_name)
-        if head_name in self.heads:
-            raise ValueError(f"A head named {head_name!r} already exists; pick another name or delete_head it first.")
         self.heads.add(head_name, self.build_head(BackwardAttentionConfig.coerce(head_config)))
         self.heads.set_active(head_name)
 
