@@ -28,6 +28,7 @@ training resumes from the last budget checkpoint. Results go to ``output_dir`` (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -79,6 +80,9 @@ from backattn.offline import smollm2_path
 ROOT = Path(__file__).resolve().parents[1]
 TRAINABLE_NAME = "trainable.safetensors"
 REFERENCE = "head hidden"  # the parameter budget every sizable method is matched to
+#: Settings that change every result: a sitting with other values must not resume this comparison's results.
+SETUP_FIELDS = ("model_name_or_path", "budget_problems", "batch_size", "warmup_steps", "charge_feature_cache",
+                "calibration_steps", "max_new_tokens", "generation_problems", "seed")  # fmt: skip
 
 
 @dataclass
@@ -151,15 +155,16 @@ def _rank(model, budget: int) -> int:
     return max(1, round(budget / (2 * model.config.hidden_size)))
 
 
+#: In the order they run (the decisive pair first, so a sitting that ends early has it).
 METHODS: dict[str, Method] = {
-    "head seed": _head("seed"),
-    "head gated": _head("gated"),
     "head hidden": _head("hidden"),
     "LoRA attention": _plain(lambda m, budget: lora_on_attention(m, budget)),
-    "LoRA output layer": _plain(lambda m, budget: lora_on_output_layer(m, rank=1)),
-    "IA3": _plain(lambda m, budget: ia3_on_top_layers(m, budget)),
     "LM-Steer": _plain(lambda m, budget: lm_steer(m, _rank(m, budget)), features=True),
     "LoReFT (hook)": _plain(lambda m, budget: loreft_on_last_layer(m, _rank(m, budget))),
+    "IA3": _plain(lambda m, budget: ia3_on_top_layers(m, budget)),
+    "LoRA output layer": _plain(lambda m, budget: lora_on_output_layer(m, rank=1)),
+    "head gated": _head("gated"),
+    "head seed": _head("seed"),
 }
 #: The rate of the LoRA run that times one step to set ``T`` (step time does not depend on it).
 CALIBRATION_LEARNING_RATE = 3e-3
@@ -392,6 +397,23 @@ class Run:
     def calibrate(self, key: str, value: float) -> None:
         self.write(self.calibration_path, {**self.calibration(), key: value})
 
+    def check_same_setup(self, options, train_examples, eval_examples) -> None:
+        """Results of earlier sittings are kept only if they came from the same data and training settings."""
+        digest = hashlib.sha256()
+        for ids in (*train_examples["input_ids"], b"|", *eval_examples["input_ids"]):
+            digest.update(bytes(ids) if isinstance(ids, bytes) else json.dumps(ids).encode())
+        settings = {name: getattr(options, name) for name in SETUP_FIELDS}
+        setup = {"data_sha256": digest.hexdigest(), **settings}
+        recorded = self.read(self.output / "setup.json")
+        if recorded is None:
+            self.write(self.output / "setup.json", setup)
+        elif recorded != setup:
+            changed = sorted(k for k in setup if recorded.get(k) != setup[k])
+            raise ValueError(
+                f"{self.output} holds results of another setup (differs in {changed}): resume with the same data "
+                "and settings, or give another --output_dir (and --work_dir) for a new comparison."
+            )
+
     def result_path(self, run_name: str, budget: float | None) -> Path:
         name = "scores.json" if budget is None else f"budget-{budget:g}T.json"
         return self.output / "runs" / run_name.replace(" ", "_") / name
@@ -439,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     groups = eval_examples["template_id"]
     print(f"{len(train_examples)} training problems ({options.train_templates}), {len(eval_examples)} held-out "
           f"({options.eval_templates}, {len(set(groups))} templates)", file=sys.stderr)  # fmt: skip
+    run.check_same_setup(options, train_examples, eval_examples)
     budget_parameters = reference_parameters(base)
     collator = SFTCollator(tokenizer)
 

@@ -104,6 +104,10 @@ def test_compare_heads_runs_every_method_resumes_and_splits_by_template(tiny_lla
     assert again["rows"].keys() == rows.keys()
     assert again["rows"]["LoRA attention lr=0.003 @2T"]["metrics"] == rows["LoRA attention lr=0.003 @2T"]["metrics"]
 
+    # A sitting with other settings refuses to mix its results with these.
+    with pytest.raises(ValueError, match=r"another setup \(differs in \['batch_size'\]\)"):
+        script.main([*argv, "--batch_size", "2"])
+
     # Without --learning_rates, the rates come from a validation run, and there is none here.
     with pytest.raises(ValueError, match="No validation choice of learning rate"):
         script.main([*argv[:-2], "--validation_results", str(tmp_path / "missing.json")])
