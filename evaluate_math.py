@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set
 from backattn import family_for
 from backattn.evaluation import evaluate_model, results_table
 from backattn.modeling_backattn import FAMILIES
-from backattn.sft_data import PromptTemplate, load_math_dataset, sft_tokenizer, tokenize_examples
+from backattn.data.sft_data import PromptTemplate, load_math_dataset, sft_tokenizer, tokenize_examples
 from train_sft import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_model
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
 
     if args.dataset == EMBEDDED_DATASET:
-        from backattn.gsm_symbolic import build_gsm_symbolic
+        from backattn.data.gsm_symbolic import build_gsm_symbolic
 
         rows = build_gsm_symbolic(variants_per_template=args.gsm_variants_per_template)["test"]
     else:

@@ -26,9 +26,9 @@ from transformers import AutoConfig, HfArgumentParser, TrainingArguments, set_se
 
 from backattn import DEFAULT_PRESET, BackwardAttentionConfig, family_for
 from backattn.evaluation import evaluate_model, results_table
-from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
+from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.offline import default_cache_dir, smollm2_path
-from backattn.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
+from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.trainer import HeadTrainer
 
 EMBEDDED_MODEL = "embedded"
@@ -150,7 +150,7 @@ def check_arguments(head_args, data_args, training_args) -> tuple[BackwardAttent
 def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Dataset, str]:
     """Training and held-out rows in the OpenMathInstruct-2 columns, and a description of where they came from."""
     if data_args.dataset == EMBEDDED_DATASET:
-        from backattn.gsm_symbolic import EVAL_TEMPLATES, TRAIN_TEMPLATES, build_gsm_symbolic
+        from backattn.data.gsm_symbolic import EVAL_TEMPLATES, TRAIN_TEMPLATES, build_gsm_symbolic
 
         splits = build_gsm_symbolic(variants_per_template=data_args.gsm_variants_per_template, cache_dir=data_args.cache_dir)
         train, held_out = splits["train"], splits["test"]

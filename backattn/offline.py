@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cache_dirs import build_once, default_cache_dir, read_marker
+from .data.cache_dirs import build_once, default_cache_dir, read_marker
 
 __all__ = [
     "GPT2_HUB_ID",

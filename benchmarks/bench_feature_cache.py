@@ -15,10 +15,10 @@ from transformers import AutoTokenizer, TrainingArguments
 from transformers.utils import logging
 
 from backattn import LlamaBackwardAttentionForCausalLM
-from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
-from backattn.gsm_symbolic import build_gsm_symbolic
+from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
+from backattn.data.gsm_symbolic import build_gsm_symbolic
 from backattn.offline import smollm2_path
-from backattn.sft_data import PromptTemplate, SFTCollator, tokenize_examples
+from backattn.data.sft_data import PromptTemplate, SFTCollator, tokenize_examples
 from backattn.trainer import HeadTrainer
 
 

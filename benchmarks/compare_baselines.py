@@ -26,9 +26,9 @@ from transformers.utils import logging
 from backattn import family_for
 from backattn.baselines import lora_on_attention, lora_on_output_layer, output_layer_only, trainable_parameters
 from backattn.evaluation import evaluate_model, results_table
-from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
+from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.offline import default_cache_dir, smollm2_path
-from backattn.sft_data import PromptTemplate, SFTCollator, sft_tokenizer, tokenize_examples
+from backattn.data.sft_data import PromptTemplate, SFTCollator, sft_tokenizer, tokenize_examples
 from backattn.trainer import HeadTrainer
 
 HEAD_PRESETS = ("seed", "hidden")
@@ -54,11 +54,11 @@ def arguments(argv=None):
 
 def load_rows(options):
     if options.dataset is None:
-        from backattn.gsm_symbolic import build_gsm_symbolic
+        from backattn.data.gsm_symbolic import build_gsm_symbolic
 
         splits = build_gsm_symbolic(variants_per_template=2)
         return splits["train"], splits["test"]
-    from backattn.sft_data import load_math_dataset
+    from backattn.data.sft_data import load_math_dataset
 
     rows = load_math_dataset(options.dataset).train_test_split(test_size=options.eval_examples, seed=0)
     return rows["train"], rows["test"]

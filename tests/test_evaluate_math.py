@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 import evaluate_math
 from backattn import GPT2BackwardAttentionForCausalLM
 from backattn.evaluation import evaluate_model
-from backattn.sft_data import PromptTemplate, load_math_dataset, tokenize_examples
+from backattn.data.sft_data import PromptTemplate, load_math_dataset, tokenize_examples
 from conftest import randomise
 
 

@@ -76,7 +76,7 @@ def test_target_and_answer_loss_equal_a_manual_computation(tiny_gpt2_dir, gpt2_t
 
     from backattn import GPT2BackwardAttentionForCausalLM
     from backattn.evaluation import target_token_loss
-    from backattn.sft_data import PromptTemplate, SFTCollator, tokenize_examples
+    from backattn.data.sft_data import PromptTemplate, SFTCollator, tokenize_examples
 
     gpt2_tokenizer.pad_token = gpt2_tokenizer.eos_token
     rows = [{"problem": f"What is {a} + 3?", "generated_solution": f"{a} + 3 = {a + 3}.", "expected_answer": str(a + 3)}

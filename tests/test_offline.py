@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from backattn import cache_dirs, offline
+from backattn import offline
+from backattn.data import cache_dirs
 
 MATH = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. 48 / 2 = 24.\n#### 72"
 

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from backattn import GPT2BackwardAttentionForCausalLM
-from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
+from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.head_files import HEAD_WEIGHTS_NAME
-from backattn.sft_data import PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
+from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
 from backattn.trainer import HeadTrainer
 
 

@@ -7,7 +7,7 @@ feature cache stores them once (half precision by default) and every epoch train
 
 A cache lives in ``<cache_dir>/features/<key>/`` where the key hashes the base's weights and config, the exact
 token ids of every example (so data, prompt template, tokenizer and ``max_length`` are all in it) and the
-storage dtype: a stale cache is never used. It is built once, atomically (:mod:`backattn.cache_dirs`).
+storage dtype: a stale cache is never used. It is built once, atomically (:mod:`backattn.data.cache_dirs`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 def base_fingerprint(model) -> str:
     """SHA-256 of the base model's config and weights (not the heads), in bfloat16 so float32 and bf16 copies agree."""
     digest = hashlib.sha256()
-    config = {k: v for k, v in model.config.to_diff_dict().items() if k not in ("heads", "active_head", "_name_or_path")}
+    config = {
+        k: v for k, v in model.config.to_diff_dict().items() if k not in ("heads", "active_head", "_name_or_path")
+    }
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith("heads."):
@@ -79,7 +81,8 @@ class FeatureCache:
         """The cache for ``model``'s base and these token ids: loaded if built before, else built now."""
         if dtype not in DTYPES:
             raise ValueError(f"Feature cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-        key = hashlib.sha256(f"{base_fingerprint(model)}:{data_fingerprint(input_ids)}:{dtype}".encode()).hexdigest()[:24]
+        fingerprints = f"{base_fingerprint(model)}:{data_fingerprint(input_ids)}:{dtype}"
+        key = hashlib.sha256(fingerprints.encode()).hexdigest()[:24]
         final = Path(cache_dir) / "features" / key
 
         def build(directory: Path) -> None:

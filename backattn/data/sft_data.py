@@ -84,7 +84,9 @@ def load_math_dataset(
         return datasets.Dataset.from_list(list(stream.take(max_samples)))
     else:
         if name_or_path == OPENMATHINSTRUCT2 and split not in OPENMATHINSTRUCT2_SPLITS:
-            raise ValueError(f"{OPENMATHINSTRUCT2} has the splits {', '.join(OPENMATHINSTRUCT2_SPLITS)}; got {split!r}.")
+            raise ValueError(
+                f"{OPENMATHINSTRUCT2} has the splits {', '.join(OPENMATHINSTRUCT2_SPLITS)}; got {split!r}."
+            )
         dataset = datasets.load_dataset(name_or_path, split=split)
     check_columns(dataset.column_names, name_or_path)
     if max_samples is not None:
@@ -115,8 +117,11 @@ def tokenize_examples(
     tokenizer: PreTrainedTokenizerBase,
     template: PromptTemplate,
     max_length: int,
+    keep_columns: tuple[str, ...] = (),
 ) -> tuple[datasets.Dataset, Counter]:
     """Prompt + target token ids with target-only labels; returns the kept rows and the skips by reason.
+
+    ``keep_columns`` are copied from the data set into the kept rows as they are (e.g. ``template_id``).
 
     ``answer_labels`` are the labels of the tokens spelling ``expected_answer`` in the target (its last
     occurrence), ``-100`` elsewhere: the loss on the final answer alone.
@@ -128,6 +133,7 @@ def tokenize_examples(
         raise ValueError("The tokenizer has no end-of-sequence token; set tokenizer.eos_token.")
     skipped: Counter = Counter()
     kept: dict[str, list] = {"input_ids": [], "labels": [], "answer_labels": [], "prompt": [], "expected_answer": []}
+    kept.update({column: [] for column in keep_columns})
     for row in dataset:
         fields = {column: _as_text(row.get(column), column) for column in REQUIRED_COLUMNS}
         bad = [column for column, value in fields.items() if value is None]
@@ -153,6 +159,8 @@ def tokenize_examples(
         )
         kept["prompt"].append(prompt)
         kept["expected_answer"].append(fields["expected_answer"])
+        for column in keep_columns:
+            kept[column].append(row[column])
     if not kept["input_ids"]:
         reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "the data set is empty"
         raise ValueError(f"No usable rows: {reasons}. Check the columns' contents and max_length={max_length}.")

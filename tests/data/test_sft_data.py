@@ -1,9 +1,8 @@
-
 import datasets
 import pytest
 import torch
 
-from backattn.sft_data import IGNORE_INDEX, PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
+from backattn.data.sft_data import IGNORE_INDEX, PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
 
 ROW = {"problem": "What is 2 + 3?", "generated_solution": "2 + 3 = 5.", "expected_answer": "5"}
 

