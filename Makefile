@@ -27,6 +27,8 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) train_sft.py configs/demo.yaml
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

@@ -22,11 +22,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
 
-from backattn import family_for
-from backattn.evaluation import evaluate_model, results_table
-from backattn.modeling_backattn import FAMILIES
+from backattn import FAMILIES, family_for
 from backattn.data.sft_data import PromptTemplate, load_math_dataset, sft_tokenizer, tokenize_examples
-from train_sft import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_model
+from backattn.evaluation import evaluate_model, results_table
+from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_model
 
 
 @dataclass
@@ -38,7 +37,9 @@ class EvaluationArguments:
         default=None, metadata={"help": "The head re-ranks only the base's k most likely tokens (top-k mode)."}
     )
     name: str | None = field(default=None, metadata={"help": "Row name in the results table."})
-    dataset: str = field(default=EMBEDDED_DATASET, metadata={"help": "'gsm_symbolic' (its held-out split), a file or Hub id."})
+    dataset: str = field(
+        default=EMBEDDED_DATASET, metadata={"help": "'gsm_symbolic' (its held-out split), a file or Hub id."}
+    )
     dataset_split: str = field(default="train")
     gsm_variants_per_template: int = field(default=5)
     max_samples: int | None = field(default=None)

@@ -25,14 +25,11 @@ import transformers
 from transformers import AutoConfig, HfArgumentParser, TrainingArguments, set_seed
 
 from backattn import DEFAULT_PRESET, BackwardAttentionConfig, family_for
-from backattn.evaluation import evaluate_model, results_table
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
-from backattn.offline import default_cache_dir, smollm2_path
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
+from backattn.evaluation import evaluate_model, results_table
+from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, default_cache_dir, resolve_base_model
 from backattn.trainer import HeadTrainer
-
-EMBEDDED_MODEL = "embedded"
-EMBEDDED_DATASET = "gsm_symbolic"
 
 
 @dataclass
@@ -49,7 +46,7 @@ class ModelArguments:
 class HeadArguments:
     preset: str = field(default=DEFAULT_PRESET, metadata={"help": "Head preset: seed, gated or hidden."})
     head_options: str | None = field(
-        default=None, metadata={"help": 'JSON object of head options overriding the preset, e.g. \'{"out_dim": 64}\'.'}
+        default=None, metadata={"help": "JSON object of head options overriding the preset, e.g. '{\"out_dim\": 64}'."}
     )
 
     def head_config(self) -> BackwardAttentionConfig:
@@ -82,7 +79,9 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream a Hub data set (needs --max_train_samples)."})
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
-    max_length: int = field(default=512, metadata={"help": "Longest prompt + target in tokens; longer rows are skipped."})
+    max_length: int = field(
+        default=512, metadata={"help": "Longest prompt + target in tokens; longer rows are skipped."}
+    )
     prompt_template: str = field(default=PromptTemplate.prompt)
     target_template: str = field(default=PromptTemplate.target)
     gsm_variants_per_template: int = field(default=5, metadata={"help": "Generated variants per GSM8K template."})
@@ -135,7 +134,9 @@ def check_arguments(head_args, data_args, training_args) -> tuple[BackwardAttent
     if data_args.max_length <= 0 or data_args.eval_size <= 0:
         raise ValueError("--max_length and --eval_size must be positive.")
     if training_args.gradient_checkpointing:
-        raise ValueError("--gradient_checkpointing forces gradients through the frozen base; head-only training needs none.")
+        raise ValueError(
+            "--gradient_checkpointing forces gradients through the frozen base; head-only training needs none."
+        )
     if training_args.label_smoothing_factor > 0:
         raise ValueError("--label_smoothing_factor is not supported: the Trainer would not shift this model's labels.")
     checkpoint = training_args.resume_from_checkpoint
@@ -152,20 +153,27 @@ def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Datase
     if data_args.dataset == EMBEDDED_DATASET:
         from backattn.data.gsm_symbolic import EVAL_TEMPLATES, TRAIN_TEMPLATES, build_gsm_symbolic
 
-        splits = build_gsm_symbolic(variants_per_template=data_args.gsm_variants_per_template, cache_dir=data_args.cache_dir)
+        splits = build_gsm_symbolic(
+            variants_per_template=data_args.gsm_variants_per_template, cache_dir=data_args.cache_dir
+        )
         train, held_out = splits["train"], splits["test"]
         source = (
             f"GSM-Symbolic (GSM8K templates {TRAIN_TEMPLATES.start}-{TRAIN_TEMPLATES.stop - 1} for training, "
-            f"{EVAL_TEMPLATES.start}-{EVAL_TEMPLATES.stop - 1} held out; {data_args.gsm_variants_per_template} variants per template)"
+            f"{EVAL_TEMPLATES.start}-{EVAL_TEMPLATES.stop - 1} held out; "
+            f"{data_args.gsm_variants_per_template} variants per template)"
         )
     else:
-        train = load_math_dataset(data_args.dataset, data_args.dataset_split, data_args.streaming, data_args.max_train_samples)
+        train = load_math_dataset(
+            data_args.dataset, data_args.dataset_split, data_args.streaming, data_args.max_train_samples
+        )
         source = f"{data_args.dataset} ({data_args.dataset_split})"
         if data_args.eval_dataset:
             held_out = load_math_dataset(data_args.eval_dataset, data_args.eval_split)
         else:
             if len(train) <= data_args.eval_size:
-                raise ValueError(f"{data_args.dataset} has {len(train)} rows: too few to hold out --eval_size={data_args.eval_size}.")
+                raise ValueError(
+                    f"{data_args.dataset} has {len(train)} rows: too few to hold out --eval_size={data_args.eval_size}."
+                )
             parts = train.train_test_split(test_size=data_args.eval_size, seed=seed)
             train, held_out = parts["train"], parts["test"]
     if data_args.max_train_samples is not None:
@@ -200,20 +208,22 @@ def plot_loss_curve(log_history: list[dict], path: Path, references: dict[str, f
 
 
 def compare_with_base(model, tokenizer, eval_examples, scored, data_args, batch_size) -> dict:
-    """Every held-out metric of :func:`backattn.evaluation.evaluate_model`: the frozen base (heads off), then the head."""
+    """Every held-out metric of :func:`backattn.evaluation.evaluate_model`: the frozen base (heads off), then
+    the head."""
     results = {}
     for name, heads_on in (("frozen base", False), ("base + trained head", True)):
         model.enable_heads() if heads_on else model.disable_heads()
         results[name] = evaluate_model(
-            model, tokenizer, eval_examples, scored, data_args.num_generation_examples, data_args.max_new_tokens, batch_size
+            model,
+            tokenizer,
+            eval_examples,
+            scored,
+            data_args.num_generation_examples,
+            data_args.max_new_tokens,
+            batch_size,
         )
     model.enable_heads()
     return results
-
-
-def resolve_base_model(model_name_or_path: str) -> str:
-    """A model id or path as given; ``"embedded"`` is the offline SmolLM2 (converted once into the cache)."""
-    return str(smollm2_path()) if model_name_or_path == EMBEDDED_MODEL else model_name_or_path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -229,7 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = sft_tokenizer(base)
     train_examples, train_skipped = tokenize_examples(train_rows, tokenizer, template, data_args.max_length)
     eval_examples, eval_skipped = tokenize_examples(eval_rows, tokenizer, template, data_args.max_length)
-    for split, examples, skipped in (("train", train_examples, train_skipped), ("held-out", eval_examples, eval_skipped)):
+    for split, examples, skipped in (
+        ("train", train_examples, train_skipped),
+        ("held-out", eval_examples, eval_skipped),
+    ):
         note = f"; skipped {dict(skipped)}" if skipped else ""
         print(f"{split}: {len(examples)} examples{note}")
 
@@ -245,7 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
             features = [FeatureCache.build_or_load(model, ex["input_ids"], cache_dir, data_args.feature_cache_dtype,
                                                    training_args.per_device_eval_batch_size)
                         for ex in (train_examples, eval_examples)]  # fmt: skip
-        train_dataset, eval_dataset = (CachedFeaturesDataset(ex, f) for ex, f in zip((train_examples, eval_examples), features))
+        train_dataset, eval_dataset = (
+            CachedFeaturesDataset(ex, f) for ex, f in zip((train_examples, eval_examples), features)
+        )
 
     collator = SFTCollator(tokenizer)
     metadata = {"prompt_template": template.to_dict(), "training_data": data_source, "max_length": data_args.max_length}
@@ -274,7 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
             output_dir,
             task="math word problems",
             training_data=data_source,
-            metrics={k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "accuracy", "f1", "rmse") if k in head},
+            metrics={
+                k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "accuracy", "f1", "rmse") if k in head
+            },
             metadata=metadata,
         )
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")

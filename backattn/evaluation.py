@@ -95,7 +95,12 @@ def target_token_loss(model, dataset, collator, batch_size: int = 8, progress: b
 
 @torch.no_grad()
 def generate_solutions(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8, progress: bool = False,
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
     **generation_options,
 ) -> list[str]:
     """Continuations of ``prompts`` (batched, left-padded; greedy unless ``generation_options`` say otherwise),
@@ -168,9 +173,8 @@ def continuation_log_likelihoods(model, prefix: list[int], continuations: list[l
         ids[row, : len(tokens)] = torch.tensor(tokens)
     cache = out.past_key_values
     cache.batch_repeat_interleave(len(continuations))
-    mask = torch.cat([torch.ones(len(continuations), len(prefix), dtype=torch.long, device=device),
-                      (torch.arange(ids.shape[1], device=device) < torch.tensor(lengths, device=device)[:, None]).long()],
-                     dim=1)  # fmt: skip
+    real = torch.arange(ids.shape[1], device=device) < torch.tensor(lengths, device=device)[:, None]
+    mask = torch.cat([real.new_ones(len(continuations), len(prefix)), real], dim=1).long()
     logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
     log_probs = torch.log_softmax(logits, -1)
     scores = []

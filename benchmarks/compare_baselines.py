@@ -25,10 +25,10 @@ from transformers.utils import logging
 
 from backattn import family_for
 from backattn.baselines import lora_on_attention, lora_on_output_layer, output_layer_only, trainable_parameters
-from backattn.evaluation import evaluate_model, results_table
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
-from backattn.offline import default_cache_dir, smollm2_path
 from backattn.data.sft_data import PromptTemplate, SFTCollator, sft_tokenizer, tokenize_examples
+from backattn.evaluation import evaluate_model, results_table
+from backattn.offline import default_cache_dir, smollm2_path
 from backattn.trainer import HeadTrainer
 
 HEAD_PRESETS = ("seed", "hidden")
@@ -123,7 +123,9 @@ def main(argv=None) -> dict:
     def score(name, model, parameters, seconds):
         results[name] = {"trainable_parameters": parameters, "train_seconds": seconds,
                          **evaluate_model(model, tokenizer, eval_examples, **scoring)}  # fmt: skip
-        print(f"\n{name}: {parameters:,} trainable parameters, {seconds:.0f} s\n" + results_table({name: results[name]}))
+        print(
+            f"\n{name}: {parameters:,} trainable parameters, {seconds:.0f} s\n" + results_table({name: results[name]})
+        )
 
     score("frozen base", AutoModelForCausalLM.from_pretrained(base).eval(), 0, 0.0)
     for preset in HEAD_PRESETS:
@@ -168,9 +170,9 @@ def main(argv=None) -> dict:
     )
     (output / "results.md").write_text(f"{budget}\n\n{table}\n")
     serialisable_sweep = {f"{name}, top-k {k}": [[t, s] for t, s in points] for (name, k), points in sweep.items()}
-    (output / "results.json").write_text(json.dumps({"options": vars(options), "results": results,
-                                                      "sampling_sweep": serialisable_sweep,
-                                                      "wall_seconds": time.perf_counter() - started}, indent=2))  # fmt: skip
+    summary = {"options": vars(options), "results": results, "sampling_sweep": serialisable_sweep,
+               "wall_seconds": time.perf_counter() - started}  # fmt: skip
+    (output / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{budget}\n\n{table}\n\nWritten to {output}")
     return results
 

@@ -114,7 +114,9 @@ class ComparisonArguments:
         default_factory=lambda: ["teacher_forced", "multiple_choice", "generation"],
         metadata={"help": "What to score: teacher_forced, multiple_choice, generation (at the last budget)."},
     )
-    max_eval_problems: int | None = field(default=None, metadata={"help": "Score only the first N held-out (a quick look)."})
+    max_eval_problems: int | None = field(
+        default=None, metadata={"help": "Score only the first N held-out (a quick look)."}
+    )
     generation_problems: int = field(default=100, metadata={"help": "Held-out problems solved greedily."})
     max_new_tokens: int = field(default=256)
     n_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples per interval."})
@@ -380,7 +382,7 @@ class Run:
         self.work = ROOT / options.work_dir / options.split_name
         self.output.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.calibration_path = ROOT / options.work_dir / "calibration.json"
+        self.calibration_path = self.work / "calibration.json"  # per split: each stage times itself
 
     def read(self, path: Path) -> dict | None:
         return json.loads(path.read_text()) if path.is_file() else None
@@ -486,7 +488,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                options.batch_size)  # fmt: skip
             if key not in run.calibration():
                 run.calibrate(key, time.perf_counter() - started_cache)
-            features["dataset"], features["seconds"] = CachedFeaturesDataset(train_examples, cache), run.calibration()[key]
+            features["dataset"], features["seconds"] = (
+                CachedFeaturesDataset(train_examples, cache),
+                run.calibration()[key],
+            )
         return features["dataset"], features["seconds"]
 
     def trainer_for(name: str, learning_rate: float, max_steps: int = 1, callbacks=None):
@@ -502,10 +507,14 @@ def main(argv: list[str] | None = None) -> dict:
         key = f"step_seconds:{name}:{options.batch_size}"
         if key not in run.calibration():
             run.calibrate(key, step_seconds(trainer, options.calibration_steps))
+            run.calibrate(f"load_average_after:{name}", os.getloadavg()[0])
         return trainer, run.calibration()[key], cache_seconds
 
+    # Every method's step time, back to back (one machine state for all), before anything trains.
+    for name in dict.fromkeys(["LoRA attention", *options.methods]):
+        trainer_for(name, CALIBRATION_LEARNING_RATE)
     # T: one LoRA-on-attention epoch over budget_problems problems, at LoRA's calibrated step time.
-    _, lora_step, _ = trainer_for("LoRA attention", CALIBRATION_LEARNING_RATE)
+    lora_step = run.calibration()[f"step_seconds:LoRA attention:{options.batch_size}"]
     unit = math.ceil(options.budget_problems / options.batch_size) * lora_step
     for name in options.methods:
         for learning_rate in options.learning_rates or [learning_rates[name]]:
@@ -515,15 +524,20 @@ def main(argv: list[str] | None = None) -> dict:
             trainer, seconds_per_step, cache_seconds = trainer_for(name, learning_rate)
             steps = {b: max(0, int((b * unit - cache_seconds) // seconds_per_step)) for b in options.budgets}
             model, last = trainer.model, max(steps.values())
-            print(f"\n{run_name}: {trainable_parameters(model):,} trainable parameters, {seconds_per_step:.2f} s a "
-                  f"step, cache {cache_seconds:.0f} s, T = {unit:.0f} s, steps per budget {steps}", file=sys.stderr)
+            print(
+                f"\n{run_name}: {trainable_parameters(model):,} trainable parameters, {seconds_per_step:.2f} s a "
+                f"step, cache {cache_seconds:.0f} s, T = {unit:.0f} s, steps per budget {steps}",
+                file=sys.stderr,
+            )
             initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             directory = Path(trainer.args.output_dir)
             finished = sorted(int(p.name.split("-")[1]) for p in directory.glob("checkpoint-*"))
             if last and (not finished or finished[-1] < last):
                 trainer, _, _ = trainer_for(name, learning_rate, last, [SaveAtSteps(set(steps.values()))])
                 model = trainer.model
-                trainer.train(resume_from_checkpoint=str(directory / f"checkpoint-{finished[-1]}") if finished else None)
+                trainer.train(
+                    resume_from_checkpoint=str(directory / f"checkpoint-{finished[-1]}") if finished else None
+                )
             for budget in options.budgets:
                 path = run.result_path(run_name, budget)
                 if run.read(path):
@@ -555,7 +569,10 @@ def report(run: Run, options, base_scores: dict, groups: list[int], seconds: flo
     results = [json.loads(path.read_text()) for path in (run.output / "runs").glob("*/budget-*.json")]
     for result in sorted(results, key=lambda r: (order[r["method"]], r["learning_rate"], r["budget"])):
         metrics = summarise(result.pop("scores"), base_scores, groups, options.n_resamples)
-        rows[f"{result['method']} lr={result['learning_rate']:g} @{result['budget']:g}T"] = {**result, "metrics": metrics}
+        rows[f"{result['method']} lr={result['learning_rate']:g} @{result['budget']:g}T"] = {
+            **result,
+            "metrics": metrics,
+        }
     chosen = {}
     for name in METHODS:
         candidates = [r for r in rows.values() if r["method"] == name and r["budget"] == max(options.budgets)]
@@ -601,8 +618,11 @@ def markdown(rows: dict, options) -> str:
     differences = [(n, r) for n, r in rows.items() if any("minus_base" in m for m in r["metrics"].values())]
     if differences:
         present = [k for k in teacher + greedy if any("minus_base" in r["metrics"].get(k, {}) for _, r in differences)]
-        lines += ["### Paired difference to the frozen base (same problems)\n",
-                  "| method | " + " | ".join(METRICS[k][3] for k in present) + " |", "|" + " --- |" * (1 + len(present))]
+        lines += [
+            "### Paired difference to the frozen base (same problems)\n",
+            "| method | " + " | ".join(METRICS[k][3] for k in present) + " |",
+            "|" + " --- |" * (1 + len(present)),
+        ]
         for name, r in differences:
             cells = [_cell(r["metrics"].get(k, {}).get("minus_base"), "+.3f") for k in present]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -124,8 +124,9 @@ class _Repo:
 
 
 class _HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
-                 extra: dict | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, headers: dict | None = None, extra: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
         self.extra = extra or {}  # extra fields of the JSON error body
@@ -297,8 +298,9 @@ class FakeHub:
     def _add_commit(self, repo, branch, tree, message, description, added, deleted) -> Commit:
         self._counter += 1
         parent = repo.branches.get(branch)
-        seed = json.dumps([self._salt, self._counter, repo.repo_id, parent, message,
-                           sorted((p, b.oid) for p, b in tree.items())])
+        seed = json.dumps(
+            [self._salt, self._counter, repo.repo_id, parent, message, sorted((p, b.oid) for p, b in tree.items())]
+        )
         oid = hashlib.sha1(seed.encode()).hexdigest()
         date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
         commit = Commit(oid, parent, message, description, added, deleted, date, tree)
@@ -419,9 +421,15 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._send_json({"errors": [], "warnings": []})
                 if s[1:] == ["whoami-v2"] and method == "GET":
                     self._require_auth()
-                    return self._send_json({"type": "user", "name": hub.user, "fullname": hub.user, "orgs": [],
-                                            "auth": {"type": "access_token",
-                                                     "accessToken": {"displayName": "fake", "role": "write"}}})
+                    return self._send_json(
+                        {
+                            "type": "user",
+                            "name": hub.user,
+                            "fullname": hub.user,
+                            "orgs": [],
+                            "auth": {"type": "access_token", "accessToken": {"displayName": "fake", "role": "write"}},
+                        }
+                    )
                 if len(s) >= 4 and s[1] == "models":
                     repo_id, rest = f"{s[2]}/{s[3]}", s[4:]
                     if not rest and method == "GET":
@@ -512,14 +520,16 @@ class _Handler(BaseHTTPRequestHandler):
         for p in sorted(commit._tree):
             if not p.startswith(prefix):
                 continue
-            rel_parts = p[len(prefix):].split("/")
+            rel_parts = p[len(prefix) :].split("/")
             for i in range(1, len(rel_parts)):
                 if recursive or i == 1:
                     dirs.add(prefix + "/".join(rel_parts[:i]))
             if recursive or len(rel_parts) == 1:
                 files.append(self._file_entry(p, commit._tree[p]))
-        entries = [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
-                   for d in sorted(dirs)]
+        entries = [
+            {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+            for d in sorted(dirs)
+        ]
         self._send_json(entries + files)
 
     def _preupload(self, repo_id: str, revision: str):
@@ -541,8 +551,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.query.get("create_pr"):
             raise _HubError(400, "FakeHub does not support pull requests")
         if revision not in repo.branches:
-            raise _HubError(404, f"Invalid rev id: {revision} (FakeHub commits to branches only)",
-                            "RevisionNotFound")
+            raise _HubError(404, f"Invalid rev id: {revision} (FakeHub commits to branches only)", "RevisionNotFound")
         base = self._commit_of(repo, revision)
         tree = dict(base._tree)
         header, added, deleted = {}, [], []
@@ -581,10 +590,17 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HubError(412, f"A commit has happened since. Parent commit {parent} is not the head of {revision}")
         if not header.get("summary"):
             raise _HubError(400, "Missing commit summary")
-        commit = self.fake_hub._add_commit(repo, revision, tree, header["summary"], header.get("description", ""),
-                                           added, deleted)
-        self._send_json({"success": True, "commitOid": commit.oid, "hookOutput": "",
-                         "commitUrl": f"{self.fake_hub.url}/{repo_id}/commit/{commit.oid}"})
+        commit = self.fake_hub._add_commit(
+            repo, revision, tree, header["summary"], header.get("description", ""), added, deleted
+        )
+        self._send_json(
+            {
+                "success": True,
+                "commitOid": commit.oid,
+                "hookOutput": "",
+                "commitUrl": f"{self.fake_hub.url}/{repo_id}/commit/{commit.oid}",
+            }
+        )
 
     def _resolve(self, repo_id: str, revision: str, filename: str):
         repo = self._repo(repo_id)
@@ -613,7 +629,7 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= size or start > end:
                 return self._send(416, b"", {"Content-Range": f"bytes */{size}", **headers})
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-            data, status = data[start:end + 1], 206
+            data, status = data[start : end + 1], 206
         self._send(status, data, headers)
 
     def _lfs_batch(self, repo_id: str):
@@ -627,8 +643,11 @@ class _Handler(BaseHTTPRequestHandler):
             if obj["oid"] not in self.fake_hub._lfs_objects:
                 entry["actions"] = {"upload": {"href": f"{self.fake_hub.url}/{_LFS_PREFIX}/{obj['oid']}"}}
             objects.append(entry)
-        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
-                   {"Content-Type": "application/vnd.git-lfs+json"})
+        self._send(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects}).encode(),
+            {"Content-Type": "application/vnd.git-lfs+json"},
+        )
 
     def _lfs_put(self, oid: str):
         data = self._read_body()

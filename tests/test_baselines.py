@@ -55,7 +55,9 @@ def test_output_layer_lora_unties_and_leaves_the_embeddings_alone():
     assert trainable_parameters(peft_model) == 64 + 97
     one_step(peft_model)
     assert torch.equal(model.get_input_embeddings().weight, embeddings)
-    assert not torch.equal(peft_model(input_ids=torch.tensor([[1, 2]])).logits, small_gpt2()(torch.tensor([[1, 2]])).logits)
+    assert not torch.equal(
+        peft_model(input_ids=torch.tensor([[1, 2]])).logits, small_gpt2()(torch.tensor([[1, 2]])).logits
+    )
 
 
 def test_output_layer_only_trains_the_untied_output_layer():

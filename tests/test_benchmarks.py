@@ -38,7 +38,9 @@ def test_efficiency_benchmark_measures_and_reports(tmp_path):
     script = load_script("bench_efficiency")
     options = script.arguments(["--tiny", "--batch_size", "2", "--seq_len", "12", "--steps", "1", "--new_tokens", "3",
                                 "--repeats", "1", "--top_k", "4"])  # fmt: skip
-    training = {v: script.measure_training("gpt2-small", v, options) for v in ("frozen base forward", "LoRA on attention")}
+    training = {
+        v: script.measure_training("gpt2-small", v, options) for v in ("frozen base forward", "LoRA on attention")
+    }
     training["head, chunked loss"] = script.measure_training("gpt2-small", "head, chunked loss", options)
     head, lora = training["head, chunked loss"], training["LoRA on attention"]
     assert abs(lora["trainable_parameters"] - head["trainable_parameters"]) <= 0.1 * head["trainable_parameters"]
@@ -70,18 +72,20 @@ def tiny_llama_and_rows(tmp_path_factory, smollm2_dir):
         for template in range(6):
             for _ in range(4):
                 a, b = rng.randint(2, 60), rng.randint(2, 60)
-                handle.write(json.dumps({"problem": f"Tom has {a} apples and buys {b}. How many?", "template_id": template,
-                                         "generated_solution": f"{a} + {b} = {a + b}.", "expected_answer": str(a + b)}) + "\n")  # fmt: skip
+                row = {"problem": f"Tom has {a} apples and buys {b}. How many?", "template_id": template,
+                       "generated_solution": f"{a} + {b} = {a + b}.", "expected_answer": str(a + b)}  # fmt: skip
+                handle.write(json.dumps(row) + "\n")
     return path
 
 
 def test_compare_heads_runs_every_method_resumes_and_splits_by_template(tiny_llama_and_rows, tmp_path, monkeypatch):
     script = load_script("compare_heads")
-    argv = ["--model_name_or_path", str(tiny_llama_and_rows / "model"), "--dataset", str(tiny_llama_and_rows / "rows.jsonl"),
+    rows_file = str(tiny_llama_and_rows / "rows.jsonl")
+    argv = ["--model_name_or_path", str(tiny_llama_and_rows / "model"), "--dataset", rows_file,
             "--train_templates", "0-3", "--eval_templates", "4-5", "--budgets", "1", "2", "--budget_problems", "8",
             "--batch_size", "4", "--calibration_steps", "1", "--generation_problems", "3", "--max_new_tokens", "3",
-            "--n_resamples", "50", "--max_eval_problems", "5", "--output_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"),
-            "--learning_rates", "0.003"]  # fmt: skip
+            "--n_resamples", "50", "--max_eval_problems", "5", "--output_dir", str(tmp_path / "out"),
+            "--work_dir", str(tmp_path / "work"), "--learning_rates", "0.003"]  # fmt: skip
     summary = script.main(argv)
     rows = summary["rows"]
     assert {r["method"] for r in rows.values()} == {"frozen base", *script.METHODS}
@@ -113,9 +117,8 @@ def test_compare_heads_runs_every_method_resumes_and_splits_by_template(tiny_lla
         script.main([*argv[:-2], "--validation_results", str(tmp_path / "missing.json")])
 
     # The split is by template: every held-out problem's template is outside the training templates.
-    train, held_out = script.load_rows(script.ComparisonArguments(dataset=str(tiny_llama_and_rows / "rows.jsonl"),
-                                                                  train_templates="0-3", eval_templates="4-5"))  # fmt: skip
+    options = script.ComparisonArguments(dataset=rows_file, train_templates="0-3", eval_templates="4-5")
+    train, held_out = script.load_rows(options)
     assert set(held_out["template_id"]) == {4, 5} and not set(train["template_id"]) & set(held_out["template_id"])
     with pytest.raises(ValueError, match="overlap"):
-        script.load_rows(script.ComparisonArguments(dataset=str(tiny_llama_and_rows / "rows.jsonl"),
-                                                    train_templates="0-4", eval_templates="4-5"))  # fmt: skip
+        script.load_rows(script.ComparisonArguments(dataset=rows_file, train_templates="0-4", eval_templates="4-5"))

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import randomise
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 import evaluate_math
 from backattn import GPT2BackwardAttentionForCausalLM
-from backattn.evaluation import evaluate_model
 from backattn.data.sft_data import PromptTemplate, load_math_dataset, tokenize_examples
-from conftest import randomise
+from backattn.evaluation import evaluate_model
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,18 @@ def run(model_dir, math_jsonl, tmp_path, *extra):
 def test_writes_every_metric_as_json_and_markdown(model_with_head_dir, math_jsonl, tmp_path):
     results = run(model_with_head_dir, math_jsonl, tmp_path, "--name", "head")
     scores = results["head"]
-    for key in ("target_ce", "perplexity", "answer_ce", "accuracy", "precision", "recall", "f1", "mse", "rmse", "parse_rate"):
+    for key in (
+        "target_ce",
+        "perplexity",
+        "answer_ce",
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "mse",
+        "rmse",
+        "parse_rate",
+    ):
         assert key in scores, key
     assert scores["answers_scored"] == 3
     record = json.loads((tmp_path / "eval_results.json").read_text())
@@ -84,5 +95,7 @@ def test_lm_evaluation_harness_loglikelihood_equals_ours(model_with_head_dir):
         for context, continuation in pairs:
             context_ids, continuation_ids = tokenizer(context)["input_ids"], tokenizer(continuation)["input_ids"]
             log_probs = model(torch.tensor([context_ids + continuation_ids])).logits[0].log_softmax(-1)
-            ours.append(sum(log_probs[len(context_ids) - 1 + i, token].item() for i, token in enumerate(continuation_ids)))
+            ours.append(
+                sum(log_probs[len(context_ids) - 1 + i, token].item() for i, token in enumerate(continuation_ids))
+            )
     assert theirs == pytest.approx(ours, abs=1e-4)

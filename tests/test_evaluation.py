@@ -75,8 +75,8 @@ def test_target_and_answer_loss_equal_a_manual_computation(tiny_gpt2_dir, gpt2_t
     import torch.nn.functional as F
 
     from backattn import GPT2BackwardAttentionForCausalLM
-    from backattn.evaluation import target_token_loss
     from backattn.data.sft_data import PromptTemplate, SFTCollator, tokenize_examples
+    from backattn.evaluation import target_token_loss
 
     gpt2_tokenizer.pad_token = gpt2_tokenizer.eos_token
     rows = [{"problem": f"What is {a} + 3?", "generated_solution": f"{a} + 3 = {a + 3}.", "expected_answer": str(a + 3)}
@@ -95,3 +95,100 @@ def test_target_and_answer_loss_equal_a_manual_computation(tiny_gpt2_dir, gpt2_t
     assert scores["target_ce"] == pytest.approx(torch.cat(losses["labels"]).mean().item(), rel=1e-5)
     assert scores["answer_ce"] == pytest.approx(torch.cat(losses["answer_labels"]).mean().item(), rel=1e-5)
     assert scores["answer_tokens"] == sum(len(x) for x in losses["answer_labels"]) < scores["target_tokens"]
+
+
+def test_per_problem_scores_match_one_problem_at_a_time(tiny_gpt2_dir, gpt2_tokenizer):
+    import datasets
+
+    from backattn import GPT2BackwardAttentionForCausalLM
+    from backattn.data.sft_data import PromptTemplate, SFTCollator, tokenize_examples
+    from backattn.evaluation import per_problem_scores
+
+    gpt2_tokenizer.pad_token = gpt2_tokenizer.eos_token
+    rows = [{"problem": f"What is {a} + 3?", "generated_solution": f"{a} + 3 = {a + 3}.", "expected_answer": str(a + 3)}
+            for a in (4, 120, 7)]  # fmt: skip
+    examples, _ = tokenize_examples(datasets.Dataset.from_list(rows), gpt2_tokenizer, PromptTemplate(), 64)
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(tiny_gpt2_dir, head_config="seed").eval()
+    collator = SFTCollator(gpt2_tokenizer, answer_labels=True)
+    batched = per_problem_scores(model, examples, collator, batch_size=3)  # padded to the longest
+    alone = [per_problem_scores(model, examples.select([i]), collator, batch_size=1) for i in range(3)]
+    for key in ("target_loss", "target_tokens", "answer_loss", "answer_tokens", "answer_correct"):
+        assert batched[key] == pytest.approx([scores[key][0] for scores in alone], rel=1e-5)
+    assert all(0 <= c <= n for c, n in zip(batched["answer_correct"], batched["answer_tokens"]))
+
+
+@pytest.mark.parametrize(
+    "text, loops",
+    [
+        ("The final answer is 5. " * 3, False),  # every 6-gram at most twice
+        ("The final answer is 5. " * 4, True),
+        ("He pays 3 + 4 = 7 dollars. " + "So he has 7 apples and 7 pears left. " * 3, True),
+        ("She has 5 apples. She buys 5 apples. She eats 5 apples. She has 10 apples now.", False),
+        ("short", False),
+        ("", False),
+    ],
+)
+def test_repetition_detector_on_crafted_loops_and_non_loops(text, loops):
+    from backattn.evaluation import repeats_itself
+
+    assert repeats_itself(text) is loops
+
+
+def test_distractors_are_near_wrong_and_fixed():
+    from backattn.evaluation import distractors
+
+    for answer in ("18", "0", "1", "1000", "3.5", "-4"):
+        chosen = distractors(answer, "Tom has apples.")
+        assert len(set(chosen)) == 3 and answer not in chosen
+        assert chosen == distractors(answer, "Tom has apples.")  # the same on every call and machine
+        if "." not in answer:
+            assert all("." not in c for c in chosen)
+        if not answer.startswith("-"):
+            assert all(not c.startswith("-") for c in chosen)
+    assert distractors("18", "a") != distractors("18", "b") or distractors("18", "c") != distractors("18", "a")
+    assert distractors("18", "Tom has apples.") == ["16", "8", "28"]  # pinned: the rule must not drift
+
+
+def test_continuations_scored_from_one_shared_prefix_equal_full_forwards(tiny_gpt2_dir):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from backattn.evaluation import continuation_log_likelihoods
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    prefix, continuations = [5, 17, 300, 2], [[7], [8, 9, 10], [11, 12]]
+    scores = continuation_log_likelihoods(model, prefix, continuations)
+    with torch.no_grad():
+        for score, tokens in zip(scores, continuations):
+            log_probs = torch.log_softmax(model(torch.tensor([prefix + tokens])).logits[0].float(), -1)
+            expected = sum(log_probs[len(prefix) - 1 + i, t] for i, t in enumerate(tokens))
+            assert score == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_multiple_choice_picks_the_line_the_model_prefers(gpt2_tokenizer):
+    import torch
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from backattn.data.sft_data import PromptTemplate
+    from backattn.evaluation import distractors, multiple_choice
+
+    class Prefers(torch.nn.Module):
+        """Logits that favour one token at every position: the line holding that token must win."""
+
+        def __init__(self, token):
+            super().__init__()
+            self.token, self.anchor = token, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
+            logits = torch.zeros(*input_ids.shape, len(gpt2_tokenizer))
+            logits[..., self.token] = 10.0
+            return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values or DynamicCache())
+
+    row = {"problem": "Tom has apples.", "generated_solution": "He has 9 + 9 = 18 apples.", "expected_answer": "18"}
+    wrong = distractors("18", row["problem"])[0]
+    for favoured, right in (("18", 1.0), (wrong, 0.0)):
+        model = Prefers(gpt2_tokenizer(" " + favoured)["input_ids"][0])
+        for after_solution in (False, True):
+            picked = multiple_choice(model, gpt2_tokenizer, [row], PromptTemplate(), after_solution=after_solution)
+            assert picked == {"correct": [right], "correct_normalised": [right]}

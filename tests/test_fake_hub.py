@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fake_hub import FakeHub, git_blob_sha1
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -21,8 +22,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-from fake_hub import FakeHub, git_blob_sha1
 
 REPO = "fake-user/tiny-adapter"
 CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
@@ -121,8 +120,7 @@ def test_offline_in_subprocess_reads_shared_cache(hub, api, adapter_dir, tmp_pat
         f"print(hf_hub_download({REPO!r}, 'adapter_config.json', endpoint=sys.argv[1]))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    out = subprocess.run([sys.executable, "-c", script, hub.url], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "-c", script, hub.url], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     offline = out.stdout.strip().splitlines()[-1]
     assert offline == online
@@ -150,8 +148,9 @@ def test_second_commit_and_download_of_main(hub, api, adapter_dir, tmp_path):
     assert json.loads(Path(new).read_text()) == new_config
     assert (cache / f"models--{REPO.replace('/', '--')}" / "refs" / "main").read_text() == second.oid
     # the old commit stays reachable by sha
-    by_sha = hf_hub_download(REPO, "adapter_config.json", revision=first.oid, endpoint=hub.url,
-                             cache_dir=tmp_path / "other-cache")
+    by_sha = hf_hub_download(
+        REPO, "adapter_config.json", revision=first.oid, endpoint=hub.url, cache_dir=tmp_path / "other-cache"
+    )
     assert json.loads(Path(by_sha).read_text()) == CONFIG
 
     # nothing changed => no commit, the client answers with the current head
@@ -245,7 +244,8 @@ def test_seeding_range_and_stale_parent_commit(hub, api, adapter_dir, tmp_path):
     assert r.status_code == 206 and r.content == b"234" and r.headers["Content-Range"] == "bytes 2-4/10"
 
     with pytest.raises(HfHubHTTPError) as err:  # someone committed since `parent_commit`
-        api.upload_folder(repo_id=REPO, folder_path=adapter_dir, commit_message="late",
-                          parent_commit=hub.commits(REPO)[0].oid)
+        api.upload_folder(
+            repo_id=REPO, folder_path=adapter_dir, commit_message="late", parent_commit=hub.commits(REPO)[0].oid
+        )
     assert err.value.response.status_code == 412
     assert hub.head(REPO) == sha

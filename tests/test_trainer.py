@@ -8,8 +8,8 @@ from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from backattn import GPT2BackwardAttentionForCausalLM
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
-from backattn.head_files import HEAD_WEIGHTS_NAME
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
+from backattn.head_files import HEAD_WEIGHTS_NAME
 from backattn.trainer import HeadTrainer
 
 

@@ -77,7 +77,8 @@ def test_nothing_usable_is_an_error(gpt2_tokenizer):
 
 
 def test_openmathinstruct2_columns_from_a_local_parquet_file(tmp_path, gpt2_tokenizer):
-    """A parquet file in the OpenMathInstruct-2 schema (problem, generated_solution, expected_answer, problem_source)."""
+    """A parquet file in the OpenMathInstruct-2 schema (problem, generated_solution, expected_answer,
+    problem_source)."""
     rows = {
         "problem": ["Solve for y: $y + 2 = 5$", "Eva drives 20 miles a day for 10 days. How far?"],
         "generated_solution": ["Subtract 2: $y = \\boxed{3}$.", "20 * 10 = 200 miles."],
