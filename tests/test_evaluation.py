@@ -69,21 +69,30 @@ def test_answer_metrics_when_nothing_parses():
         answer_metrics(["1", "2"], ["1"])
 
 
-def test_target_and_answer_loss_equal_a_manual_computation(tiny_gpt2_dir, gpt2_tokenizer):
+@pytest.fixture
+def three_sums(tiny_gpt2_dir, gpt2_tokenizer):
+    """Three tokenized problems of different lengths, a tiny GPT-2 with a head, and the evaluation collator."""
     import datasets
-    import torch
-    import torch.nn.functional as F
 
     from backattn import GPT2BackwardAttentionForCausalLM
     from backattn.data.sft_data import PromptTemplate, SFTCollator, tokenize_examples
-    from backattn.evaluation import target_token_loss
 
     gpt2_tokenizer.pad_token = gpt2_tokenizer.eos_token
     rows = [{"problem": f"What is {a} + 3?", "generated_solution": f"{a} + 3 = {a + 3}.", "expected_answer": str(a + 3)}
             for a in (4, 120, 7)]  # fmt: skip
     examples, _ = tokenize_examples(datasets.Dataset.from_list(rows), gpt2_tokenizer, PromptTemplate(), 64)
     model = GPT2BackwardAttentionForCausalLM.from_pretrained(tiny_gpt2_dir, head_config="seed").eval()
-    scores = target_token_loss(model, examples, SFTCollator(gpt2_tokenizer, answer_labels=True), batch_size=2)
+    return examples, model, SFTCollator(gpt2_tokenizer, answer_labels=True)
+
+
+def test_target_and_answer_loss_equal_a_manual_computation(three_sums):
+    import torch
+    import torch.nn.functional as F
+
+    from backattn.evaluation import target_token_loss
+
+    examples, model, collator = three_sums
+    scores = target_token_loss(model, examples, collator, batch_size=2)
     losses = {"labels": [], "answer_labels": []}
     with torch.no_grad():
         for example in examples:  # one at a time, no padding
@@ -97,19 +106,10 @@ def test_target_and_answer_loss_equal_a_manual_computation(tiny_gpt2_dir, gpt2_t
     assert scores["answer_tokens"] == sum(len(x) for x in losses["answer_labels"]) < scores["target_tokens"]
 
 
-def test_per_problem_scores_match_one_problem_at_a_time(tiny_gpt2_dir, gpt2_tokenizer):
-    import datasets
-
-    from backattn import GPT2BackwardAttentionForCausalLM
-    from backattn.data.sft_data import PromptTemplate, SFTCollator, tokenize_examples
+def test_per_problem_scores_match_one_problem_at_a_time(three_sums):
     from backattn.evaluation import per_problem_scores
 
-    gpt2_tokenizer.pad_token = gpt2_tokenizer.eos_token
-    rows = [{"problem": f"What is {a} + 3?", "generated_solution": f"{a} + 3 = {a + 3}.", "expected_answer": str(a + 3)}
-            for a in (4, 120, 7)]  # fmt: skip
-    examples, _ = tokenize_examples(datasets.Dataset.from_list(rows), gpt2_tokenizer, PromptTemplate(), 64)
-    model = GPT2BackwardAttentionForCausalLM.from_pretrained(tiny_gpt2_dir, head_config="seed").eval()
-    collator = SFTCollator(gpt2_tokenizer, answer_labels=True)
+    examples, model, collator = three_sums
     batched = per_problem_scores(model, examples, collator, batch_size=3)  # padded to the longest
     alone = [per_problem_scores(model, examples.select([i]), collator, batch_size=1) for i in range(3)]
     for key in ("target_loss", "target_tokens", "answer_loss", "answer_tokens", "answer_correct"):
