@@ -159,15 +159,16 @@ def _format_number(value: Fraction) -> str:
 
 
 @torch.no_grad()
-def continuation_log_likelihoods(model, prefix: list[int], continuations: list[list[int]]) -> list[float]:
-    """``log p(c | prefix)`` for each token list ``c``: one forward of the shared prefix, whose key-value cache
-    then serves every continuation at once (a batch of the continuations, right-padded)."""
-    device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-    first = torch.log_softmax(out.logits[0, -1].float(), -1)
+def shared_prefix_outputs(module, prefix: list[int], continuations: list[list[int]], field: str = "logits"):
+    """One forward of the shared ``prefix``, whose key-value cache then serves every continuation at once (a
+    batch of the continuations, right-padded). Returns ``field`` of the outputs (``"logits"`` of a causal LM,
+    ``"last_hidden_state"`` of its decoder) at the prefix's last position and at every continuation position:
+    ``(width,)`` and ``(len(continuations), longest, width)``."""
+    device = next(module.parameters()).device
     lengths = [len(c) for c in continuations]
     if min(lengths) < 1:
         raise ValueError("Every continuation needs at least one token.")
+    out = module(input_ids=torch.tensor([prefix], device=device), use_cache=True)
     ids = torch.zeros(len(continuations), max(lengths), dtype=torch.long, device=device)
     for row, tokens in enumerate(continuations):
         ids[row, : len(tokens)] = torch.tensor(tokens)
@@ -175,16 +176,51 @@ def continuation_log_likelihoods(model, prefix: list[int], continuations: list[l
     cache.batch_repeat_interleave(len(continuations))
     real = torch.arange(ids.shape[1], device=device) < torch.tensor(lengths, device=device)[:, None]
     mask = torch.cat([real.new_ones(len(continuations), len(prefix)), real], dim=1).long()
-    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
-    log_probs = torch.log_softmax(logits, -1)
+    rest = module(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    return out[field][0, -1], rest[field]
+
+
+def continuation_scores(
+    first_logits: torch.Tensor, logits: torch.Tensor, continuations: list[list[int]]
+) -> list[float]:
+    """``log p(c | prefix)`` of each continuation ``c`` from the logits :func:`shared_prefix_outputs` gives."""
+    first, log_probs = torch.log_softmax(first_logits.float(), -1), torch.log_softmax(logits.float(), -1)
     scores = []
     for row, tokens in enumerate(continuations):
-        rest = log_probs[row, : len(tokens) - 1].gather(-1, ids[row, 1 : len(tokens), None]).sum()
+        following = torch.tensor(tokens[1:], device=log_probs.device)
+        rest = log_probs[row, : len(tokens) - 1].gather(-1, following[:, None]).sum()
         scores.append(float(first[tokens[0]] + rest))
     return scores
 
 
-def multiple_choice(model, tokenizer, rows, template, after_solution: bool, progress: bool = False) -> dict[str, list]:
+def continuation_log_likelihoods(model, prefix: list[int], continuations: list[list[int]]) -> list[float]:
+    """``log p(c | prefix)`` under a causal LM for each token list ``c``, the prefix run once."""
+    return continuation_scores(*shared_prefix_outputs(model, prefix, continuations), continuations)
+
+
+def choice_tokens(tokenizer, row: dict, template, after_solution: bool) -> tuple[list[int], list[list[int]]]:
+    """The shared prefix and the final-answer lines (gold first, then the three :func:`distractors`) of one
+    problem, tokenized exactly as the training targets are (see :func:`multiple_choice`)."""
+    answers = [row["expected_answer"], *distractors(row["expected_answer"], row["problem"])]
+    prompt_ids = tokenizer(template.render_prompt(row))["input_ids"]
+    token_lists = []
+    for answer in answers:
+        target = template.render_target({**row, "expected_answer": answer})
+        line_start = target.rfind("\n", 0, target.rfind(answer)) + 1
+        if not after_solution:
+            target, line_start = target[line_start:], 0
+        encoded = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+        first_line_token = next(i for i, (start, end) in enumerate(encoded["offset_mapping"]) if end > line_start)
+        token_lists.append((encoded["input_ids"], first_line_token))
+    shared = min(first for _, first in token_lists)
+    if any(ids[:shared] != token_lists[0][0][:shared] for ids, _ in token_lists):
+        raise ValueError(f"The candidates' targets differ before their final-answer line: {row['problem']!r}.")
+    return prompt_ids + token_lists[0][0][:shared], [ids[shared:] for ids, _ in token_lists]
+
+
+def multiple_choice(
+    model, tokenizer, rows, template, after_solution: bool, progress: bool = False, scorer=None
+) -> dict[str, list]:
     """Per problem: does the gold final-answer line out-score three :func:`distractors`?
 
     The candidates are the target's final-answer line (for the default template ``The final answer is N.``)
@@ -192,27 +228,16 @@ def multiple_choice(model, tokenizer, rows, template, after_solution: bool, prog
     alone (*direct*: the answer without written reasoning) or the prompt and the gold solution
     (``after_solution``: copying the result the reasoning reached). ``correct``: the gold line has the highest
     log-likelihood; ``correct_normalised``: the highest log-likelihood per token (ties count as wrong).
+    ``scorer(index, prefix, lines)`` replaces :func:`continuation_log_likelihoods` under ``model`` (for
+    scores computed from cached base states).
     """
     results: dict[str, list] = {"correct": [], "correct_normalised": []}
-    model.eval()
-    for row in tqdm(rows, desc="Multiple choice", disable=not progress):
-        answers = [row["expected_answer"], *distractors(row["expected_answer"], row["problem"])]
-        prompt_ids = tokenizer(template.render_prompt(row))["input_ids"]
-        token_lists = []
-        for answer in answers:
-            target = template.render_target({**row, "expected_answer": answer})
-            line_start = target.rfind("\n", 0, target.rfind(answer)) + 1
-            if not after_solution:
-                target, line_start = target[line_start:], 0
-            encoded = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
-            first_line_token = next(i for i, (start, end) in enumerate(encoded["offset_mapping"]) if end > line_start)
-            token_lists.append((encoded["input_ids"], first_line_token))
-        shared = min(first for _, first in token_lists)
-        prefix = prompt_ids + token_lists[0][0][:shared]
-        if any(ids[:shared] != token_lists[0][0][:shared] for ids, _ in token_lists):
-            raise ValueError(f"The candidates' targets differ before their final-answer line: {row['problem']!r}.")
-        lines = [ids[shared:] for ids, _ in token_lists]
-        scores = continuation_log_likelihoods(model, prefix, lines)
+    if model is not None:
+        model.eval()
+    scorer = scorer or (lambda index, prefix, lines: continuation_log_likelihoods(model, prefix, lines))
+    for index, row in enumerate(tqdm(rows, desc="Multiple choice", disable=not progress)):
+        prefix, lines = choice_tokens(tokenizer, row, template, after_solution)
+        scores = scorer(index, prefix, lines)
         normalised = [score / len(line) for score, line in zip(scores, lines)]
         results["correct"].append(float(all(scores[0] > s for s in scores[1:])))
         results["correct_normalised"].append(float(all(normalised[0] > s for s in normalised[1:])))

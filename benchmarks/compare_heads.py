@@ -43,6 +43,7 @@ from pathlib import Path
 import datasets
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -52,6 +53,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.modeling_outputs import CausalLMOutput
 from transformers.utils import logging
 
 from backattn import BackwardAttentionConfig, family_for
@@ -68,12 +70,15 @@ from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.evaluation import (
     answers_match,
+    choice_tokens,
+    continuation_scores,
     generate_solutions,
     multiple_choice,
     parse_final_answer,
     parse_number,
     per_problem_scores,
     repeats_itself,
+    shared_prefix_outputs,
 )
 from backattn.offline import smollm2_path
 
@@ -135,21 +140,28 @@ class ComparisonArguments:
 
 @dataclass(frozen=True)
 class Method:
-    """How to build one competitor on a fresh base; ``features``: it trains from cached base features."""
+    """How to build one competitor on a fresh base.
+
+    ``features``: it trains from cached base features. ``output_side``: its logits are a function of the frozen
+    base's final hidden states alone, so it is scored from the base's held-out states, computed once.
+    """
 
     build: Callable  # (base path, reference parameters) -> model whose trainable parameters are the method's
     features: bool = False
+    output_side: bool = False
 
 
 def _head(preset: str) -> Method:
     def build(base: str, budget: int):
         return family_for(AutoConfig.from_pretrained(base).model_type).from_pretrained(base, head_config=preset)
 
-    return Method(build, features=True)
+    return Method(build, features=True, output_side=True)
 
 
-def _plain(attach: Callable, features: bool = False) -> Method:
-    return Method(lambda base, budget: attach(AutoModelForCausalLM.from_pretrained(base), budget), features)
+def _plain(attach: Callable, features: bool = False, output_side: bool = False) -> Method:
+    return Method(
+        lambda base, budget: attach(AutoModelForCausalLM.from_pretrained(base), budget), features, output_side
+    )
 
 
 def _rank(model, budget: int) -> int:
@@ -161,10 +173,10 @@ def _rank(model, budget: int) -> int:
 METHODS: dict[str, Method] = {
     "head hidden": _head("hidden"),
     "LoRA attention": _plain(lambda m, budget: lora_on_attention(m, budget)),
-    "LM-Steer": _plain(lambda m, budget: lm_steer(m, _rank(m, budget)), features=True),
+    "LM-Steer": _plain(lambda m, budget: lm_steer(m, _rank(m, budget)), features=True, output_side=True),
     "LoReFT (hook)": _plain(lambda m, budget: loreft_on_last_layer(m, _rank(m, budget))),
     "IA3": _plain(lambda m, budget: ia3_on_top_layers(m, budget)),
-    "LoRA output layer": _plain(lambda m, budget: lora_on_output_layer(m, rank=1)),
+    "LoRA output layer": _plain(lambda m, budget: lora_on_output_layer(m, rank=1), output_side=True),
     "head gated": _head("gated"),
     "head seed": _head("seed"),
 }
@@ -307,16 +319,88 @@ def generation_subset(examples, count: int) -> list[int]:
 # scoring
 
 
-def score(model, tokenizer, examples, options, generate: bool) -> dict[str, list]:
-    """Per-problem scores of one trained model on the held-out examples (lists, in the examples' order)."""
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """An output-side method's logits for the frozen base's final hidden states (... x d)."""
+    if hasattr(model, "heads"):
+        return model(base_hidden_states=hidden).logits
+    output = model.get_output_embeddings()
+    return output(hidden.to(output.weight.dtype))
+
+
+class OutputSide(torch.nn.Module):
+    """A model scored from cached base states: ``forward(base_hidden_states=...)`` gives its logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, base_hidden_states: torch.Tensor, **ignored) -> CausalLMOutput:
+        return CausalLMOutput(logits=output_logits(self.model, base_hidden_states))
+
+
+class HeldOutStates:
+    """The frozen base's final hidden states on the held-out problems, computed once for every output-side
+    method: at every position of the teacher-forced sequences (a feature cache) and at the multiple-choice
+    positions (the prefix's last and each final-answer line's, in ``choices.safetensors``)."""
+
+    def __init__(self, base: str, tokenizer, examples, options, directory: Path):
+        self.base, self.tokenizer, self.examples, self.options, self.directory = (
+            base,
+            tokenizer,
+            examples,
+            options,
+            directory,
+        )
+        self._cache = self._choices = None
+
+    def teacher_forced(self):
+        if self._cache is None:
+            plain = AutoModelForCausalLM.from_pretrained(self.base).eval()
+            self._cache = FeatureCache.build_or_load(plain, self.examples["input_ids"], self.directory, "float32",
+                                                     self.options.batch_size)  # fmt: skip
+        return CachedFeaturesDataset(self.examples, self._cache)
+
+    def choices(self, kind: str, after_solution: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        path = self.directory / f"choices-{kind}.safetensors"
+        if not path.is_file():
+            decoder = AutoModelForCausalLM.from_pretrained(self.base).eval().base_model
+            tensors = {}
+            for index, row in enumerate(tqdm(self.examples, desc=f"Base states for {kind}")):
+                prefix, lines = choice_tokens(self.tokenizer, row, PromptTemplate(), after_solution)
+                first, rest = shared_prefix_outputs(decoder, prefix, lines, field="last_hidden_state")
+                tensors[f"{index}.first"], tensors[f"{index}.rest"] = first.contiguous(), rest.contiguous()
+            temporary = path.with_name(path.name + ".tmp")
+            save_file(tensors, str(temporary))
+            os.replace(temporary, path)
+        tensors = load_file(str(path))
+        return [(tensors[f"{i}.first"], tensors[f"{i}.rest"]) for i in range(len(self.examples))]
+
+
+def score(model, tokenizer, examples, options, generate: bool, states: HeldOutStates | None = None) -> dict[str, list]:
+    """Per-problem scores of one trained model on the held-out examples (lists, in the examples' order).
+
+    With ``states`` (an output-side method), the teacher-forced and multiple-choice scores come from the
+    base's cached held-out states; they equal those of full forwards (``tests/test_benchmarks.py``).
+    """
     scores = {}
     if "teacher_forced" in options.metrics:
         collator = SFTCollator(tokenizer, answer_labels=True)
-        scores.update(per_problem_scores(model, examples, collator, options.batch_size, progress=True))
+        scorer, data = (OutputSide(model), states.teacher_forced()) if states else (model, examples)
+        scores.update(per_problem_scores(scorer, data, collator, options.batch_size, progress=True))
     if "multiple_choice" in options.metrics:
         template = PromptTemplate()
         for name, after in (("mc_direct", False), ("mc_after_solution", True)):
-            picked = multiple_choice(model, tokenizer, examples, template, after_solution=after, progress=True)
+            choose = None
+            if states is not None:
+                cached = states.choices(name, after)
+
+                def choose(index, prefix, lines, cached=cached):
+                    first, rest = cached[index]
+                    with torch.no_grad():
+                        logits = output_logits(model, torch.cat([first[None], rest.flatten(0, 1)])[None])[0]
+                    return continuation_scores(logits[0], logits[1:].unflatten(0, rest.shape[:2]), lines)
+
+            picked = multiple_choice(model, tokenizer, examples, template, after, progress=True, scorer=choose)
             scores.update({f"{name}{'' if k == 'correct' else '_normalised'}": v for k, v in picked.items()})
     if generate and "generation" in options.metrics:
         subset = generation_subset(examples, options.generation_problems)
@@ -476,6 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_scores = run.read(base_path)["scores"]
 
     features: dict[str, object] = {}
+    held_out = HeldOutStates(base, tokenizer, eval_examples, options, run.work / "held_out_states")
 
     def feature_dataset(model):
         """The cached-features training set; its build time is recorded once and charged to every user."""
@@ -546,7 +631,8 @@ def main(argv: list[str] | None = None) -> dict:
                     load_trainable(model, directory / f"checkpoint-{steps[budget]}" / TRAINABLE_NAME)
                 else:  # the budget is spent before the first step (on the feature cache): the untrained method
                     load_trainable(model, initial)
-                scores = score(model.eval(), tokenizer, eval_examples, options, generate=budget == max(options.budgets))
+                last_budget, states = budget == max(options.budgets), held_out if METHODS[name].output_side else None
+                scores = score(model.eval(), tokenizer, eval_examples, options, last_budget, states)
                 run.write(path, {
                     "method": name, "learning_rate": learning_rate, "budget": budget, "steps": steps[budget],
                     "training_seconds": steps[budget] * seconds_per_step + cache_seconds, "T_seconds": unit,

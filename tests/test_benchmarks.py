@@ -122,3 +122,33 @@ def test_compare_heads_runs_every_method_resumes_and_splits_by_template(tiny_lla
     assert set(held_out["template_id"]) == {4, 5} and not set(train["template_id"]) & set(held_out["template_id"])
     with pytest.raises(ValueError, match="overlap"):
         script.load_rows(script.ComparisonArguments(dataset=rows_file, train_templates="0-4", eval_templates="4-5"))
+
+
+@pytest.mark.parametrize("method", ["head hidden", "LM-Steer", "LoRA output layer"])
+def test_compare_heads_scores_output_side_methods_from_cached_states_exactly(method, tiny_llama_and_rows, tmp_path):
+    import torch
+
+    script = load_script("compare_heads")
+    base = str(tiny_llama_and_rows / "model")
+    options = script.ComparisonArguments(
+        model_name_or_path=base, batch_size=3, metrics=["teacher_forced", "multiple_choice"]
+    )
+    tokenizer = script.sft_tokenizer(base)
+    rows = script.load_math_dataset(str(tiny_llama_and_rows / "rows.jsonl")).select(range(5))
+    keep = ("template_id", "problem", "generated_solution")
+    examples, _ = script.tokenize_examples(rows, tokenizer, script.PromptTemplate(), 384, keep)
+    torch.manual_seed(1)
+    model = script.METHODS[method].build(base, 500)
+    with torch.no_grad():  # trained-looking weights: an untrained method would equal the base and hide a bug
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.normal_(0, 0.5)
+    model.eval()
+    states = script.HeldOutStates(base, tokenizer, examples, options, tmp_path)
+    full = script.score(model, tokenizer, examples, options, generate=False)
+    cached = script.score(model, tokenizer, examples, options, generate=False, states=states)
+    assert full.keys() == cached.keys() and "mc_after_solution" in full
+    for key in full:
+        assert cached[key] == pytest.approx(full[key], rel=1e-4, abs=1e-4), key
+    assert full["target_loss"] != pytest.approx(script.score(
+        script.METHODS[method].build(base, 500).eval(), tokenizer, examples, options, generate=False
+    )["target_loss"], rel=1e-3)  # fmt: skip
