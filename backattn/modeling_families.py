@@ -12,7 +12,7 @@ with ``trust_remote_code=True`` where ``backattn`` is not installed.
 from __future__ import annotations
 
 import logging
-import os
+
 import torch
 from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
