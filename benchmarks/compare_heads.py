@@ -132,6 +132,9 @@ class ComparisonArguments:
         metadata={"help": "The validation run whose best learning rate per method this run uses."},
     )
     seed: int = field(default=0)
+    report_only: bool = field(
+        default=False, metadata={"help": "Only write the report of the results so far (while a run goes on)."}
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -553,6 +556,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The frozen base: scored once, the reference of every paired difference.
     base_path = run.result_path("frozen base", None)
+    if options.report_only:
+        return report(run, options, run.read(base_path)["scores"], groups, time.perf_counter() - started)
     if run.read(base_path) is None:
         model = AutoModelForCausalLM.from_pretrained(base).eval()
         run.write(base_path, {"scores": score(model, tokenizer, eval_examples, options, generate=True)})

@@ -102,6 +102,9 @@ def test_compare_heads_runs_every_method_resumes_and_splits_by_template(tiny_lla
     for name in ("results.json", "results.md", "pareto_target_ce.png", "pareto_mc.png", "greedy.png"):
         assert (tmp_path / "out" / name).is_file()
 
+    # The report alone, from the results so far, without training or scoring anything.
+    assert script.main([*argv, "--report_only", "true"])["rows"].keys() == rows.keys()
+
     # A second sitting finds every result and trains nothing.
     monkeypatch.setattr(script.BudgetTrainer, "train", lambda *a, **k: pytest.fail("trained again"))
     again = script.main(argv)
