@@ -29,6 +29,7 @@ training resumes from the last budget checkpoint. Results go to ``output_dir`` (
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -737,17 +738,21 @@ def plot(rows: dict, output: Path) -> None:
         axis.axhline(base[metric]["value"], color="black", linewidth=1)
         for budget, unit in {(r["budget"], r["T_seconds"]) for r in rows.values() if "T_seconds" in r}:
             axis.axvline(budget * unit, color="black", linestyle=":", linewidth=0.8)
-        for method in methods:
-            points = sorted((r["training_seconds"], r["metrics"][metric]) for r in rows.values()
-                            if r["method"] == method and metric in r["metrics"])  # fmt: skip
+        series = sorted({(r["method"], r["learning_rate"]) for r in rows.values() if "learning_rate" in r})
+        several_rates = len(series) > len({method for method, _ in series})
+        for (method, rate), marker in zip(series, itertools.cycle("osD^v")):
+            points = sorted(((r["training_seconds"], r["metrics"][metric]) for r in rows.values()
+                             if (r["method"], r.get("learning_rate")) == (method, rate) and metric in r["metrics"]),
+                            key=lambda point: point[0])  # fmt: skip
             if not points:
                 continue
             x = [p[0] for p in points]
             y = [p[1]["value"] for p in points]
             error = [[p[1]["value"] - p[1]["low"] for p in points], [p[1]["high"] - p[1]["value"] for p in points]]
-            axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=method, color=colours[method])
+            label = f"{method}, lr {rate:g}" if several_rates else method
+            axis.errorbar(x, y, yerr=error, marker=marker, capsize=3, label=label, color=colours[method])
         axis.set_xlabel("training seconds (steps x step time + feature cache); dotted: the budgets T, 2T, 4T")
-        axis.set_ylabel(METRICS[metric][3] + " (held out)")
+        axis.set_ylabel(METRICS[metric][3] + " (on the scored templates)")
         axis.set_title(f"{METRICS[metric][3]} against training time, 95% intervals")
         axis.legend(fontsize=8)
         figure.tight_layout()
