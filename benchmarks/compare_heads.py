@@ -470,7 +470,7 @@ class Run:
         self.work = ROOT / options.work_dir / options.split_name
         self.output.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.calibration_path = self.work / "calibration.json"  # per split: each stage times itself
+        self.calibration_path = self.output / "calibration.json"  # kept with the results: later sittings reuse it
 
     def read(self, path: Path) -> dict | None:
         return json.loads(path.read_text()) if path.is_file() else None
