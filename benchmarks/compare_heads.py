@@ -107,6 +107,13 @@ class ComparisonArguments:
         default=None,
         metadata={"help": "Try each of these learning rates (a validation sweep); default: the validation choice."},
     )
+    extend_learning_rates: bool = field(
+        default=True,
+        metadata={
+            "help": "In a sweep, while a method's best rate is the grid's lowest or highest, try the next "
+            "rate beyond it on the 1-3-10 scale (at most two more)."
+        },
+    )
     budgets: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0], metadata={"help": "Budgets, in T."})
     budget_problems: int = field(default=250, metadata={"help": "T = one LoRA-on-attention epoch over this many."})
     charge_feature_cache: bool = field(
@@ -240,6 +247,46 @@ def load_trainable(model, source: Path | dict) -> None:
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)
+
+
+def budget_steps(seconds: float, step: float, cache: float, problems: int, batch_size: int) -> int:
+    """The training steps a budget of ``seconds`` affords.
+
+    A method trained from cached features pays for the cache as a run that caches while it trains would: in
+    its first epoch each step also costs the base forward over its batch (``cache / problems`` a problem);
+    after that, each step costs ``step``.
+    """
+    first_epoch = math.ceil(problems / batch_size)
+    if seconds >= first_epoch * step + cache:
+        return first_epoch + int((seconds - first_epoch * step - cache) // step)
+    return int(seconds // (step + batch_size * cache / problems))
+
+
+def charged_seconds(steps: int, step: float, cache: float, problems: int, batch_size: int) -> float:
+    """The training seconds of ``steps`` steps, charged as :func:`budget_steps` charges them."""
+    return steps * step + cache * min(1.0, steps * batch_size / problems)
+
+
+#: The learning-rate scale a sweep extends on: 1e-6, 3e-6, 1e-5, ..., 0.3.
+RATE_SCALE = [m * 10.0**e for e in range(-6, 0) for m in (1, 3)]
+
+
+def rate_beyond_edge(losses: dict[float, float]) -> float | None:
+    """The next rate past the grid's edge if the lowest loss sits at that edge (and the rate is new), else None."""
+    rates = sorted(losses)
+    best = min(rates, key=lambda rate: losses[rate])
+    if len(rates) < 2 or best not in (rates[0], rates[-1]):
+        return None
+    nearest = min(range(len(RATE_SCALE)), key=lambda i: abs(math.log(RATE_SCALE[i] / best)))
+    index = nearest - 1 if best == rates[0] else nearest + 1
+    if not 0 <= index < len(RATE_SCALE) or any(math.isclose(RATE_SCALE[index], r) for r in rates):
+        return None
+    return RATE_SCALE[index]
+
+
+def _finite(loss: float) -> float:
+    """A diverged run's loss (NaN) ranks last."""
+    return loss if math.isfinite(loss) else math.inf
 
 
 class SaveAtSteps(TrainerCallback):
@@ -586,66 +633,84 @@ def main(argv: list[str] | None = None) -> dict:
         return features["dataset"], features["seconds"]
 
     def trainer_for(name: str, learning_rate: float, max_steps: int = 1, callbacks=None):
-        """A fresh model of the method and its trainer; the method's step time, calibrated once."""
+        """A fresh model of the method and its trainer."""
         set_seed(options.seed)
         method = METHODS[name]
         model = method.build(base, budget_parameters)
-        dataset, cache_seconds = feature_dataset(model) if method.features else (train_examples, 0.0)
-        cache_seconds = cache_seconds if options.charge_feature_cache else 0.0
+        dataset = feature_dataset(model)[0] if method.features else train_examples
         directory = run.work / f"{name} lr={learning_rate:g}".replace(" ", "_")
-        trainer = BudgetTrainer(model=model, args=training_arguments(options, directory, learning_rate, max_steps),
-                                train_dataset=dataset, data_collator=collator, callbacks=callbacks)  # fmt: skip
-        key = f"step_seconds:{name}:{options.batch_size}"
-        if key not in run.calibration():
-            run.calibrate(key, step_seconds(trainer, options.calibration_steps))
-            run.calibrate(f"load_average_after:{name}", os.getloadavg()[0])
-        return trainer, run.calibration()[key], cache_seconds
+        return BudgetTrainer(model=model, args=training_arguments(options, directory, learning_rate, max_steps),
+                             train_dataset=dataset, data_collator=collator, callbacks=callbacks)  # fmt: skip
+
+    def step_key(name: str) -> str:
+        return f"step_seconds:{name}:{options.batch_size}"
 
     # Every method's step time, back to back (one machine state for all), before anything trains.
     for name in dict.fromkeys(["LoRA attention", *options.methods]):
-        trainer_for(name, CALIBRATION_LEARNING_RATE)
+        if step_key(name) not in run.calibration() or (METHODS[name].features and not features):
+            trainer = trainer_for(name, CALIBRATION_LEARNING_RATE)
+            if step_key(name) not in run.calibration():
+                run.calibrate(step_key(name), step_seconds(trainer, options.calibration_steps))
+                run.calibrate(f"load_average_after:{name}", os.getloadavg()[0])
+            del trainer
     # T: one LoRA-on-attention epoch over budget_problems problems, at LoRA's calibrated step time.
-    lora_step = run.calibration()[f"step_seconds:LoRA attention:{options.batch_size}"]
-    unit = math.ceil(options.budget_problems / options.batch_size) * lora_step
-    for name in options.methods:
-        for learning_rate in options.learning_rates or [learning_rates[name]]:
-            run_name = f"{name} lr={learning_rate:g}"
-            if all(run.read(run.result_path(run_name, b)) for b in options.budgets):
+    unit = math.ceil(options.budget_problems / options.batch_size) * run.calibration()[step_key("LoRA attention")]
+
+    def train_and_score(name: str, learning_rate: float) -> None:
+        """Train once to the largest budget, checkpointing at each; score every budget's checkpoint."""
+        run_name = f"{name} lr={learning_rate:g}"
+        if all(run.read(run.result_path(run_name, b)) for b in options.budgets):
+            return
+        seconds_per_step = run.calibration()[step_key(name)]
+        cache = features["seconds"] if METHODS[name].features and options.charge_feature_cache else 0.0
+        problems = len(train_examples)
+        steps = {b: budget_steps(b * unit, seconds_per_step, cache, problems, options.batch_size)
+                 for b in options.budgets}  # fmt: skip
+        last = max(steps.values())
+        trainer = trainer_for(name, learning_rate, last, [SaveAtSteps(set(steps.values()))])
+        model, directory = trainer.model, Path(trainer.args.output_dir)
+        print(
+            f"\n{run_name}: {trainable_parameters(model):,} trainable parameters, {seconds_per_step:.2f} s a step, "
+            f"cache {cache:.0f} s, T = {unit:.0f} s, steps per budget {steps}",
+            file=sys.stderr,
+        )
+        initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        finished = sorted(int(p.name.split("-")[1]) for p in directory.glob("checkpoint-*"))
+        if last and (not finished or finished[-1] < last):
+            trainer.train(resume_from_checkpoint=str(directory / f"checkpoint-{finished[-1]}") if finished else None)
+        for budget in options.budgets:
+            path = run.result_path(run_name, budget)
+            if run.read(path):
                 continue
-            trainer, seconds_per_step, cache_seconds = trainer_for(name, learning_rate)
-            steps = {b: max(0, int((b * unit - cache_seconds) // seconds_per_step)) for b in options.budgets}
-            model, last = trainer.model, max(steps.values())
-            print(
-                f"\n{run_name}: {trainable_parameters(model):,} trainable parameters, {seconds_per_step:.2f} s a "
-                f"step, cache {cache_seconds:.0f} s, T = {unit:.0f} s, steps per budget {steps}",
-                file=sys.stderr,
-            )
-            initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            directory = Path(trainer.args.output_dir)
-            finished = sorted(int(p.name.split("-")[1]) for p in directory.glob("checkpoint-*"))
-            if last and (not finished or finished[-1] < last):
-                trainer, _, _ = trainer_for(name, learning_rate, last, [SaveAtSteps(set(steps.values()))])
-                model = trainer.model
-                trainer.train(
-                    resume_from_checkpoint=str(directory / f"checkpoint-{finished[-1]}") if finished else None
-                )
-            for budget in options.budgets:
-                path = run.result_path(run_name, budget)
-                if run.read(path):
-                    continue
-                if steps[budget]:
-                    load_trainable(model, directory / f"checkpoint-{steps[budget]}" / TRAINABLE_NAME)
-                else:  # the budget is spent before the first step (on the feature cache): the untrained method
-                    load_trainable(model, initial)
-                last_budget, states = budget == max(options.budgets), held_out if METHODS[name].output_side else None
-                scores = score(model.eval(), tokenizer, eval_examples, options, last_budget, states)
-                run.write(path, {
-                    "method": name, "learning_rate": learning_rate, "budget": budget, "steps": steps[budget],
-                    "training_seconds": steps[budget] * seconds_per_step + cache_seconds, "T_seconds": unit,
-                    "step_seconds": seconds_per_step, "feature_cache_seconds": cache_seconds,
-                    "trainable_parameters": trainable_parameters(model), "scores": scores,
-                })  # fmt: skip
-            del model, trainer
+            if steps[budget]:
+                load_trainable(model, directory / f"checkpoint-{steps[budget]}" / TRAINABLE_NAME)
+            else:  # the budget is spent before the first step: the untrained method
+                load_trainable(model, initial)
+            last_budget, states = budget == max(options.budgets), held_out if METHODS[name].output_side else None
+            scores = score(model.eval(), tokenizer, eval_examples, options, last_budget, states)
+            run.write(path, {
+                "method": name, "learning_rate": learning_rate, "budget": budget, "steps": steps[budget],
+                "training_seconds": charged_seconds(steps[budget], seconds_per_step, cache, problems,
+                                                    options.batch_size),
+                "T_seconds": unit, "step_seconds": seconds_per_step, "feature_cache_seconds": cache,
+                "trainable_parameters": trainable_parameters(model), "scores": scores,
+            })  # fmt: skip
+
+    def validation_target_ce(name: str, learning_rate: float) -> float:
+        result = run.read(run.result_path(f"{name} lr={learning_rate:g}", max(options.budgets)))
+        return _finite(sum(result["scores"]["target_loss"]) / sum(result["scores"]["target_tokens"]))
+
+    for name in options.methods:
+        rates = list(options.learning_rates or [learning_rates[name]])
+        for learning_rate in rates:
+            train_and_score(name, learning_rate)
+        while options.learning_rates and options.extend_learning_rates and len(rates) < len(options.learning_rates) + 2:
+            beyond = rate_beyond_edge({rate: validation_target_ce(name, rate) for rate in rates})
+            if beyond is None:
+                break
+            print(f"\n{name}: the best rate is at the grid's edge; trying {beyond:g}", file=sys.stderr)
+            rates.append(beyond)
+            train_and_score(name, beyond)
     return report(run, options, base_scores, groups, time.perf_counter() - started)
 
 
@@ -669,7 +734,7 @@ def report(run: Run, options, base_scores: dict, groups: list[int], seconds: flo
     for name in METHODS:
         candidates = [r for r in rows.values() if r["method"] == name and r["budget"] == max(options.budgets)]
         if candidates and all("target_ce" in r["metrics"] for r in candidates):
-            chosen[name] = min(candidates, key=lambda r: r["metrics"]["target_ce"]["value"])["learning_rate"]
+            chosen[name] = min(candidates, key=lambda r: _finite(r["metrics"]["target_ce"]["value"]))["learning_rate"]
     summary = {"options": asdict(options), "rows": rows, "chosen_learning_rates": chosen,
                "held_out_problems": len(groups), "held_out_templates": len(set(groups)),
                "wall_seconds_this_sitting": seconds}  # fmt: skip

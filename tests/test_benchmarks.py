@@ -155,3 +155,30 @@ def test_compare_heads_scores_output_side_methods_from_cached_states_exactly(met
     assert full["target_loss"] != pytest.approx(script.score(
         script.METHODS[method].build(base, 500).eval(), tokenizer, examples, options, generate=False
     )["target_loss"], rel=1e-3)  # fmt: skip
+
+
+def test_compare_heads_charges_the_feature_cache_through_the_first_epoch():
+    script = load_script("compare_heads")
+    # 100 problems, batches of 10: a first-epoch step costs 1 s + 10 problems x 0.5 s of cache = 6 s.
+    steps, charged = script.budget_steps, script.charged_seconds
+    assert steps(59.9, 1.0, 50.0, 100, 10) == 9 and steps(60.0, 1.0, 50.0, 100, 10) == 10
+    assert charged(9, 1.0, 50.0, 100, 10) == 54.0 and charged(10, 1.0, 50.0, 100, 10) == 60.0
+    # After the first epoch (10 steps, 60 s) the cache is paid for: each further step costs 1 s.
+    assert steps(72.5, 1.0, 50.0, 100, 10) == 22 and charged(22, 1.0, 50.0, 100, 10) == 72.0
+    # A budget smaller than one step affords none; without a cache, steps are seconds over step time.
+    assert steps(5.9, 1.0, 50.0, 100, 10) == 0 and steps(7.0, 2.0, 0.0, 100, 10) == 3
+    for seconds in (0.0, 3.0, 33.3, 60.0, 61.0, 500.0):  # never charged more than the budget
+        assert charged(steps(seconds, 1.0, 50.0, 100, 10), 1.0, 50.0, 100, 10) <= seconds
+
+
+def test_compare_heads_extends_the_learning_rate_grid_only_past_a_winning_edge():
+    script = load_script("compare_heads")
+    beyond = script.rate_beyond_edge
+    assert beyond({1e-3: 1.0, 3e-3: 1.1, 1e-2: 1.2}) == pytest.approx(3e-4)
+    assert beyond({1e-3: 1.2, 3e-3: 1.1, 1e-2: 1.0}) == pytest.approx(3e-2)
+    assert beyond({1e-3: 1.2, 3e-3: 1.0, 1e-2: 1.1}) is None  # the best is inside the grid
+    assert beyond({3e-4: 1.0, 1e-3: 1.1}) == pytest.approx(1e-4)
+    assert beyond({1e-3: 1.0}) is None  # one rate has no edge to go past
+    assert beyond({0.1: 1.0, 0.3: 0.9}) is None  # the scale ends at 0.3
+    # A diverged run (NaN) ranks last.
+    assert script._finite(float("nan")) == float("inf") and script._finite(1.5) == 1.5
