@@ -11,10 +11,12 @@ output layer; PEFT IA3; LM-Steer (trained from cached features too); a LoReFT in
 
 Equal wall-clock: ``T`` is one LoRA-on-attention epoch over ``budget_problems`` problems. Each method trains
 once at a constant learning rate after warm-up and is scored at ``T``, ``2T``, ``4T`` training-seconds, where
-a method's seconds are its steps times its step time (the median of ``calibration_steps`` timed steps, taken
-once per method and kept in ``calibration.json``), plus, for a method trained from cached features, the
-recorded time of building that cache. The learning rate of each method is the one with the lowest target
-cross-entropy on the validation split (whole training templates held out), read from that run's results.
+a method's seconds are its steps times its step time (the median of ``calibration_steps`` whole ``Trainer``
+steps, data loading and optimiser included, timed once per method and kept in ``calibration.json``), plus,
+for a method trained from cached features, the recorded time of building that cache, paid through the first
+epoch as a run that caches while it trains would pay it (:func:`budget_steps`). The learning rate of each
+method is the one with the lowest target cross-entropy on the validation split (whole training templates
+held out, a grid extended past a winning edge), read from that run's results.
 
 Held-out metrics, each with a 95% bootstrap interval resampling templates then problems
 (:mod:`backattn.bootstrap`), and the paired difference to the frozen base: target-token CE and perplexity,
@@ -309,19 +311,30 @@ def training_arguments(options, directory: Path, learning_rate: float, max_steps
     )  # fmt: skip
 
 
+class StepClock(TrainerCallback):
+    """The wall time between consecutive optimiser steps of a ``Trainer`` run (batch loading included)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
 def step_seconds(trainer: BudgetTrainer, steps: int) -> float:
-    """Median seconds of one forward and backward pass over the first batches (2 untimed first); no update."""
-    model, times = trainer.model, []
-    model.train()
-    for index, batch in enumerate(trainer.get_train_dataloader()):
-        if index >= steps + 2:
-            break
-        started = time.perf_counter()
-        trainer.compute_loss(model, {k: v.to(trainer.args.device) for k, v in batch.items()}).backward()
-        if index >= 2:
-            times.append(time.perf_counter() - started)
+    """Median seconds of one whole training step of ``trainer`` (data, forward, backward, optimiser, logging),
+    over ``steps`` steps after 2 untimed ones; the trainer's model is left as it was."""
+    model = trainer.model
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    clock = StepClock()
+    trainer.add_callback(clock)
+    trainer.args.max_steps = steps + 3
+    trainer.train()
+    trainer.remove_callback(clock)
+    load_trainable(model, initial)
     model.zero_grad(set_to_none=True)
-    return statistics.median(times)
+    intervals = [b - a for a, b in zip(clock.ends[2:], clock.ends[3:])]
+    return statistics.median(intervals)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -632,13 +645,15 @@ def main(argv: list[str] | None = None) -> dict:
             )
         return features["dataset"], features["seconds"]
 
-    def trainer_for(name: str, learning_rate: float, max_steps: int = 1, callbacks=None):
-        """A fresh model of the method and its trainer."""
+    def trainer_for(name: str, learning_rate: float, max_steps: int = 0, callbacks=None):
+        """A fresh model of the method and its trainer (``max_steps=0``: to time its steps)."""
         set_seed(options.seed)
         method = METHODS[name]
         model = method.build(base, budget_parameters)
         dataset = feature_dataset(model)[0] if method.features else train_examples
-        directory = run.work / f"{name} lr={learning_rate:g}".replace(" ", "_")
+        directory = run.work / (f"{name} lr={learning_rate:g}" if max_steps else f"calibration/{name}").replace(
+            " ", "_"
+        )
         return BudgetTrainer(model=model, args=training_arguments(options, directory, learning_rate, max_steps),
                              train_dataset=dataset, data_collator=collator, callbacks=callbacks)  # fmt: skip
 
