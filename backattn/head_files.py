@@ -8,8 +8,10 @@ A saved head is a directory (local, or a Hub repo) holding
 * ``head.safetensors``: the head's tensors alone (never the embedding table), loaded with safetensors only;
 * ``README.md``: a model card made from ``templates/model_card.md``.
 
-Writing is atomic per file (a temporary name, then ``os.replace``), the config last; the config's checksum
-of the weights makes a mismatched or damaged pair fail loudly on reading instead of loading wrong weights.
+Writing is atomic for the directory as a whole: the head is staged in a sibling directory that then takes
+the directory's place in one step (:func:`write_head`), writers of one directory take a lock, and readers
+read both files from one version of the directory. The config's checksum of the weights makes a mismatched
+or damaged pair fail loudly on reading instead of loading wrong weights.
 
 The model's ``save_head``, ``load_head`` (with ``hotswap=``) and ``push_head_to_hub`` are :func:`save_head`,
 :func:`load_head` and :func:`push_head_to_hub` here. Head files of every format version so far load; version
@@ -18,10 +20,14 @@ The model's ``save_head``, ``load_head`` (with ``hotswap=``) and ``push_head_to_
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
+import sys
 import tempfile
 import uuid
 import warnings
@@ -33,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .configuration_backattn import BackwardAttentionConfig
+from .errors import BackattnValueError, HeadFileError
 
 HEAD_CONFIG_NAME = "head_config.json"
 HEAD_WEIGHTS_NAME = "head.safetensors"
@@ -50,16 +57,116 @@ def embedding_fingerprint(embeddings: torch.Tensor) -> str:
     return "sha256-bf16:" + digest.hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+# --------------------------------------------------------------------------------------------------------
+# writing a head directory atomically
+#
+# The head is written into a staging sibling ``.<name>.tmp-<id>``, which then takes the place of ``<name>``
+# in one step: ``renameat2(RENAME_EXCHANGE)`` on Linux swaps the two directories atomically, so at every
+# instant ``<name>`` is the old complete head or the new one. Where the system cannot swap directories,
+# two renames do it (``<name>`` -> ``.<name>.old-<id>``, staging -> ``<name>``) and a reader that finds no
+# ``<name>`` in between reads the old one. Writers of one directory are serialised by a ``filelock`` lock.
+# Whatever a killed save leaves (staging or old siblings) is ignored by readers and cleared by the next save.
+
+STAGING_INFIX, OLD_INFIX = ".tmp-", ".old-"
+LOCK_TIMEOUT_SECONDS = 600.0
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _after(step: str) -> None:
+    """Called after each step of a save; fault-injection tests replace it to kill the process there."""
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2``); False where the system or filesystem cannot."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _siblings(directory: Path, infix: str) -> list[Path]:
+    return sorted(directory.parent.glob(f".{directory.name}{infix}*"))
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
     try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        os.fsync(descriptor)
     finally:
-        temporary.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _carry_over(source: Path, target: Path, ours: set[str]) -> None:
+    """Hard-link (or copy) every entry of ``source`` that is not one of our files into ``target``."""
+    for entry in source.iterdir():
+        if entry.name in ours:
+            continue
+        destination = target / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, destination, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, destination)
+
+
+def _link_or_copy(source, destination) -> None:
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), destination)
+        return
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def writer_lock(directory: Path):
+    """The inter-process lock of one head directory's writers (a lock file in backattn's cache directory, so
+    head directories and their parents stay free of lock files)."""
+    from filelock import FileLock
+
+    from backattn.data.cache_dirs import default_cache_dir  # absolute: Transformers reads relative imports as files
+
+    locks = default_cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:32]
+    return FileLock(locks / f"head-{key}.lock", timeout=LOCK_TIMEOUT_SECONDS)
+
+
+def _recover(directory: Path) -> None:
+    """Under the writer lock: restore a head a killed two-rename save left aside, clear every other leftover."""
+    if not directory.exists() and _siblings(directory, OLD_INFIX):
+        os.rename(_siblings(directory, OLD_INFIX)[-1], directory)
+    for leftover in (*_siblings(directory, STAGING_INFIX), *_siblings(directory, OLD_INFIX)):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _check_model_card(directory: Path, overwrite_model_card: bool) -> None:
+    """Refuse to replace a ``README.md`` that the previous save into ``directory`` did not write."""
+    card = directory / MODEL_CARD_NAME
+    if overwrite_model_card or not card.is_file():
+        return
+    try:
+        recorded = json.loads((directory / HEAD_CONFIG_NAME).read_text()).get("model_card_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != hashlib.sha256(card.read_bytes()).hexdigest():
+        raise HeadFileError(
+            f"{card} was not written by backattn (or was edited since): saving the head would replace it. Save "
+            "into another directory, move the file, pass model_card=False to keep it, or overwrite_model_card=True."
+        )
 
 
 def write_head(
@@ -67,29 +174,78 @@ def write_head(
     state_dict: dict[str, torch.Tensor],
     record: dict[str, Any],
     model_card: str | None,
+    overwrite_model_card: bool = False,
 ) -> Path:
-    """Write a head's weights, model card and config (in that order, each atomically); return the directory.
+    """Write a head's weights, model card and config as one directory, atomically; return the directory.
 
     Everything is serialised in memory first, so an error there (a bad tensor, a value JSON cannot hold)
-    leaves whatever the directory held before untouched.
+    changes nothing on disk. Entries of an existing directory that are not the head's files are kept.
     """
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"Cannot save a head to {directory}: it is a file, not a directory.")
+        raise HeadFileError(f"Cannot save a head to {directory}: it is a file, not a directory. Give a directory path.")
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
     for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"Refusing to save head tensor {name!r}: it holds NaN or inf values.")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise HeadFileError(f"Refusing to save head tensor {name!r}: it holds NaN or inf values.")
     weights = save(tensors, metadata={"format": "pt", "backattn_head": str(FORMAT_VERSION)})
+    card = model_card.encode() if model_card is not None else None
     record = {**record, "format_version": FORMAT_VERSION, "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    if card is not None:
+        record["model_card_sha256"] = hashlib.sha256(card).hexdigest()
     config = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
 
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / HEAD_WEIGHTS_NAME, weights)
-    if model_card is not None:
-        _write_atomically(directory / MODEL_CARD_NAME, model_card.encode())
-    _write_atomically(directory / HEAD_CONFIG_NAME, config)
+    from filelock import Timeout
+
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with writer_lock(directory):
+            _recover(directory)
+            if card is not None:
+                _check_model_card(directory, overwrite_model_card)
+            staging = directory.parent / f".{directory.name}{STAGING_INFIX}{uuid.uuid4().hex[:12]}"
+            staging.mkdir()
+            try:
+                _write_file(staging / HEAD_WEIGHTS_NAME, weights)
+                _after("weights")
+                if card is not None:
+                    _write_file(staging / MODEL_CARD_NAME, card)
+                    _after("card")
+                _write_file(staging / HEAD_CONFIG_NAME, config)
+                _after("config")
+                ours = {HEAD_WEIGHTS_NAME, HEAD_CONFIG_NAME} | ({MODEL_CARD_NAME} if card is not None else set())
+                if directory.is_dir():
+                    _carry_over(directory, staging, ours)
+                    _after("carried")
+                _fsync_directory(staging)
+                _swap_in(staging, directory)
+                _fsync_directory(directory.parent)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)  # the old head after a swap, or a failed staging
+    except Timeout as error:
+        raise HeadFileError(
+            f"Another process has been saving a head into {directory} for {LOCK_TIMEOUT_SECONDS:.0f} s; wait for "
+            "it to finish, or save into another directory."
+        ) from error
+    except OSError as error:
+        raise HeadFileError(
+            f"Could not save the head to {directory} ({error.strerror or error}); the directory holds what it held "
+            "before. Free disk space or choose a writable directory."
+        ) from error
     return directory
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Put ``staging`` at ``directory``; afterwards ``staging`` holds the old directory, if any."""
+    if not directory.exists():
+        os.rename(staging, directory)
+    elif not _exchange(staging, directory):
+        old = directory.parent / f".{directory.name}{OLD_INFIX}{uuid.uuid4().hex[:12]}"
+        os.rename(directory, old)
+        _after("set aside")
+        os.rename(staging, directory)
+        os.rename(old, staging)
+    _after("swapped")
 
 
 def resolve_head_directory(
@@ -107,15 +263,26 @@ def resolve_head_directory(
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    if not path.exists() and _siblings(path, OLD_INFIX):  # a two-rename save is between its renames
+        return _siblings(path, OLD_INFIX)[-1]
     if path.exists():
-        raise ValueError(f"{path} is a file; a head is a directory holding {HEAD_CONFIG_NAME} and {HEAD_WEIGHTS_NAME}.")
+        raise HeadFileError(
+            f"{path} is a file; a head is a directory holding {HEAD_CONFIG_NAME} and {HEAD_WEIGHTS_NAME}."
+        )
+    text = str(name_or_path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or (path.parent != Path(".") and path.parent.is_dir()):
+        raise HeadFileError(
+            f"No head directory {path}: it does not exist here (read as a local path, since "
+            f"{'its parent ' + str(path.parent) + ' exists' if path.parent.is_dir() else 'it is not a Hub id'}). "
+            "Check the path, or give a Hub repo id (owner/name)."
+        )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(
             snapshot_download(
-                str(name_or_path),
+                text,
                 revision=revision,
                 token=token,
                 cache_dir=cache_dir,
@@ -129,45 +296,97 @@ def resolve_head_directory(
             )
         )
     except HFValidationError as error:
-        raise ValueError(f"{name_or_path!r} is neither a local directory nor a valid Hub repo id.") from error
+        raise HeadFileError(f"{text!r} is neither a local directory nor a valid Hub repo id.") from error
+    except RepositoryNotFoundError as error:
+        raise HeadFileError(
+            f"{text!r} is not a local directory, and the Hub has no repo of that id you can read: check the id, "
+            "or log in (huggingface-cli login / token=) for a private or gated repo."
+        ) from error
+    except LocalEntryNotFoundError as error:
+        raise HeadFileError(
+            f"{text!r} is not a local directory, and it is not in the local Hub cache while offline "
+            "(HF_HUB_OFFLINE=1 or local_files_only=True): download it once online, or give its local directory."
+        ) from error
+
+
+def _read_snapshot(directory: Path) -> tuple[bytes | None, bytes | None]:
+    """The config's and the weights' bytes (None where missing), both from one version of the directory.
+
+    Both files are opened relative to one open handle of the directory; if a save swapped the directory
+    meanwhile (its inode changed) and a file vanished or the pair does not match, the read is repeated.
+    """
+    for _ in range(5):
+        handle = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            contents = []
+            for name in (HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME):
+                try:
+                    descriptor = os.open(name, os.O_RDONLY, dir_fd=handle)
+                except FileNotFoundError:
+                    contents.append(None)
+                    continue
+                with open(descriptor, "rb") as file:
+                    contents.append(file.read())
+            swapped = os.stat(directory).st_ino != os.fstat(handle).st_ino
+        finally:
+            os.close(handle)
+        config, weights = contents
+        if not swapped or (config is not None and weights is not None and _matches(config, weights)):
+            return config, weights
+    return config, weights
+
+
+def _matches(config: bytes, weights: bytes) -> bool:
+    try:
+        return json.loads(config).get("weights_sha256") == hashlib.sha256(weights).hexdigest()
+    except (ValueError, AttributeError):
+        return False
 
 
 def read_head(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The record of ``head_config.json`` and the tensors of ``head.safetensors``, checked against each other."""
     config_path, weights_path = directory / HEAD_CONFIG_NAME, directory / HEAD_WEIGHTS_NAME
-    if not weights_path.is_file():
-        pickles = (
-            sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES) if directory.is_dir() else []
-        )
+    config, weights = _read_snapshot(directory)
+    if weights is None:
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise ValueError(
+            raise HeadFileError(
                 f"{directory} holds {', '.join(pickles)} but no {HEAD_WEIGHTS_NAME}: pickle files are never loaded "
                 "(unpickling can run arbitrary code). Convert the weights to safetensors and save them again."
             )
-        raise FileNotFoundError(f"No head weights in {directory}: {HEAD_WEIGHTS_NAME} is missing.")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"No head config in {directory}: {HEAD_CONFIG_NAME} is missing.")
+        raise HeadFileError(f"No head weights in {directory}: {HEAD_WEIGHTS_NAME} is missing.")
+    if config is None:
+        raise HeadFileError(f"No head config in {directory}: {HEAD_CONFIG_NAME} is missing.")
     try:
-        record = json.loads(config_path.read_text())
+        record = json.loads(config)
         if not isinstance(record, dict) or not isinstance(record.get("head_options"), dict):
             raise ValueError("it has no 'head_options' object")
     except ValueError as error:
-        raise ValueError(f"{config_path} is not a valid head config ({error}); save the head again.") from error
-
-    weights = weights_path.read_bytes()
+        raise HeadFileError(f"{config_path} is not a valid head config ({error}); save the head again.") from error
+    version = record.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise HeadFileError(
+            f"{config_path} has format_version {version!r}, newer than this backattn reads ({FORMAT_VERSION}): "
+            "upgrade backattn (pip install -U backattn)."
+        )
     expected = record.get("weights_sha256")
     if expected is not None and hashlib.sha256(weights).hexdigest() != expected:
-        raise ValueError(
+        raise HeadFileError(
             f"{weights_path} does not match its config (SHA-256 differs): the file is truncated, corrupted or "
             "from another save. Save or download the head again."
         )
     try:
         tensors = load(weights)
     except SafetensorError as error:
-        raise ValueError(f"{weights_path} is not a readable safetensors file ({error}).") from error
+        raise HeadFileError(f"{weights_path} is not a readable safetensors file ({error}).") from error
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{weights_path}: tensor {name!r} holds NaN or inf values; the head is damaged.")
+        if not tensor.is_floating_point():
+            raise HeadFileError(
+                f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}; a head's weights are floating point. "
+                "Save the head again with save_head."
+            )
+        if not torch.isfinite(tensor).all():
+            raise HeadFileError(f"{weights_path}: tensor {name!r} holds NaN or inf values; the head is damaged.")
     return record, tensors
 
 
@@ -235,15 +454,20 @@ def save_head(
     training_data: str | None = None,
     metrics: dict | str | None = None,
     metadata: dict | None = None,
+    model_card: bool = True,
+    overwrite_model_card: bool = False,
 ) -> Path:
     """Save one head (default: the active one) on its own: config, safetensors weights and model card.
 
-    Only the head's tensors are written, never the base's. Each file is written under a temporary name
-    and renamed into place, so a save that fails leaves the directory as it was.
+    Only the head's tensors are written, never the base's. The directory is replaced as a whole, atomically
+    (see :func:`write_head`): at every instant it holds the old complete head or the new one, and a save
+    that fails leaves it as it was. Other files in it are kept. A ``README.md`` that an earlier save did not
+    write makes the save refuse, unless ``model_card=False`` (keep it, write no card) or
+    ``overwrite_model_card=True``.
     """
     head_name = head_name or model.config.active_head
     if head_name is None:
-        raise ValueError("No head is active; name the head to save with head_name=.")
+        raise BackattnValueError("No head is active; name the head to save with head_name=, or set_head(name) first.")
     head = model.heads.require(head_name)
     record = {
         "head_name": head_name,
@@ -257,7 +481,7 @@ def save_head(
     }
     num_parameters = sum(p.numel() for p in head.parameters())
     card = render_model_card(head_name, record, num_parameters, task=task, training_data=training_data, metrics=metrics)
-    return write_head(save_directory, head.state_dict(), record, card)
+    return write_head(save_directory, head.state_dict(), record, card if model_card else None, overwrite_model_card)
 
 
 def load_head(
@@ -290,19 +514,21 @@ def load_head(
     if hotswap:
         model.heads.require(head_name)
     elif head_name in model.heads:
-        raise ValueError(
+        raise BackattnValueError(
             f"A head named {head_name!r} is already loaded; pass another head_name=, hotswap=True, or "
             "delete_head it first."
         )
     head_config = head_options(record)
     if head_config.vocab_size is None or head_config.hidden_size is None:
-        raise ValueError(f"The head config in {directory} does not record the base's vocab_size and hidden_size.")
+        raise HeadFileError(f"The head config in {directory} does not record the base's vocab_size and hidden_size.")
     head = model.build_head(head_config)
     _check_fingerprint(model, record, head_name, head_name_or_path, ignore_base_mismatch)
     try:
         head.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"The weights in {directory} do not fit the head described by its config: {error}") from error
+        raise HeadFileError(
+            f"The weights in {directory} do not fit the head described by its config: {error}"
+        ) from error
     if hotswap:
         hotswap_weights(model.heads[head_name], head, head_name)
         return head_name
@@ -323,7 +549,7 @@ def _check_fingerprint(model, record: dict, head_name: str, source, ignore_base_
         f"{record.get('embedding_fingerprint')} differs from this model's {fingerprint}."
     )
     if not ignore_base_mismatch:
-        raise ValueError(message + " Load it on the base it was trained on, or pass ignore_base_mismatch=True.")
+        raise BackattnValueError(message + " Load it on the base it was trained on, or pass ignore_base_mismatch=True.")
     warnings.warn(message + " Loading it anyway (ignore_base_mismatch=True).", stacklevel=3)
 
 
@@ -331,7 +557,7 @@ def hotswap_weights(resident: torch.nn.Module, loaded: torch.nn.Module, head_nam
     """Copy ``loaded``'s weights into ``resident`` in place (as PEFT's ``hotswap``: an optimiser holding the
     resident parameters keeps them); the two heads' options must be the same."""
     if resident.config != loaded.config:
-        raise ValueError(
+        raise BackattnValueError(
             f"Cannot hotswap head {head_name!r}: the saved head's options {loaded.config.to_dict()} differ from "
             f"the resident head's {resident.config.to_dict()}."
         )

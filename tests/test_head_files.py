@@ -5,11 +5,16 @@ The Hub's servers cannot be reached from here: the `hub` fixture serves tests/fa
 their place. The client side is the real huggingface_hub; backattn calls only its public API.
 """
 
+import errno
+import itertools
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
 from backattn import GPT2BackwardAttentionForCausalLM
+from backattn.errors import HeadFileError
 from backattn.head_files import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, MODEL_CARD_NAME
 
 
@@ -85,11 +91,11 @@ def test_missing_files(loaded, tmp_path):
     model, root = loaded
     bad = copy_head(root, "sentiment", tmp_path)
     (bad / HEAD_WEIGHTS_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match="head.safetensors is missing"):
+    with pytest.raises(HeadFileError, match="head.safetensors is missing"):
         model.load_head(bad)
     bad = copy_head(root, "math", tmp_path, copy_name="no-config")
     (bad / HEAD_CONFIG_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match="head_config.json is missing"):
+    with pytest.raises(HeadFileError, match="head_config.json is missing"):
         model.load_head(bad, head_name="other")
 
 
@@ -161,9 +167,10 @@ def test_failed_save_leaves_the_previous_head_intact(loaded, tmp_path, monkeypat
 
     monkeypatch.setattr(head_files.os, "fsync", fail)
     model.add_head("seed", head_name="new")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(HeadFileError, match=r"\(disk full\); the directory holds what it held before"):
         model.save_head(target, head_name="new")
-    assert {f.name: f.read_bytes() for f in target.iterdir()} == before  # no temporary files left either
+    assert {f.name: f.read_bytes() for f in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == []  # no staging left
     model.delete_head("new")
     model.set_head("math")
 
@@ -233,7 +240,7 @@ def test_push_then_pull_by_repo_id_then_offline_from_the_cache(hub, base_dir, tm
 def test_offline_pull_of_an_uncached_repo_fails_clearly_and_changes_nothing(hub, base_dir, tmp_path, monkeypatch):
     model = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir, head_config="gated").eval()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with hub.as_default_endpoint(), pytest.raises(FileNotFoundError, match="outgoing traffic has been disabled"):
+    with hub.as_default_endpoint(), pytest.raises(HeadFileError, match="not in the local Hub cache while offline"):
         model.load_head("fake-user/never-pushed", cache_dir=tmp_path / "empty-cache")
     assert model.list_heads() == ["default"] and model.active_head() == "default"
 
@@ -333,3 +340,190 @@ def test_a_model_saved_by_version_0_1_0_loads(base_dir, tmp_path):
         assert type(reloaded) is GPT2BackwardAttentionForCausalLM and reloaded.list_heads() == ["math"]
         assert reloaded.config.heads["math"]["num_attention_heads"] == 2
         assert torch.equal(logits(reloaded), logits(model.eval()))
+
+
+# --------------------------------------------------------------------------------------------------------
+# the directory as a whole: atomic replacement, kills, concurrent writers, foreign files
+
+OURS = (HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, MODEL_CARD_NAME)
+
+
+@pytest.fixture
+def two_heads(saved_heads, base_dir, tmp_path):
+    """A model holding 'math' and 'sentiment', each head's files as one save writes them, and a target
+    directory holding 'math' and a file of the user's."""
+    root, _ = saved_heads
+    model = fresh_base(base_dir, root / "math", root / "sentiment")
+    files = {}
+    for name in ("math", "sentiment"):
+        directory = model.save_head(tmp_path / f"reference-{name}", head_name=name)
+        files[name] = head_files_of(directory)
+    target = model.save_head(tmp_path / "parent" / "target", head_name="math")
+    (target / "notes.txt").write_text("mine")
+    return model, files, target
+
+
+def head_files_of(directory):
+    """A head directory's files, by content: the config (less the weights' checksum, which covers the order of
+    the safetensors metadata, not fixed across processes), the card, and each tensor's exact bytes."""
+    state = {}
+    if (directory / HEAD_CONFIG_NAME).is_file():
+        state[HEAD_CONFIG_NAME] = {**json.loads((directory / HEAD_CONFIG_NAME).read_text()), "weights_sha256": None}
+    if (directory / MODEL_CARD_NAME).is_file():
+        state[MODEL_CARD_NAME] = (directory / MODEL_CARD_NAME).read_bytes()
+    if (directory / HEAD_WEIGHTS_NAME).is_file():
+        tensors = load_file(str(directory / HEAD_WEIGHTS_NAME))
+        state[HEAD_WEIGHTS_NAME] = {k: (v.dtype, tuple(v.shape), v.numpy().tobytes()) for k, v in tensors.items()}
+    return state
+
+
+def in_child(action):
+    """Run ``action`` in a forked child (which ends with os._exit); wait for it; return its exit status."""
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            action()
+        finally:
+            os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+def kill_at(step):
+    from backattn import head_files
+
+    def after(reached):
+        if reached == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    head_files._after = after
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+@pytest.mark.parametrize("step", ["weights", "card", "config", "carried", "set aside", "swapped"])
+def test_a_save_killed_after_any_step_leaves_the_old_head_or_the_new_one(two_heads, step, exchange, monkeypatch):
+    from backattn import head_files
+
+    if not exchange:
+        monkeypatch.setattr(head_files, "_exchange", lambda first, second: False)
+    elif step == "set aside":
+        pytest.skip("an exchange has no set-aside step")
+    model, files, target = two_heads
+
+    def save():
+        kill_at(step)
+        model.save_head(target, head_name="sentiment")
+
+    assert os.WTERMSIG(in_child(save)) == signal.SIGKILL
+    model.load_head(target, head_name="after-kill")  # readable: never a half-written head
+    model.delete_head("after-kill")
+    state = head_files_of(target) if target.is_dir() else head_files_of(head_files.resolve_head_directory(target))
+    assert state == files["sentiment" if step == "swapped" else "math"]
+    # The next save clears what the killed one left and keeps the user's file.
+    model.save_head(target, head_name="sentiment")
+    assert head_files_of(target) == files["sentiment"] and (target / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["target"]
+
+
+def test_saves_killed_at_random_moments_always_leave_a_whole_head(two_heads):
+    model, files, target = two_heads
+    random_state = random.Random(0)
+    outcomes = {"math": 0, "sentiment": 0}
+    for kill in range(24):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for index in itertools.count():
+                    model.save_head(target, head_name=("math", "sentiment")[index % 2])
+            finally:
+                os._exit(0)
+        time.sleep(random_state.uniform(0.0, 0.3))  # a save takes a few ms: many finish first
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        from backattn.head_files import read_head, resolve_head_directory
+
+        record, _ = read_head(resolve_head_directory(target))  # checks the weights against the config
+        state = head_files_of(resolve_head_directory(target))
+        assert state in (files["math"], files["sentiment"]), f"kill {kill}"
+        outcomes[record["head_name"]] += 1
+    print(f"24 random kills during repeated saves: every head whole ({outcomes})")
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_concurrent_writers_are_serialised_and_readers_never_see_a_broken_head(two_heads):
+    from backattn.head_files import read_head
+
+    model, files, target = two_heads
+
+    def writer(name):
+        return lambda: [model.save_head(target, head_name=name) for _ in range(16)]
+
+    children = []
+    for name in ("math", "sentiment"):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                writer(name)()
+            finally:
+                os._exit(0)
+        children.append(pid)
+    reads, running = 0, set(children)
+    while running:
+        record, _ = read_head(target)  # raises on a mismatched or partial pair
+        assert record["head_name"] in ("math", "sentiment")
+        reads += 1
+        running -= {pid for pid in running if os.waitpid(pid, os.WNOHANG)[0] == pid}
+    assert head_files_of(target) in (files["math"], files["sentiment"]) and reads > 0
+
+
+def test_a_readme_that_is_not_ours_is_never_replaced(two_heads):
+    model, files, target = two_heads
+    model.save_head(target, head_name="sentiment")  # our own card is replaced silently
+    assert head_files_of(target) == files["sentiment"]
+    (target / MODEL_CARD_NAME).write_text("# my own notes\n")
+    with pytest.raises(HeadFileError, match="was not written by backattn"):
+        model.save_head(target, head_name="math")
+    assert (target / MODEL_CARD_NAME).read_text() == "# my own notes\n"
+    assert head_files_of(target)[HEAD_WEIGHTS_NAME] == files["sentiment"][HEAD_WEIGHTS_NAME]
+    model.save_head(target, head_name="math", model_card=False)  # keep the user's card
+    assert (target / MODEL_CARD_NAME).read_text() == "# my own notes\n"
+    assert head_files_of(target)[HEAD_WEIGHTS_NAME] == files["math"][HEAD_WEIGHTS_NAME]
+    model.save_head(target, head_name="math", overwrite_model_card=True)
+    assert head_files_of(target) == files["math"]
+
+
+def test_a_full_disk_keeps_the_old_head(two_heads, monkeypatch):
+    from backattn import head_files
+
+    model, files, target = two_heads
+    real = head_files._write_file
+
+    def fill_up(path, data):
+        if path.name == HEAD_CONFIG_NAME:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(head_files, "_write_file", fill_up)
+    with pytest.raises(HeadFileError, match="No space left on device.*holds what it held before"):
+        model.save_head(target, head_name="sentiment")
+    assert head_files_of(target) == files["math"] and sorted(p.name for p in target.parent.iterdir()) == ["target"]
+
+
+def test_unreadable_head_files_are_refused_clearly(two_heads, tmp_path):
+    model, _, target = two_heads
+    record = json.loads((target / HEAD_CONFIG_NAME).read_text())
+    future = copy_head(target.parent, "target", tmp_path, "future")
+    (future / HEAD_CONFIG_NAME).write_text(json.dumps({**record, "format_version": 999}))
+    with pytest.raises(HeadFileError, match="format_version 999, newer than this backattn reads"):
+        model.load_head(future, head_name="future")
+    integers = copy_head(target.parent, "target", tmp_path, "integers")
+    tensors = {k: (v * 100).to(torch.int64) for k, v in load_file(str(target / HEAD_WEIGHTS_NAME)).items()}
+    save_file(tensors, str(integers / HEAD_WEIGHTS_NAME))
+    (integers / HEAD_CONFIG_NAME).write_text(json.dumps({**record, "weights_sha256": None}))
+    with pytest.raises(HeadFileError, match="has dtype torch.int64; a head's weights are floating point"):
+        model.load_head(integers, head_name="integers")
+    with pytest.raises(HeadFileError, match=r"No head directory .*its parent .* exists"):
+        model.load_head(target.parent / "tagret", head_name="typo")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(HeadFileError, match="it is a file, not a directory"):
+        model.save_head(tmp_path / "a-file", head_name="math")
+    assert model.list_heads() == ["math", "sentiment"]
