@@ -8,14 +8,20 @@
 
 Only the head trains; checkpoints hold the head and its optimiser state, and ``--resume_from_checkpoint``
 continues a run. With ``--feature_cache`` (the default) the frozen base's final hidden states are computed
-once and every epoch trains from them. At the end: the head with its model card in ``output_dir``, a loss
-curve (``loss_curve.png``), and a table comparing the trained head with the frozen base on held-out data.
+once and every epoch trains from them. At the end: the head with its model card in ``output_dir/head`` (saved
+before the held-out evaluation, then again with its metrics), a loss curve (``loss_curve.png``), and a table
+comparing the trained head with the frozen base on held-out data. An ``output_dir`` holding an earlier run is
+refused unless ``--resume_from_checkpoint`` (which skips incomplete checkpoints) or ``--overwrite_output_dir``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from transformers import AutoConfig, HfArgumentParser, TrainingArguments, set_se
 from backattn import DEFAULT_PRESET, BackwardAttentionConfig, family_for
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
+from backattn.errors import BackattnValueError, RunDirectoryError
 from backattn.evaluation import evaluate_model, results_table
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, default_cache_dir, resolve_base_model
 from backattn.trainer import HeadTrainer
@@ -55,9 +62,9 @@ class HeadArguments:
             try:
                 options = json.loads(options)
             except json.JSONDecodeError as error:
-                raise ValueError(f"--head_options is not valid JSON: {error}.") from error
+                raise BackattnValueError(f"--head_options is not valid JSON: {error}.") from error
         if options is not None and not isinstance(options, dict):
-            raise ValueError("--head_options must be a JSON object of head options.")
+            raise BackattnValueError("--head_options must be a JSON object of head options.")
         return BackwardAttentionConfig.from_preset(self.preset, **(options or {}))
 
 
@@ -110,6 +117,11 @@ class SFTTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2)
     seed: int = field(default=42)
     dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available)  # no warning on CPU
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace an earlier run in output_dir (its checkpoints and results; its head is replaced "
+                  "only once the new one is saved). Without it, such a directory is refused unless resuming."},
+    )  # fmt: skip
 
 
 def parse_arguments(argv: list[str] | None = None):
@@ -128,24 +140,128 @@ def check_arguments(head_args, data_args, training_args) -> tuple[BackwardAttent
     head_config = head_args.head_config()
     template = PromptTemplate(prompt=data_args.prompt_template, target=data_args.target_template)
     if data_args.streaming and data_args.max_train_samples is None:
-        raise ValueError("--streaming keeps the first --max_train_samples rows: set --max_train_samples.")
+        raise BackattnValueError("--streaming keeps the first --max_train_samples rows: set --max_train_samples.")
     if data_args.feature_cache_dtype not in ("float16", "float32"):
-        raise ValueError(f"--feature_cache_dtype must be float16 or float32, got {data_args.feature_cache_dtype!r}.")
-    if data_args.max_length <= 0 or data_args.eval_size <= 0:
-        raise ValueError("--max_length and --eval_size must be positive.")
+        raise BackattnValueError(
+            f"--feature_cache_dtype must be float16 or float32, got {data_args.feature_cache_dtype!r}."
+        )
+    positive = {
+        "--max_length": data_args.max_length,
+        "--eval_size": data_args.eval_size,
+        "--per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "--per_device_eval_batch_size": training_args.per_device_eval_batch_size,
+        "--gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise BackattnValueError(f"{name} must be positive, got {value}.")
+    for name, value in (("--max_new_tokens", data_args.max_new_tokens),
+                        ("--num_generation_examples", data_args.num_generation_examples)):  # fmt: skip
+        if value < 0:
+            raise BackattnValueError(f"{name} must be 0 or more, got {value}.")
+    rate = training_args.learning_rate
+    if not math.isfinite(rate) or rate <= 0:
+        raise BackattnValueError(f"--learning_rate must be a positive number, got {rate}.")
+    if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
+        raise BackattnValueError(
+            "Nothing to train: --max_steps is 0 or --num_train_epochs is not positive; the head would be saved "
+            "untrained. Set --max_steps or --num_train_epochs above 0."
+        )
     if training_args.gradient_checkpointing:
-        raise ValueError(
+        raise BackattnValueError(
             "--gradient_checkpointing forces gradients through the frozen base; head-only training needs none."
         )
     if training_args.label_smoothing_factor > 0:
-        raise ValueError("--label_smoothing_factor is not supported: the Trainer would not shift this model's labels.")
+        raise BackattnValueError(
+            "--label_smoothing_factor is not supported: the Trainer would not shift this model's labels."
+        )
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint and checkpoint not in ("True", "true") and not Path(checkpoint).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {checkpoint} is not a directory.")
+        raise RunDirectoryError(f"--resume_from_checkpoint {checkpoint} is not a directory.")
     for source in (data_args.dataset, data_args.eval_dataset):
         if source and Path(source).suffix in (".json", ".jsonl", ".parquet", ".csv") and not Path(source).is_file():
-            raise FileNotFoundError(f"No data file at {source}.")
+            raise BackattnValueError(f"No data file at {source}: check the path given to --dataset/--eval_dataset.")
+    check_output_dir(training_args)
     return head_config, template
+
+
+#: What a run writes into its output directory, besides checkpoints (head files at the top: backattn 0.1.0).
+RUN_OUTPUTS = ("head", "eval_results.json", "comparison.md", "loss_curve.png", "head_config.json", "head.safetensors")
+
+
+def earlier_run(output_dir: Path) -> list[str]:
+    """What an earlier run left in ``output_dir``: its checkpoints and outputs."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if p.name in RUN_OUTPUTS or p.name.startswith("checkpoint-"))
+
+
+def check_output_dir(training_args) -> None:
+    """``output_dir`` is a writable directory, and holds no earlier run unless resuming or overwriting."""
+    output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunDirectoryError(f"--output_dir {output_dir} is a file; give a directory.")
+    found = earlier_run(output_dir)
+    if found and not training_args.resume_from_checkpoint and not training_args.overwrite_output_dir:
+        raise RunDirectoryError(
+            f"--output_dir {output_dir} holds an earlier run ({', '.join(found[:4])}{', ...' * (len(found) > 4)}): "
+            "resume it with --resume_from_checkpoint True, replace it with --overwrite_output_dir true, or "
+            "choose another --output_dir."
+        )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise RunDirectoryError(f"--output_dir {output_dir} is not writable ({error.strerror}).") from error
+
+
+def check_base_config(config, data_args) -> None:
+    """Settings that need the base's config, checked right after reading it (before data or weights)."""
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context and data_args.max_length + data_args.max_new_tokens > context:
+        raise BackattnValueError(
+            f"--max_length {data_args.max_length} + --max_new_tokens {data_args.max_new_tokens} exceeds the base's "
+            f"context window of {context} tokens: lower one of them."
+        )
+
+
+def resume_checkpoint(output_dir: Path) -> str:
+    """The newest complete checkpoint in ``output_dir``; incomplete ones (a killed save) are skipped, and said."""
+    from backattn.head_files import read_head
+
+    skipped = []
+    for checkpoint in sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())  # written last: the save finished
+            read_head(checkpoint)
+        except (OSError, ValueError) as error:
+            skipped.append(f"{checkpoint.name} ({error.__class__.__name__}: {str(error)[:120]})")
+            continue
+        if skipped:
+            print(f"Resuming from {checkpoint.name}; skipped the incomplete {'; '.join(skipped)}", file=sys.stderr)
+        return str(checkpoint)
+    raise RunDirectoryError(
+        f"--resume_from_checkpoint True found no complete checkpoint in {output_dir}"
+        f"{' (incomplete: ' + '; '.join(skipped) + ')' if skipped else ''}: start afresh with --overwrite_output_dir "
+        "true, or name a checkpoint directory."
+    )
+
+
+def clear_earlier_run(output_dir: Path) -> None:
+    """With --overwrite_output_dir: remove an earlier run's checkpoints and results (its head stays until the new
+    one replaces it)."""
+    for name in earlier_run(output_dir):
+        path = output_dir / name
+        if name == "head":
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Dataset, str]:
@@ -171,7 +287,7 @@ def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Datase
             held_out = load_math_dataset(data_args.eval_dataset, data_args.eval_split)
         else:
             if len(train) <= data_args.eval_size:
-                raise ValueError(
+                raise BackattnValueError(
                     f"{data_args.dataset} has {len(train)} rows: too few to hold out --eval_size={data_args.eval_size}."
                 )
             parts = train.train_test_split(test_size=data_args.eval_size, seed=seed)
@@ -233,9 +349,18 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     cache_dir = Path(data_args.cache_dir) if data_args.cache_dir else default_cache_dir()
 
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume in ("True", "true"):
+        resume = resume_checkpoint(output_dir)
+    elif training_args.overwrite_output_dir and not resume and training_args.should_save:
+        clear_earlier_run(output_dir)
+
     with training_args.main_process_first(desc="data and the embedded base"):  # once, with accelerate launch
-        train_rows, eval_rows, data_source = load_splits(data_args, training_args.seed)
         base = resolve_base_model(model_args.model_name_or_path)
+        base_config = AutoConfig.from_pretrained(base)
+        check_base_config(base_config, data_args)
+        train_rows, eval_rows, data_source = load_splits(data_args, training_args.seed)
     tokenizer = sft_tokenizer(base)
     train_examples, train_skipped = tokenize_examples(train_rows, tokenizer, template, data_args.max_length)
     eval_examples, eval_skipped = tokenize_examples(eval_rows, tokenizer, template, data_args.max_length)
@@ -246,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         note = f"; skipped {dict(skipped)}" if skipped else ""
         print(f"{split}: {len(examples)} examples{note}")
 
-    model_class = family_for(AutoConfig.from_pretrained(base).model_type)
+    model_class = family_for(base_config.model_type)
     model = model_class.from_pretrained(base, head_config=head_config, head_name=model_args.head_name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"base: {base} ({model_class.__name__}); trainable head parameters: {trainable:,}")
@@ -273,34 +398,30 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         head_metadata=metadata,
     )
-    resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume in ("True", "true") else resume)
+    trainer.train(resume_from_checkpoint=resume)
 
-    output_dir = Path(training_args.output_dir)
+    # The head is saved before anything else can fail, then saved again with its held-out metrics on its card.
+    head_dir = output_dir / "head"
+    card = {"task": "math word problems", "training_data": data_source, "metadata": metadata}
     results = {"data": data_source, "train_examples": len(train_examples), "eval_examples": len(eval_examples)}
     if trainer.is_world_process_zero():
+        model.save_head(head_dir, **card)
+        print(f"Saved the trained head to {head_dir}")
         results["comparison"] = compare_with_base(
             model, tokenizer, eval_examples, eval_dataset, data_args, training_args.per_device_eval_batch_size
         )
         head = results["comparison"]["base + trained head"]
+        metrics = {k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "accuracy", "f1", "rmse") if k in head}
+        model.save_head(head_dir, metrics=metrics, **card)
+        write_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2) + "\n")
+        table = results_table(results["comparison"])
+        write_atomically(output_dir / "comparison.md", table + "\n")
         references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
         plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references)
-        model.save_head(
-            output_dir,
-            task="math word problems",
-            training_data=data_source,
-            metrics={
-                k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "accuracy", "f1", "rmse") if k in head
-            },
-            metadata=metadata,
-        )
-        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        table = results_table(results["comparison"])
-        (output_dir / "comparison.md").write_text(table + "\n")
         print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss, "
               f"{head['answers_scored']} solved by greedy generation):\n{table}")  # fmt: skip
         print(f"\nExample (held out):\n{eval_examples[0]['prompt']}{head['example_solution']}")
-        print(f"\nSaved the head, its model card and loss_curve.png to {output_dir}")
+        print(f"\nSaved the head and its model card to {head_dir}, and loss_curve.png to {output_dir}")
     return results
 
 

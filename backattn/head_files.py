@@ -262,6 +262,8 @@ def resolve_head_directory(
     """
     path = Path(name_or_path)
     if path.is_dir():
+        if not (path / HEAD_CONFIG_NAME).is_file() and (path / "head" / HEAD_CONFIG_NAME).is_file():
+            return path / "head"  # a train_sft.py output directory: its head
         return path
     if not path.exists() and _siblings(path, OLD_INFIX):  # a two-rename save is between its renames
         return _siblings(path, OLD_INFIX)[-1]

@@ -15,6 +15,8 @@ import yaml
 from safetensors.torch import load_file
 
 import train_sft
+from backattn.errors import BackattnValueError, RunDirectoryError
+from backattn.head_files import HEAD_WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,16 +36,10 @@ def arguments(tiny_gpt2_dir, math_jsonl, tmp_path, **overrides):
 def test_a_short_run_end_to_end(tiny_gpt2_dir, math_jsonl, tmp_path, capsys):
     results = train_sft.main(arguments(tiny_gpt2_dir, math_jsonl, tmp_path))
     out = tmp_path / "out"
-    assert {
-        "head.safetensors",
-        "head_config.json",
-        "README.md",
-        "loss_curve.png",
-        "comparison.md",
-        "eval_results.json",
-    } <= {p.name for p in out.iterdir()}
+    assert {"head", "loss_curve.png", "comparison.md", "eval_results.json"} <= {p.name for p in out.iterdir()}
+    assert {p.name for p in (out / "head").iterdir()} == {"head.safetensors", "head_config.json", "README.md"}
     assert not list(out.rglob("model.safetensors"))  # never a copy of the base
-    record = json.loads((out / "head_config.json").read_text())
+    record = json.loads((out / "head" / "head_config.json").read_text())
     assert record["metadata"]["prompt_template"]["prompt"] == "Question: {problem}\nAnswer: "
     comparison = results["comparison"]
     assert set(comparison) == {"frozen base", "base + trained head"}
@@ -51,7 +47,7 @@ def test_a_short_run_end_to_end(tiny_gpt2_dir, math_jsonl, tmp_path, capsys):
     assert results["train_examples"] == 32 and results["eval_examples"] == 8
     printed = capsys.readouterr().out
     assert "| frozen base |" in printed and "| answer-token CE |" in printed and "Example (held out):" in printed
-    card = (out / "README.md").read_text()
+    card = (out / "head" / "README.md").read_text()
     assert "| accuracy |" in card and "| target_ce |" in card and "| answer_ce |" in card
 
 
@@ -77,7 +73,18 @@ def test_a_yaml_config_file_is_the_same_as_the_command_line(tiny_gpt2_dir, math_
         ({"label_smoothing_factor": "0.1"}, ValueError, "label_smoothing_factor"),
         ({"feature_cache_dtype": "int8"}, ValueError, "float16 or float32"),
         ({"resume_from_checkpoint": "/no/such/checkpoint"}, ValueError, "is not a directory"),
-        ({"dataset": "/no/such/file.jsonl"}, FileNotFoundError, "No data file"),
+        ({"dataset": "/no/such/file.jsonl"}, BackattnValueError, "No data file"),
+        ({"learning_rate": "-0.1"}, BackattnValueError, "--learning_rate must be a positive number, got -0.1"),
+        ({"learning_rate": "nan"}, BackattnValueError, "--learning_rate must be a positive number, got nan"),
+        ({"per_device_train_batch_size": "0"}, BackattnValueError, "--per_device_train_batch_size must be positive"),
+        ({"per_device_eval_batch_size": "0"}, BackattnValueError, "--per_device_eval_batch_size must be positive"),
+        ({"max_new_tokens": "-1"}, BackattnValueError, "--max_new_tokens must be 0 or more, got -1"),
+        ({"num_generation_examples": "-2"}, BackattnValueError, "--num_generation_examples must be 0 or more"),
+        ({"max_length": "0"}, BackattnValueError, "--max_length must be positive"),
+        ({"max_steps": "0"}, BackattnValueError, "Nothing to train"),
+        ({"max_steps": "-1", "num_train_epochs": "0"}, BackattnValueError, "Nothing to train"),
+        ({"output_dir": __file__}, RunDirectoryError, "is a file; give a directory"),
+        ({"resume_from_checkpoint": "True"}, RunDirectoryError, "found no complete checkpoint"),
     ],
 )
 def test_bad_arguments_fail_before_any_model_is_loaded(
@@ -117,12 +124,17 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_gpt2_di
     process.wait()
     checkpoints = sorted(int(p.name.split("-")[1]) for p in (run / "out").glob("checkpoint-*"))
     assert 6 <= checkpoints[-1] < 14, checkpoints  # killed mid-run
-    assert not (run / "out" / "head.safetensors").exists()
+    assert not (run / "out" / "head").exists()
+    # A save killed midway: the newest checkpoint lacks its trainer state; resume skips it and says so.
+    newest = run / "out" / f"checkpoint-{checkpoints[-1] + 3}"
+    newest.mkdir()
+    (newest / "head.safetensors").write_bytes(b"partial")
 
     resumed = subprocess.run(
         command + ["--resume_from_checkpoint", "True"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipped the incomplete {newest.name}" in resumed.stderr
     state = json.loads((run / "out" / "checkpoint-14" / "trainer_state.json").read_text())
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps == list(range(1, 15))  # every step once: nothing lost, nothing repeated
@@ -151,3 +163,34 @@ def test_accelerate_launch_runs_it_data_parallel(tiny_gpt2_dir, math_jsonl, tmp_
     assert state["global_step"] == 4
     assert state["epoch"] == pytest.approx(1.0)  # 32 training rows / (2 processes x batch 4) = 4 steps an epoch
     assert (tmp_path / "out" / "head.safetensors").exists()
+
+
+def test_a_second_run_never_destroys_the_first(tiny_gpt2_dir, math_jsonl, tmp_path, monkeypatch):
+    args = arguments(tiny_gpt2_dir, math_jsonl, tmp_path, max_steps="3")
+    train_sft.main(args)
+    out = tmp_path / "out"
+    first = {p.name: p.read_bytes() for p in (out / "head").iterdir()}
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(
+        RunDirectoryError, match=r"holds an earlier run \(checkpoint-3, comparison.md, .*--overwrite_output_dir"
+    ):
+        train_sft.main(args)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert {p.name: p.read_bytes() for p in (out / "head").iterdir()} == first
+
+    # Overwriting: a failure after training (here, in the held-out evaluation) still leaves the new head saved.
+    def fail(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(train_sft, "compare_with_base", fail)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train_sft.main([*args, "--overwrite_output_dir", "true", "--learning_rate", "0.01"])
+    assert not (out / "eval_results.json").exists()  # the earlier run's results went with --overwrite_output_dir
+    second = {p.name: p.read_bytes() for p in (out / "head").iterdir()}
+    assert second[HEAD_WEIGHTS_NAME] != first[HEAD_WEIGHTS_NAME] and "Not measured yet" in second["README.md"].decode()
+
+
+def test_settings_the_base_cannot_hold_fail_before_the_data_is_loaded(tiny_gpt2_dir, math_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_sft, "load_splits", lambda *a: pytest.fail("the data was loaded first"))
+    with pytest.raises(BackattnValueError, match="exceeds the base's context window of 128 tokens"):
+        train_sft.main(arguments(tiny_gpt2_dir, math_jsonl, tmp_path, max_length="96", max_new_tokens="40"))
