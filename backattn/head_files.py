@@ -133,15 +133,16 @@ def _link_or_copy(source, destination) -> None:
 
 
 def writer_lock(directory: Path):
-    """The inter-process lock of one head directory's writers (a lock file in backattn's cache directory, so
-    head directories and their parents stay free of lock files)."""
+    """The inter-process lock of one head directory's writers: one of 256 lock files in backattn's cache
+    directory, chosen by the path's hash (head directories and their parents stay free of lock files, and
+    the cache does not grow with every checkpoint; two paths sharing a file only wait for each other)."""
     from filelock import FileLock
 
     from backattn.data.cache_dirs import default_cache_dir  # absolute: Transformers reads relative imports as files
 
     locks = default_cache_dir() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:32]
+    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:2]
     return FileLock(locks / f"head-{key}.lock", timeout=LOCK_TIMEOUT_SECONDS)
 
 
