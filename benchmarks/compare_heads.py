@@ -270,7 +270,7 @@ def charged_seconds(steps: int, step: float, cache: float, problems: int, batch_
 
 
 #: The learning-rate scale a sweep extends on: 1e-6, 3e-6, 1e-5, ..., 0.3.
-RATE_SCALE = [m * 10.0**e for e in range(-6, 0) for m in (1, 3)]
+RATE_SCALE = [float(f"{m}e{e}") for e in range(-6, 0) for m in (1, 3)]
 
 
 def rate_beyond_edge(losses: dict[float, float]) -> float | None:
