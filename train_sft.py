@@ -282,7 +282,8 @@ def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Datase
         train = load_math_dataset(
             data_args.dataset, data_args.dataset_split, data_args.streaming, data_args.max_train_samples
         )
-        source = f"{data_args.dataset} ({data_args.dataset_split})"
+        local = Path(data_args.dataset).exists()  # a file has no split; a Hub data set's split is named
+        source = data_args.dataset if local else f"{data_args.dataset} ({data_args.dataset_split})"
         if data_args.eval_dataset:
             held_out = load_math_dataset(data_args.eval_dataset, data_args.eval_split)
         else:

@@ -6,7 +6,7 @@ A saved head is a directory (local, or a Hub repo) holding
   was built on (id, revision, model type, a fingerprint of the input-embedding table ``E``), the library
   version, the SHA-256 of the weights file and free-form metadata (task, prompt template, ...);
 * ``head.safetensors``: the head's tensors alone (never the embedding table), loaded with safetensors only;
-* ``README.md``: a model card made from ``templates/model_card.md``.
+* ``README.md``: a Hub-ready model card (:mod:`backattn.head_card`).
 
 Writing is atomic for the directory as a whole: the head is staged in a sibling directory that then takes
 the directory's place in one step (:func:`write_head`), writers of one directory take a lock, and readers
@@ -40,13 +40,13 @@ from safetensors.torch import load, save
 
 from .configuration_backattn import BackwardAttentionConfig
 from .errors import BackattnValueError, HeadFileError
+from .head_card import build_head_card
 
 HEAD_CONFIG_NAME = "head_config.json"
 HEAD_WEIGHTS_NAME = "head.safetensors"
 MODEL_CARD_NAME = "README.md"
 FORMAT_VERSION = 2  # 1: backattn 0.1.0 (options num_heads, head_combine); 2: their new names
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 
 
 def embedding_fingerprint(embeddings: torch.Tensor) -> str:
@@ -138,7 +138,12 @@ def writer_lock(directory: Path):
     the cache does not grow with every checkpoint; two paths sharing a file only wait for each other)."""
     from filelock import FileLock
 
-    from backattn.data.cache_dirs import default_cache_dir  # absolute: Transformers reads relative imports as files
+    try:  # absolute (Transformers reads relative imports as files); absent when run as remote code
+        from backattn.data.cache_dirs import default_cache_dir
+    except ImportError:
+
+        def default_cache_dir() -> Path:
+            return Path(os.environ.get("BACKATTN_CACHE", "~/.cache/backattn")).expanduser()
 
     locks = default_cache_dir() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
@@ -398,42 +403,6 @@ def head_options(record: dict[str, Any]) -> BackwardAttentionConfig:
     return BackwardAttentionConfig.from_dict(record["head_options"])
 
 
-def render_model_card(
-    head_name: str,
-    record: dict[str, Any],
-    num_parameters: int,
-    task: str | None = None,
-    training_data: str | None = None,
-    metrics: dict[str, float] | str | None = None,
-) -> str:
-    """The model card of a saved head, from ``templates/model_card.md``."""
-    if isinstance(metrics, dict):
-        metrics = "| metric | value |\n| --- | --- |\n" + "\n".join(
-            f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
-            for name, value in metrics.items()
-        )
-    base = record.get("base_model_name_or_path") or "unknown"
-    family = "Llama" if record.get("base_model_type") == "llama" else "GPT2"
-    how_to_load = (
-        f'model = {family}BackwardAttentionForCausalLM.from_pretrained("{base}")\n'
-        f'model.load_head("<this repo id or directory>", head_name="{head_name}")\n'
-        f'model.set_head("{head_name}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{base}")'
-    )
-    return MODEL_CARD_TEMPLATE.read_text().format(
-        base_model=base,
-        head_name=head_name,
-        task=task or "unspecified",
-        training_data=training_data or "not recorded",
-        metrics=metrics or "Not measured yet.",
-        num_parameters=f"{num_parameters:,}",
-        head_options=json.dumps(record["head_options"], sort_keys=True),
-        how_to_load=how_to_load,
-        family=family,
-        backattn_version=record.get("backattn_version", "unknown"),
-    )
-
-
 # --------------------------------------------------------------------------------------------------------
 # a model's heads, saved, loaded, hot-swapped and shared through the Hub
 #
@@ -457,6 +426,8 @@ def save_head(
     training_data: str | None = None,
     metrics: dict | str | None = None,
     metadata: dict | None = None,
+    license: str | None = None,
+    eval_dataset: str | None = None,
     model_card: bool = True,
     overwrite_model_card: bool = False,
 ) -> Path:
@@ -483,8 +454,10 @@ def save_head(
         "metadata": metadata or {},
     }
     num_parameters = sum(p.numel() for p in head.parameters())
-    card = render_model_card(head_name, record, num_parameters, task=task, training_data=training_data, metrics=metrics)
-    return write_head(save_directory, head.state_dict(), record, card if model_card else None, overwrite_model_card)
+    card = build_head_card(head_name, record, num_parameters, task, training_data, metrics, license, eval_dataset)
+    return write_head(
+        save_directory, head.state_dict(), record, str(card) if model_card else None, overwrite_model_card
+    )
 
 
 def load_head(
