@@ -559,6 +559,8 @@ def push_head_to_hub(
     with tempfile.TemporaryDirectory() as directory:
         save_head(model, directory, head_name=head_name, **card_fields)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None:  # a new branch starts from main, as a Transformers push_to_hub(revision=) does
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=directory,

@@ -31,6 +31,8 @@ client code, ``hf_api.py``, ``_commit_api.py``, ``_upload_pipeline.py``, ``lfs.p
   (git blob sha1, or sha256 for LFS files plus ``X-Linked-Etag``/``X-Linked-Size``), ``Content-Length``,
   single ``Range: bytes=a-b`` requests; errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound,
   EntryNotFound) as the real Hub does, so the client raises its usual exceptions
+* ``POST /api/models/{ns}/{name}/branch/{branch}``  create_branch (from ``startingPoint`` or main; 409 if it
+  exists)
 * ``POST /api/validate-yaml`` (accepts any README.md metadata; used by commits that touch README.md, e.g.
   transformers' ``push_to_hub``) and ``GET /api/whoami-v2``
 
@@ -41,7 +43,7 @@ import time; ``with hub.as_default_endpoint(): ...`` redirects those to the fake
 Deliberate simplifications: any bearer token is accepted (but writes, and reads of private repos,
 need *some* ``Authorization`` header, like on the Hub); a new repo starts with one empty commit
 (the real Hub adds a ``.gitattributes`` file); revisions are branch names or full 40-hex commit
-shas; only the ``main`` branch exists; no pull requests, tags, datasets or spaces.
+shas; branches start as ``main`` and are made by create_branch; no pull requests, tags, datasets or spaces.
 """
 
 from __future__ import annotations
@@ -442,6 +444,8 @@ class _Handler(BaseHTTPRequestHandler):
                         return self._preupload(repo_id, rest[1])
                     if len(rest) == 2 and rest[0] == "commit" and method == "POST":
                         return self._commit(repo_id, rest[1])
+                    if len(rest) == 2 and rest[0] == "branch" and method == "POST":
+                        return self._create_branch(repo_id, rest[1])
                 if len(s) >= 2 and s[1] in ("datasets", "spaces", "kernels"):
                     raise _HubError(404, "FakeHub only serves model repos", "RepoNotFound")
             elif s[:1] == [_LFS_PREFIX] and len(s) == 2 and method == "PUT":
@@ -475,6 +479,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HubError(409, "You already created this model repo", extra={"url": url})
         self.fake_hub.create_repo(repo_id, private=body.get("visibility") == "private" or bool(body.get("private")))
         self._send_json({"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
+
+    def _create_branch(self, repo_id: str, branch: str):
+        repo = self._repo(repo_id, write=True)
+        if branch in repo.branches:
+            raise _HubError(409, f"Reference already exists: refs/heads/{branch}")  # exist_ok is client-side
+        start = self._json_body().get("startingPoint") or "main"
+        repo.branches[branch] = self._commit_of(repo, start).oid
+        self._send_json({})
 
     def _model_info(self, repo_id: str, revision: str):
         repo = self._repo(repo_id)

@@ -555,3 +555,18 @@ def test_unreadable_head_files_are_refused_clearly(two_heads, tmp_path):
     with pytest.raises(HeadFileError, match="it is a file, not a directory"):
         model.save_head(tmp_path / "a-file", head_name="math")
     assert model.list_heads() == ["math", "sentiment"]
+
+
+def test_pushing_to_a_new_revision_creates_its_branch(hub, base_dir, tmp_path):
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir, head_config="seed", head_name="math").eval()
+    with hub.as_default_endpoint():
+        model.push_head_to_hub(REPO, token="fake-token")
+        main_weights = hub.repos[REPO][HEAD_WEIGHTS_NAME]
+        randomise(model.heads, seed=9)
+        model.push_head_to_hub(REPO, token="fake-token", revision="retrained")
+        model.push_head_to_hub(REPO, token="fake-token", revision="retrained")  # the branch exists now: fine
+        assert hub.head(REPO, "retrained") != hub.head(REPO, "main")
+        assert hub.repos[REPO][HEAD_WEIGHTS_NAME] == main_weights  # main is unchanged
+        other = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir)
+        other.load_head(REPO, revision="retrained", cache_dir=tmp_path / "cache")
+    assert torch.equal(logits(other), logits(model))
