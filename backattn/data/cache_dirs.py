@@ -1,9 +1,10 @@
 """Cache directories built once, atomically: what the SmolLM2 conversion, the GSM-Symbolic data and the
-feature cache share. Standard library only (the GSM-Symbolic worker process must not import torch).
+feature cache share. The standard library and ``filelock`` only (nothing here may import torch).
 
-A directory is built in a temporary sibling under an inter-process lock, made readable, and renamed into
-place only when finished, so an interrupted build never leaves a directory that looks finished and
-concurrent builders all end up with one finished directory.
+A directory is built in a temporary sibling under an inter-process lock (``filelock.FileLock``: ``flock`` on
+POSIX, ``msvcrt`` locking on Windows, a soft lock on a file system without ``flock``), made readable, and
+renamed into place only when finished, so an interrupted build never leaves a directory that looks finished
+and concurrent builders all end up with one finished directory.
 """
 
 from __future__ import annotations
@@ -18,29 +19,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-STALE_SECONDS = 3600.0  # without a lock, a temporary directory this old is from a build that died
+from filelock import FileLock
 
 
 def default_cache_dir() -> Path:
     """``$BACKATTN_CACHE`` if set, else ``~/.cache/backattn``."""
     env = os.environ.get("BACKATTN_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "backattn"
-
-
-@contextlib.contextmanager
-def lock(path: Path):
-    """Exclusive inter-process lock (POSIX flock); yields whether it is really held."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: rely on the atomic rename alone
-        yield False
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _remove_stale_temporaries(root: Path, prefix: str, max_age: float) -> None:
@@ -89,11 +74,12 @@ def build_once(final: Path, build: Callable[[Path], None], is_complete: Callable
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
-    with lock(root / f".{final.name}.lock") as locked:
+    # Exclusive between processes; the lock file stays in place on release, so waiters share one inode.
+    with FileLock(root / f".{final.name}.lock"):
         if is_complete(final):  # built by another process while we waited
             return False
         # With the lock held nobody else is building: every temporary directory is from a build that died.
-        _remove_stale_temporaries(root, prefix, 0.0 if locked else STALE_SECONDS)
+        _remove_stale_temporaries(root, prefix, 0.0)
         temporary = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
         try:
             build(temporary)

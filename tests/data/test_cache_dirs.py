@@ -3,6 +3,8 @@ is tested in test_offline.py."""
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -59,3 +61,22 @@ def test_leftover_temporaries_are_removed_and_markers_checked(tmp_path):
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("BACKATTN_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path
+
+
+def test_the_build_holds_an_inter_process_lock(tmp_path):
+    """While one process builds, another cannot take the build's lock (filelock.FileLock, flock on POSIX)."""
+    probe = (
+        "import sys, filelock\n"
+        "try:\n    filelock.FileLock(sys.argv[1]).acquire(timeout=0.2)\n"
+        "except filelock.Timeout:\n    sys.exit(3)\n"
+    )
+    lock_file = tmp_path / ".thing.lock"
+    codes = []
+
+    def build(directory):
+        codes.append(subprocess.run([sys.executable, "-c", probe, str(lock_file)], timeout=60).returncode)
+        _writer([])(directory)
+
+    build_once(tmp_path / "thing", build, _complete)
+    assert codes == [3]  # held during the build
+    assert subprocess.run([sys.executable, "-c", probe, str(lock_file)], timeout=60).returncode == 0  # then free
