@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -69,6 +70,7 @@ def embedding_fingerprint(embeddings: torch.Tensor) -> str:
 
 STAGING_INFIX, OLD_INFIX = ".tmp-", ".old-"
 LOCK_TIMEOUT_SECONDS = 600.0
+READ_RETRY_SECONDS = 10.0
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
@@ -320,11 +322,18 @@ def resolve_head_directory(
 def _read_snapshot(directory: Path) -> tuple[bytes | None, bytes | None]:
     """The config's and the weights' bytes (None where missing), both from one version of the directory.
 
-    Both files are opened relative to one open handle of the directory; if a save swapped the directory
-    meanwhile (its inode changed) and a file vanished or the pair does not match, the read is repeated.
+    Both files are opened relative to one open handle of the directory. If a save swapped the directory
+    meanwhile (its inode changed) and a file vanished or the pair does not match, the read is repeated
+    (for up to ``READ_RETRY_SECONDS``, while saves keep swapping it).
     """
-    for _ in range(5):
-        handle = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    deadline = time.monotonic() + READ_RETRY_SECONDS
+    while True:
+        try:
+            handle = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:  # a two-rename save between its renames: the old head is aside
+            if not _siblings(directory, OLD_INFIX):
+                raise
+            handle = os.open(_siblings(directory, OLD_INFIX)[-1], os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             contents = []
             for name in (HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME):
@@ -335,13 +344,17 @@ def _read_snapshot(directory: Path) -> tuple[bytes | None, bytes | None]:
                     continue
                 with open(descriptor, "rb") as file:
                     contents.append(file.read())
-            swapped = os.stat(directory).st_ino != os.fstat(handle).st_ino
+            try:
+                swapped = os.stat(directory).st_ino != os.fstat(handle).st_ino
+            except FileNotFoundError:
+                swapped = True
         finally:
             os.close(handle)
         config, weights = contents
-        if not swapped or (config is not None and weights is not None and _matches(config, weights)):
+        whole = config is not None and weights is not None and _matches(config, weights)
+        if whole or not swapped or time.monotonic() > deadline:
             return config, weights
-    return config, weights
+        time.sleep(0.001)
 
 
 def _matches(config: bytes, weights: bytes) -> bool:
