@@ -10,12 +10,15 @@ row labelled, as the target of an SFT example):
   (full logits) and with the chunked loss (:mod:`backattn.head_loss`), each running the base and from
   cached base features; of LoRA (PEFT) on attention at the head's parameter budget; and the frozen base's
   forward alone (no gradients), the reference for memory;
+* its time: the median of ``--steps`` steps timed by ``torch.utils.benchmark.Timer`` (see
+  ``benchmarks/measure.py``; the Timer's untimed first call is the warm-up: first-call kernels, optimiser
+  state);
 * peak memory of each: the process's peak resident set during one more step after the timed ones (each
   variant runs in a fresh process; before that step glibc is told to return every freed block of 64 KiB
   or more to the system, so the peak follows live tensors), and the part of it the step adds on top of
-  the loaded model;
+  the loaded model (``measure.PeakMemory``);
 * greedy ``generate`` tokens per second (batch 1, KV cache): the plain base model, the head in full mode
-  and in top-k re-ranking mode (``--top_k``).
+  and in top-k re-ranking mode (``--top_k``), each the median of ``--repeats`` calls, modes interleaved.
 
 Ratios are against figures measured in the same run. ``gpt2-small`` is GPT-2 small's configuration
 (vocabulary 50257, 12 layers, width 768) with random weights, so nothing needs downloading.
@@ -24,16 +27,14 @@ Ratios are against figures measured in the same run. ``gpt2-small`` is GPT-2 sma
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from measure import PeakMemory, median_seconds
 
 MODELS = ("smollm2", "gpt2-small")
 TRAINING_VARIANTS = (
@@ -52,7 +53,7 @@ def arguments(argv=None):
     parser.add_argument("--preset", default="hidden")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps, after one warm-up step")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps (after the Timer's untimed warm-up)")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--top_k", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3, help="generate runs per mode (the median is kept)")
@@ -116,20 +117,6 @@ def fixed_batch(vocab_size: int, batch_size: int, seq_len: int):
 # one measurement, in its own process
 
 
-def _memory_kib() -> dict[str, int]:
-    status = open("/proc/self/status").read()
-    return {key: int(re.search(rf"{key}:\s+(\d+)", status).group(1)) for key in ("VmRSS", "VmHWM")}
-
-
-def _reset_peak() -> None:
-    """Make freed memory leave the resident set from now on, then reset the peak to the current size."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks of 64 KiB or more are mapped, and unmapped when freed
-    libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM to the current resident set
-
-
 def measure_training(model_name: str, variant: str, options) -> dict:
     from backattn.baselines import lora_on_attention, trainable_parameters
 
@@ -163,17 +150,12 @@ def measure_training(model_name: str, variant: str, options) -> dict:
             optimiser.step()
             optimiser.zero_grad(set_to_none=True)
 
-    step()  # warm-up: first-call kernels, optimiser state
-    seconds = []
-    for _ in range(options.steps):  # timed with the allocator's default settings
-        start = time.perf_counter()
+    # Timed with the allocator's default settings; the Timer's first, untimed call is the warm-up (first-call
+    # kernels, optimiser state).
+    seconds = median_seconds(step, calls=options.steps).median
+    with PeakMemory() as memory:
         step()
-        seconds.append(time.perf_counter() - start)
-    _reset_peak()
-    before = _memory_kib()["VmRSS"]
-    step()
-    peak = _memory_kib()["VmHWM"]
-    return {"seconds": statistics.median(seconds), "peak_mib": peak / 1024, "step_mib": (peak - before) / 1024,
+    return {"seconds": seconds, "peak_mib": memory.peak_mib, "step_mib": memory.added_mib,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}  # fmt: skip
 
 
@@ -194,13 +176,12 @@ def measure_generation(model_name: str, options) -> dict:
     }
     times = {mode: [] for mode in modes}
     with torch.no_grad():
-        for model, extra in modes.values():
-            model.generate(prompt, **{**settings, "max_new_tokens": 4, "min_new_tokens": 4}, **extra)  # warm-up
-        for _ in range(options.repeats):  # modes interleaved, so drifts in machine load hit all alike
+        # Modes interleaved, so drifts in machine load hit all alike: one timed call of each mode per round, each
+        # right after the Timer's untimed warm-up call of the same mode.
+        for _ in range(options.repeats):
             for mode, (model, extra) in modes.items():
-                start = time.perf_counter()
-                model.generate(prompt, **settings, **extra)
-                times[mode].append(time.perf_counter() - start)
+                call = median_seconds(lambda: model.generate(prompt, **settings, **extra))
+                times[mode].extend(call.times)
     return {mode: options.new_tokens / statistics.median(seconds) for mode, seconds in times.items()}
 
 

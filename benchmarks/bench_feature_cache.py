@@ -4,13 +4,17 @@
 
 Same examples, same batches, same seed, in one run: prints the time to build the cache, the epoch time
 with and without it, their ratio, and the largest difference between the two runs' logged losses.
+
+Every time here is one wall-clock run (``measure.WallClock``), not ``torch.utils.benchmark.Timer``: an epoch
+trains a fresh model from the same seed and the cache is built once, so neither can be repeated as it is (a
+Timer would run each again as its warm-up, and a second build would only load the finished cache).
 """
 
 import argparse
 import tempfile
-import time
 
 import torch
+from measure import WallClock
 from transformers import AutoTokenizer, TrainingArguments
 from transformers.utils import logging
 
@@ -31,17 +35,16 @@ def epoch(base_dir, tokenizer, dataset, output_dir, batch_size):
         dataloader_pin_memory=False,
     )  # fmt: skip
     trainer = HeadTrainer(model=model, args=args, train_dataset=dataset, data_collator=SFTCollator(tokenizer))
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    return seconds, [e["loss"] for e in trainer.state.log_history if "loss" in e], model
+    with WallClock() as clock:  # one epoch, once (see the module docstring)
+        trainer.train()
+    return clock.seconds, [e["loss"] for e in trainer.state.log_history if "loss" in e], model
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=48)
     parser.add_argument("--batch_size", type=int, default=8)
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     logging.set_verbosity_error()
 
     base_dir = smollm2_path()
@@ -52,9 +55,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         uncached_seconds, uncached_losses, model = epoch(base_dir, tokenizer, examples, scratch, options.batch_size)
-        start = time.perf_counter()
-        cache = FeatureCache.build_or_load(model, examples["input_ids"], scratch, "float16", options.batch_size, False)
-        build_seconds = time.perf_counter() - start
+        with WallClock() as build:  # built once: a second call would load the finished cache
+            cache = FeatureCache.build_or_load(
+                model, examples["input_ids"], scratch, "float16", options.batch_size, False
+            )
+        build_seconds = build.seconds
         cached = CachedFeaturesDataset(examples, cache)
         cached_seconds, cached_losses, _ = epoch(base_dir, tokenizer, cached, scratch, options.batch_size)
 

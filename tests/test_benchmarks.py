@@ -1,15 +1,20 @@
 """The benchmark scripts still run (smoke tests at a tiny scale; their figures come from full runs)."""
 
 import importlib.util
+import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(name):
+    if str(ROOT / "benchmarks") not in sys.path:  # as when run as a script: `import measure` (benchmarks/measure.py)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
@@ -49,6 +54,47 @@ def test_efficiency_benchmark_measures_and_reports(tmp_path):
     assert set(generation) == {"plain base", "head, full", "head, top-4"} and min(generation.values()) > 0
     table = script.report("gpt2-small", training, generation, options)
     assert "| head, chunked loss | " in table and "| head, top-4 |" in table
+
+
+def test_benchmark_timer_and_peak_memory_helpers():
+    measure = load_script("measure")
+    calls = []
+    timed = measure.median_seconds(lambda: (calls.append(1), time.sleep(0.02)), calls=3)
+    # Slow calls one at a time: the Timer's untimed warm-up and one timed call, then (as often as needed) one
+    # more warm-up and about the missing ones.
+    assert len(timed.times) >= 3 and timed.number_per_run == 1 and len(calls) >= 5
+    assert 0.02 <= timed.median < 0.5 and measure.counted(timed) == f"median of {len(timed.times)}"
+    fast = measure.median_seconds(lambda: None, min_run_time=0.05)  # fast calls: in blocks
+    assert fast.number_per_run > 1 and measure.counted(fast).startswith(f"median of {len(fast.times)} blocks of ")
+    with measure.WallClock() as clock:
+        time.sleep(0.01)
+    assert clock.seconds >= 0.01
+    with measure.PeakMemory() as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert memory.peak_mib >= memory.added_mib >= 60
+
+
+def test_heads_benchmark_runs_on_a_tiny_model(tiny_llama_and_rows, monkeypatch, capsys):
+    script = load_script("bench_heads")
+    monkeypatch.setattr(script, "smollm2_path", lambda: tiny_llama_and_rows / "model")
+    script.main()
+    out = capsys.readouterr().out
+    assert int(re.search(r"full model from_pretrained: [\d.]+ s \(median of (\d+)\)", out).group(1)) >= 3
+    assert "| seed | " in out and "| hidden | " in out and "set_head (switch the active head):" in out
+
+
+def test_feature_cache_benchmark_runs_on_a_tiny_model(tiny_llama_and_rows, monkeypatch, capsys):
+    import datasets
+
+    script = load_script("bench_feature_cache")
+    rows = datasets.load_dataset("json", data_files=str(tiny_llama_and_rows / "rows.jsonl"), split="train")
+    monkeypatch.setattr(script, "smollm2_path", lambda: tiny_llama_and_rows / "model")
+    monkeypatch.setattr(script, "build_gsm_symbolic", lambda **kwargs: {"train": rows})
+    script.main(["--examples", "8", "--batch_size", "4"])
+    out = capsys.readouterr().out
+    assert "| epoch, base run every step |" in out and "| epoch from the feature cache |" in out
+    assert "| building the cache (once) |" in out and "largest difference" in out
 
 
 @pytest.fixture(scope="module")
