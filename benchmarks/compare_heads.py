@@ -739,6 +739,8 @@ def report(run: Run, options, base_scores: dict, groups: list[int], seconds: flo
                             "metrics": summarise(base_scores, None, groups, options.n_resamples)}}  # fmt: skip
     order = {name: index for index, name in enumerate(METHODS)}
     results = [json.loads(path.read_text()) for path in (run.output / "runs").glob("*/budget-*.json")]
+    for result in results:  # rates written by an earlier sitting as 0.00030000000000000003 read as 0.0003
+        result["learning_rate"] = float(f"{result['learning_rate']:.12g}")
     for result in sorted(results, key=lambda r: (order[r["method"]], r["learning_rate"], r["budget"])):
         metrics = summarise(result.pop("scores"), base_scores, groups, options.n_resamples)
         rows[f"{result['method']} lr={result['learning_rate']:g} @{result['budget']:g}T"] = {
