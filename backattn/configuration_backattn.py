@@ -22,12 +22,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import textwrap
 import typing
 from dataclasses import field
 from typing import Any, Literal
 
 from transformers import GPT2Config, LlamaConfig
+
+from .errors import BackattnValueError
 
 #: Option names of version 0.1.0 and the names that replaced them; old head files and configs still load.
 RENAMED_OPTIONS = {"num_heads": "num_attention_heads", "head_combine": "attention_head_combine"}
@@ -124,7 +127,8 @@ class BackwardAttentionConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming every option that is out of range or does not fit with another."""
+        """Raise :class:`~backattn.errors.BackattnValueError` (a ``ValueError``) naming every option that is out
+        of range (NaN and inf included) or does not fit with another."""
         problems = field_problems(self, BackwardAttentionConfig)
         heads, width = self.num_attention_heads, self.out_dim
         if not any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in (heads, width)) and width % heads:
@@ -133,7 +137,7 @@ class BackwardAttentionConfig:
                 "choose an out_dim that is a multiple of num_attention_heads"
             )
         if problems:
-            raise ValueError("Invalid BackwardAttentionConfig: " + "; ".join(problems) + ".")
+            raise BackattnValueError("Invalid BackwardAttentionConfig: " + "; ".join(problems) + ".")
 
     # ----------------------------------------------------------------------------------------------------
     # presets
@@ -142,7 +146,7 @@ class BackwardAttentionConfig:
     def from_preset(cls, name: str, **overrides: Any) -> BackwardAttentionConfig:
         """A named preset (see :data:`PRESETS`), with any option overridden by keyword (0.1.0 names too)."""
         if name not in PRESETS:
-            raise ValueError(f"Unknown head preset {name!r}; choose one of {', '.join(map(repr, PRESETS))}.")
+            raise BackattnValueError(f"Unknown head preset {name!r}; choose one of {', '.join(map(repr, PRESETS))}.")
         return cls.from_dict({**PRESETS[name], **upgrade_options(overrides)})
 
     @classmethod
@@ -156,7 +160,7 @@ class BackwardAttentionConfig:
             return cls.from_preset(value)
         if isinstance(value, dict):
             return cls.from_dict(value)
-        raise ValueError(
+        raise BackattnValueError(
             f"A head config must be a BackwardAttentionConfig, a dict of its options or a preset name, "
             f"got {type(value).__name__}."
         )
@@ -174,7 +178,7 @@ class BackwardAttentionConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(
+            raise BackattnValueError(
                 f"Unknown head option(s) {', '.join(unknown)}; known options are {', '.join(sorted(known))}."
             )
         return cls(**options)
@@ -193,7 +197,7 @@ class BackwardAttentionConfig:
             if mine is not None and mine != theirs
         ]
         if mismatches:
-            raise ValueError(
+            raise BackattnValueError(
                 "This head was built for a different base model: " + "; ".join(mismatches) + ". "
                 "Attach it to the base it was trained on, or build a fresh head for this base."
             )
@@ -206,7 +210,7 @@ def upgrade_options(options: dict[str, Any]) -> dict[str, Any]:
     for old, new in RENAMED_OPTIONS.items():
         if old in upgraded:
             if new in upgraded:
-                raise ValueError(f"Head options give both {old!r} (the 0.1.0 name) and {new!r}; keep {new!r}.")
+                raise BackattnValueError(f"Head options give both {old!r} (the 0.1.0 name) and {new!r}; keep {new!r}.")
             upgraded[new] = upgraded.pop(old)
     return upgraded
 
@@ -220,8 +224,8 @@ def field_problems(options: Any, fields_class: type) -> list[str]:
     """What is wrong with each field ``fields_class`` declares on ``options``, read from its type and metadata.
 
     ``Literal[...]``: one of those values; ``bool``: True or False; ``int``: a positive integer (``None``
-    too when the type allows it, ``if_none`` saying what it means); ``float``: a number in the field's
-    ``domain`` (a description and a test).
+    too when the type allows it, ``if_none`` saying what it means); ``float``: a finite number (never NaN
+    or inf) in the field's ``domain`` (a description and a test).
     """
     problems, types = [], _field_types(fields_class)
     for option in dataclasses.fields(fields_class):
@@ -242,7 +246,13 @@ def field_problems(options: Any, fields_class: type) -> list[str]:
                 problems.append(f"{option.name} must be a positive integer{hint}, got {value!r}")
         elif kind is float:
             description, allowed = option.metadata["domain"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not allowed(value):
+            number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if number and not math.isfinite(value):
+                problems.append(
+                    f"{option.name} must be {description}, got {value!r} (NaN and inf are refused); "
+                    f"the default is {option.default!r}"
+                )
+            elif not number or not allowed(value):
                 problems.append(f"{option.name} must be {description}, got {value!r}")
     return problems
 
@@ -291,6 +301,16 @@ class BackwardAttentionModelFields:
             "if_none": "or None (full logits)",
         },
     )
+    check_finite_inputs: bool = field(
+        default=True,
+        metadata={
+            "help": "Before a head runs, check once per forward that the inputs it reads (the base's final hidden "
+            "states, or the base_hidden_states passed in, which the base logits are computed from) hold no NaN "
+            "or inf, and raise an error naming the input if they do (inputs_embeds is named when it is the "
+            "cause). Costs one reduction and one device sync per forward; skipped under torch.compile. False "
+            "turns it off.",
+        },
+    )
     rerank_top_k: int | None = field(
         default=None,
         metadata={
@@ -310,13 +330,13 @@ class BackwardAttentionModelFields:
         """Turn ``heads`` into ``{name: options dict}`` (0.1.0 option names upgraded); check the other fields."""
         problems = field_problems(self, BackwardAttentionModelFields)
         if problems:
-            raise ValueError(f"config.{problems[0]}.")
+            raise BackattnValueError(f"config.{problems[0]}.")
         heads = self.heads or {}
         if not isinstance(heads, dict):
-            raise ValueError(f"config.heads must map head names to head options, got {type(heads).__name__}.")
+            raise BackattnValueError(f"config.heads must map head names to head options, got {type(heads).__name__}.")
         self.heads = {str(name): BackwardAttentionConfig.coerce(options).to_dict() for name, options in heads.items()}
         if self.active_head is not None and self.active_head not in self.heads:
-            raise ValueError(
+            raise BackattnValueError(
                 f"config.active_head={self.active_head!r} names no head; the heads are {sorted(self.heads) or 'none'}."
             )
 

@@ -30,6 +30,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .errors import BackattnValueError
 from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer, LayerTables
 
 
@@ -265,9 +266,9 @@ MEET = {"full_vocab": _meet_full_vocab, "top_k": _meet_top_k, "vocab_slices": _m
 def _top_k_candidates(head: BackwardAttentionHead, logits: torch.Tensor, k: int) -> torch.Tensor:
     """The ids of the base's ``k`` most likely tokens per position (... x k)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"rerank_top_k must be a positive integer (or 0 / None: off), got {k!r}.")
+        raise BackattnValueError(f"rerank_top_k must be a positive integer (or 0 / None: off), got {k!r}.")
     if head.config.score_mode == "replace":
-        raise ValueError(
+        raise BackattnValueError(
             "rerank_top_k re-ranks the base's top tokens and keeps the other logits, which needs "
             "score_mode 'add' or 'gate'; this head replaces the logits (score_mode='replace')."
         )

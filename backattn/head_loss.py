@@ -13,9 +13,11 @@ layer), so nothing vocabulary-sized outlives its chunk and nothing is recomputed
 4. the loss is the sum over chunks divided by ``num_items_in_batch`` (when the Trainer passes it, as for
    gradient accumulation) or by ``N``, as ``transformers``' own causal-LM loss divides it.
 
-Results and gradients equal the straightforward computation's to float rounding (tested); a batch with
-no labelled position gives a loss of 0 (the straightforward mean gives NaN). Only the head gets gradients:
-the model takes this path only when the base's hidden states, output layer and embeddings are frozen.
+Results and gradients equal the straightforward computation's to float rounding (tested). A batch with
+no labelled position is refused (:class:`~backattn.errors.BackattnValueError`: the mean over no tokens is
+0/0) unless ``num_items_in_batch`` counts the labelled tokens of a larger accumulated batch, which this part
+then adds 0 to. Only the head gets gradients: the model takes this path only when the base's hidden
+states, output layer and embeddings are frozen.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .errors import BackattnValueError
 from .head_kernels import head_logits, weight_tables
 from .modeling_backattn import LayerTables
 
@@ -109,6 +112,12 @@ def head_cross_entropy(
     layer ``W`` (``V x d``, no bias); only the head's weights receive gradients.
     """
     positions, targets = labelled_positions(hidden, labels, shift_labels, ignore_index)
+    if not positions.shape[0] and (num_items_in_batch is None or int(num_items_in_batch) == 0):
+        raise BackattnValueError(
+            f"No target tokens in this batch: every label the loss reads is {ignore_index}, so the loss is "
+            "undefined (0/0). Drop the batch, or check the collator and max_length (prompts may fill the whole "
+            "sequence); with gradient accumulation pass num_items_in_batch, the labelled tokens of the whole batch."
+        )
     tables = weight_tables(head, embeddings, output_weight)
     dtype = head.layers[0].w_key.dtype
     positions, output_weight = positions.to(dtype), output_weight.to(dtype)
@@ -129,7 +138,7 @@ def head_cross_entropy(
 
     total = _EagerChunkedLoss.apply(chunk_loss, num_chunks, *parameters, *flat_tables)
     if num_items_in_batch is None:
-        return total / max(positions.shape[0], 1)
+        return total / positions.shape[0]
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .configuration_backattn import BackwardAttentionConfig
+from .errors import BackattnTypeError, BackattnValueError
 from .head_kernels import head_logits
 from .modeling_backattn import BackwardAttentionHead
 
@@ -55,7 +56,7 @@ class BackwardAttentionHeads(nn.ModuleDict):
     def check_name(head_name: str) -> None:
         valid = isinstance(head_name, str) and _HEAD_NAME.match(head_name)
         if not valid or hasattr(BackwardAttentionHeads, head_name) or head_name in ("model_config", "enabled"):
-            raise ValueError(
+            raise BackattnValueError(
                 f"Invalid head name {head_name!r}: use letters, digits, '_' and '-' (and not the name of a "
                 "method or attribute of the heads container, such as 'add' or 'keys')."
             )
@@ -64,7 +65,7 @@ class BackwardAttentionHeads(nn.ModuleDict):
     def attach_to_config(cls, config, head_name: str, head_config: BackwardAttentionConfig) -> None:
         """Record one fresh head, active, in a model config that carries none yet (before the model exists)."""
         if config.heads:
-            raise ValueError(
+            raise BackattnValueError(
                 f"This model already carries heads {sorted(config.heads)}; head_config= only attaches a "
                 "fresh head to a plain base model. Use model.add_head(...) to add another."
             )
@@ -76,14 +77,16 @@ class BackwardAttentionHeads(nn.ModuleDict):
 
     def require(self, head_name: str) -> BackwardAttentionHead:
         if head_name not in self:
-            raise ValueError(f"No head named {head_name!r}; the heads are {self.names() or 'none'}.")
+            raise BackattnValueError(f"No head named {head_name!r}; the heads are {self.names() or 'none'}.")
         return self[head_name]
 
     def add(self, head_name: str, head: BackwardAttentionHead) -> None:
         """Make ``head`` resident under ``head_name`` (not active: see ``set_active``)."""
         self.check_name(head_name)
         if head_name in self:
-            raise ValueError(f"A head named {head_name!r} already exists; pick another name or delete_head it first.")
+            raise BackattnValueError(
+                f"A head named {head_name!r} already exists; pick another name or delete_head it first."
+            )
         self[head_name] = head
         self._sync_config()
 
@@ -122,20 +125,88 @@ class BackwardAttentionHeads(nn.ModuleDict):
     # ----------------------------------------------------------------------------------------------------
     # scoring, one head for the batch or one per row
 
-    def route(self, heads: list | torch.Tensor) -> torch.Tensor:
-        """Row -> head index (into ``names()``), ``-1`` for rows that take the base logits."""
+    def route(self, heads: str | list | tuple | torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """Row -> head index (into ``names()``), ``-1`` for rows that take the base logits.
+
+        ``heads`` is one head name (for each of the ``rows`` rows, one row when ``rows`` is not given), a list
+        or tuple of one head name or ``None`` per row, or a 1-D integer tensor of such indices.
+        """
+        if isinstance(heads, str):  # one name, never a sequence of one-letter names
+            heads = [heads] * (1 if rows is None else rows)
         if isinstance(heads, torch.Tensor):
+            if heads.is_floating_point() or heads.is_complex() or heads.dtype == torch.bool:
+                raise BackattnTypeError(
+                    f"heads= as a tensor must hold integer head indices (into model.list_heads(), -1 for the base), "
+                    f"got dtype {heads.dtype}; pass head names instead, e.g. heads={self.names()[:1] or ['name']}."
+                )
             indices = heads.to(torch.long)
             if indices.dim() != 1 or (
                 indices.numel() and not -1 <= int(indices.min()) <= int(indices.max()) < len(self)
             ):
-                raise ValueError(f"heads= as a tensor must be 1-D head indices in [-1, {len(self)}).")
+                raise BackattnValueError(f"heads= as a tensor must be 1-D head indices in [-1, {len(self)}).")
             return indices
+        if not isinstance(heads, (list, tuple)):
+            raise BackattnTypeError(
+                f"heads= must be one head name, a list with one head name (or None) per batch row, or a 1-D "
+                f"tensor of head indices; got {type(heads).__name__} {heads!r}."
+            )
         names = self.names()
         for name in heads:
+            if name is not None and not isinstance(name, str):
+                raise BackattnTypeError(
+                    f"heads= entries must be head names (str) or None (the base), got {type(name).__name__} "
+                    f"{name!r}; the heads are {names or 'none'}."
+                )
             if name is not None and name not in self:
-                raise ValueError(f"heads= names {name!r}, which is not loaded; the heads are {names or 'none'}.")
+                raise BackattnValueError(
+                    f"heads= names {name!r}, which is not loaded; the heads are {names or 'none'}."
+                )
         return torch.tensor([-1 if name is None else names.index(name) for name in heads], dtype=torch.long)
+
+    def check_enabled_for(self, heads) -> None:
+        """Refuse ``heads=`` while heads are disabled: it would be ignored and every row get the base's logits."""
+        if heads is not None and not self.enabled:
+            given = f"a tensor of {heads.numel()} head indices" if isinstance(heads, torch.Tensor) else repr(heads)
+            raise BackattnValueError(
+                f"heads={given} was given while heads are disabled (model.disable_heads()), so it would be "
+                "ignored: call model.enable_heads() (or leave the `with model.disable_heads():` block) to serve "
+                "heads, or drop heads= to get the base model's own logits."
+            )
+
+    def training_problem(self, heads: str | list | tuple | torch.Tensor | None = None) -> str | None:
+        """Why no head would receive gradients from a loss (with ``heads=`` as given to forward), or ``None``."""
+        if not self.enabled:
+            return (
+                "heads are disabled (model.disable_heads()), so the loss comes from the frozen base alone: call "
+                "model.enable_heads(), or train outside the `with model.disable_heads():` block"
+            )
+        names = self.names()
+        if heads is None:
+            if self.active is None:
+                if not names:
+                    return (
+                        "the model carries no head, so the loss comes from the frozen base alone: attach one with "
+                        "model.add_head(...) or model.load_head(path) and make it active with model.set_head(name)"
+                    )
+                return (
+                    "no head is active (config.active_head is None), so the loss comes from the frozen base "
+                    f"alone: call model.set_head(name) with one of {names}"
+                )
+            serving = [self.active]
+        else:
+            indices = self.route(heads, rows=1).tolist()
+            serving = sorted({names[i] for i in indices if i >= 0})
+            if not serving:
+                return (
+                    "heads= sends every row to the base (None), so the loss comes from the frozen base alone: "
+                    f"name a head for some rows (one of {names}), or drop heads= to train the active head"
+                )
+        if not any(p.requires_grad for name in serving for p in self[name].parameters()):
+            return (
+                f"head(s) {serving} have no parameter that requires grad (they were frozen): call "
+                f"model.heads[{serving[0]!r}].requires_grad_(True)"
+            )
+        return None
 
     def forward(
         self,
@@ -147,7 +218,9 @@ class BackwardAttentionHeads(nn.ModuleDict):
         rerank_top_k: int | None = None,
     ) -> torch.Tensor:
         """The logits the active head gives (``heads=None``), or each row's own head's (``heads=`` one name, or
-        ``None`` for the base, per row); the base's logits while heads are disabled."""
+        ``None`` for the base, per row; or one name for every row); the base's logits while heads are disabled
+        (``heads=`` is then refused: it would be ignored)."""
+        self.check_enabled_for(heads)
         if not self.enabled:
             return logits
 
@@ -156,9 +229,9 @@ class BackwardAttentionHeads(nn.ModuleDict):
 
         if heads is None:
             return logits if self.active is None else score(self.active)
-        indices = self.route(heads).to(logits.device)
+        indices = self.route(heads, rows=logits.shape[0]).to(logits.device)
         if indices.shape[0] != logits.shape[0] or logits.dim() < 3:
-            raise ValueError(
+            raise BackattnValueError(
                 f"heads= needs one entry per batch row: got {indices.shape[0]} for a batch of {logits.shape[0]}."
             )
         names, out = self.names(), None

@@ -5,7 +5,7 @@ layers and step 7. This is the reference: the models run the same maths through 
 ``head_kernels.py`` (vocabulary slices, top-k re-ranking, the raw-weighting shortcut, the fused gate, the
 cached tables), each tested equal to these forwards. The model classes are in ``modeling_families.py``.
 
-This module imports only torch, transformers and (relatively) ``configuration_backattn``, so a saved
+This module imports only torch, transformers and (relatively) ``configuration_backattn`` and ``errors``, so a saved
 checkpoint loads with ``trust_remote_code=True`` where ``backattn`` is not installed.
 """
 
@@ -20,6 +20,7 @@ from torch import nn
 from transformers import initialization as init
 
 from .configuration_backattn import BackwardAttentionConfig
+from .errors import BackattnValueError
 
 
 class LayerTables(NamedTuple):
@@ -106,7 +107,7 @@ class BackwardAttentionHead(nn.Module):
     def __init__(self, config: BackwardAttentionConfig):
         super().__init__()
         if config.vocab_size is None or config.hidden_size is None:
-            raise ValueError(
+            raise BackattnValueError(
                 "A head needs its base model's sizes: build it from config.for_base(vocab_size, hidden_size)."
             )
         self.config = config
@@ -130,7 +131,7 @@ class BackwardAttentionHead(nn.Module):
         """``ValueError`` unless the logits and the embedding table are those of the base the head was built for."""
         config = self.config
         if logits.shape[-1] != config.vocab_size or embeddings.shape != (config.vocab_size, config.hidden_size):
-            raise ValueError(
+            raise BackattnValueError(
                 f"This head was built for vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, "
                 f"but the base gives logits over {logits.shape[-1]} tokens and an embedding table of shape "
                 f"{tuple(embeddings.shape)}. Attach it to the base it was built for."

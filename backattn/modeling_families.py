@@ -12,6 +12,7 @@ with ``trust_remote_code=True`` where ``backattn`` is not installed.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from transformers.utils import logging as transformers_logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_backattn import BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
+from .errors import BackattnTypeError, BackattnValueError
 from .head_files import embedding_fingerprint, load_head, push_head_to_hub, save_head  # the methods' namesakes
 from .head_loss import head_cross_entropy
 from .heads import BackwardAttentionHeads, HeadsDisabled
@@ -68,8 +70,33 @@ class BackwardAttentionForCausalLMMixin:
         is initialised.
         """
         loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_base()
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_base()
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        model.check_finite_heads(source)
         return loaded
+
+    def check_finite_heads(self, source: str | os.PathLike | None = None) -> None:
+        """``BackattnValueError`` naming the first head tensor that holds NaN or inf (as loaded from ``source``).
+
+        ``from_pretrained`` calls it, as ``load_head`` checks a head file: a damaged head would otherwise load
+        and turn every logit into NaN. The heads are small, so this costs little next to loading the base.
+        """
+        for name, tensor in self.heads.state_dict(prefix="heads.").items():
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+                where = ""
+                if source is not None:
+                    where = f" loaded from {source}"
+                    weights = [
+                        f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(source, f))
+                    ]
+                    if weights:
+                        where += f" ({os.path.join(source, weights[0])})"
+                raise BackattnValueError(
+                    f"Head tensor {name!r}{where} holds NaN or inf values: the checkpoint's head is damaged. "
+                    "Save the model again from a healthy copy, or delete the head (model.delete_head) and train "
+                    "a new one."
+                )
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -173,12 +200,162 @@ class BackwardAttentionForCausalLMMixin:
             and not (hidden.requires_grad or weight.requires_grad or self.get_input_embeddings().weight.requires_grad)
         )
 
-    def generate(self, *args, heads: list | torch.Tensor | None = None, **kwargs):
-        """``GenerationMixin.generate``; ``heads=`` (one head name or ``None`` per row) mixes heads in a batch."""
-        if heads is not None:
+    def generate(self, *args, heads: str | list | torch.Tensor | None = None, **kwargs):
+        """``GenerationMixin.generate``; ``heads=`` (one head name or ``None`` per row) mixes heads in a batch,
+        and one head name alone serves every row. Refused while heads are disabled (it would be ignored)."""
+        self.heads.check_enabled_for(heads)
+        if isinstance(heads, str):
+            self.heads.route(heads)  # the name is checked; forward gives it to every row (beams included)
+            kwargs["heads"] = heads
+        elif heads is not None:
             # As a tensor, generate repeats it along with the batch for beams and multiple return sequences.
             kwargs["heads"] = self.heads.route(heads)
         return super().generate(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------
+    # checks of forward's inputs: shapes and dtypes first (free), then value ranges in one device sync
+
+    def _check_forward_inputs(
+        self, input_ids, inputs_embeds, labels, base_hidden_states, past_key_values, position_ids, rerank_top_k, kwargs
+    ) -> None:
+        """Refuse inputs the model cannot use, each error naming the argument, the value and the fix."""
+        config, vocab_size = self.config, self.config.vocab_size
+        k = rerank_top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise BackattnValueError(f"rerank_top_k must be a positive integer (or 0 / None: off), got {k!r}.")
+        shape = None
+        if input_ids is not None:
+            _check_token_tensor("input_ids", input_ids)
+            if input_ids.dim() != 2:
+                fix = "add a batch dimension with input_ids.unsqueeze(0)" if input_ids.dim() < 2 else "flatten it"
+                raise BackattnValueError(
+                    f"input_ids must be 2-D (batch x sequence), got shape {tuple(input_ids.shape)}: {fix}, or "
+                    "tokenize with return_tensors='pt'."
+                )
+            if not input_ids.numel() and inputs_embeds is None:
+                raise BackattnValueError(
+                    f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one row of at least one "
+                    "token (an empty prompt needs a BOS token)."
+                )
+            shape = tuple(input_ids.shape)
+        if inputs_embeds is not None:
+            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+                raise BackattnTypeError(
+                    f"inputs_embeds must be a floating-point tensor (batch x sequence x {config.hidden_size}), got "
+                    f"{_describe(inputs_embeds)}; pass token ids as input_ids instead."
+                )
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise BackattnValueError(
+                    f"inputs_embeds must be batch x sequence x {config.hidden_size} (the base's hidden_size), got "
+                    f"shape {tuple(inputs_embeds.shape)}."
+                )
+            shape = shape or tuple(inputs_embeds.shape[:2])
+        if base_hidden_states is not None:
+            if not isinstance(base_hidden_states, torch.Tensor) or not base_hidden_states.is_floating_point():
+                raise BackattnTypeError(
+                    f"base_hidden_states must be a floating-point tensor, got {_describe(base_hidden_states)}."
+                )
+            expected = (*(shape or tuple(base_hidden_states.shape[:2])), config.hidden_size)
+            if tuple(base_hidden_states.shape) != expected:
+                raise BackattnValueError(
+                    f"base_hidden_states has shape {tuple(base_hidden_states.shape)}, but these inputs need "
+                    f"{expected} (batch x sequence of the input_ids x the base's hidden_size): cache the features "
+                    "of these very input_ids with the same base model."
+                )
+            shape = shape or tuple(base_hidden_states.shape[:2])
+        window = getattr(config, "max_position_embeddings", None) if base_hidden_states is None else None
+        fix_length = (
+            f"truncate the input to at most {window} tokens (tokenizer(..., truncation=True, max_length={window})), "
+            "or lower max_new_tokens when generating (prompt and new tokens must fit together)."
+        )
+        if window and shape is not None and position_ids is None:
+            past = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
+            if past + shape[1] > window:
+                cached = f" ({past} cached + {shape[1]} new)" if past else ""
+                raise BackattnValueError(
+                    f"The input is {past + shape[1]} tokens long{cached}, longer than the base model's context "
+                    f"window of {window} positions (config.max_position_embeddings): {fix_length}"
+                )
+        ignore_index = kwargs.get("ignore_index", -100)
+        targets = []
+        for name in ("labels", "shift_labels"):
+            tensor = labels if name == "labels" else kwargs.get("shift_labels")
+            if tensor is None:
+                continue
+            _check_token_tensor(name, tensor)
+            if shape is not None and tuple(tensor.shape) != shape:
+                raise BackattnValueError(
+                    f"{name} has shape {tuple(tensor.shape)} but the input has shape {shape} (batch x sequence): "
+                    f"give one label per input token, {ignore_index} where no loss is wanted"
+                    + (" (the model shifts labels by one position itself)." if name == "labels" else ".")
+                )
+            targets.append((name, tensor))
+        if torch.compiler.is_compiling():
+            return
+        # every value check below reads its numbers in one device sync
+        stats: dict[str, torch.Tensor] = {}
+        if input_ids is not None and input_ids.numel():
+            stats["ids_min"], stats["ids_max"] = torch.aminmax(input_ids)
+        if window and isinstance(position_ids, torch.Tensor) and position_ids.numel():
+            stats["position_max"] = position_ids.max()
+        for name, tensor in targets:
+            used = tensor != ignore_index
+            stats[f"{name}_bad"] = (used & ((tensor < 0) | (tensor >= vocab_size))).sum()
+            stats[f"{name}_count"] = (used[..., 1:] if name == "labels" else used).sum()
+        if not stats:
+            return
+        device = next(iter(stats.values())).device
+        values = dict(zip(stats, torch.stack([v.to(device=device, dtype=torch.long) for v in stats.values()]).tolist()))
+        if "ids_min" in values and (values["ids_min"] < 0 or values["ids_max"] >= vocab_size):
+            low, high = values["ids_min"], values["ids_max"]
+            raise BackattnValueError(
+                f"input_ids holds token id {low if low < 0 else high}, outside this model's vocabulary "
+                f"[0, {vocab_size}): use the tokenizer that belongs to the base model."
+            )
+        if "position_max" in values and values["position_max"] >= window:
+            raise BackattnValueError(
+                f"position_ids reach position {values['position_max']}, beyond the base model's context window of "
+                f"{window} positions (config.max_position_embeddings, positions 0-{window - 1}): {fix_length}"
+            )
+        for name, tensor in targets:
+            if values[f"{name}_bad"]:
+                wrong = tensor[(tensor != ignore_index) & ((tensor < 0) | (tensor >= vocab_size))]
+                raise BackattnValueError(
+                    f"{name} holds {values[f'{name}_bad']} id(s) outside [0, {vocab_size}) that are not "
+                    f"{ignore_index} (the ignore index), e.g. {wrong[0].item()}: labels are token ids of the base's "
+                    f"vocabulary, or {ignore_index} where no loss is wanted."
+                )
+        if targets and values[f"{targets[-1][0]}_count"] == 0:  # the last of labels / shift_labels: what the loss reads
+            num_items = kwargs.get("num_items_in_batch")
+            if num_items is None or int(num_items) == 0:
+                raise BackattnValueError(
+                    f"No target tokens in this batch: every {targets[-1][0]} entry that the loss reads is "
+                    f"{ignore_index}, so the loss is undefined (0/0). Drop the batch, check the collator and "
+                    "max_length (prompts may fill the whole sequence), or pass labels=None for logits alone."
+                )
+
+    def _check_finite_head_inputs(self, hidden, inputs_embeds, base_hidden_states, heads) -> None:
+        """One ``isfinite`` over the hidden states a head reads (its logits are made from them); see
+        ``config.check_finite_inputs``."""
+        if not self.config.check_finite_inputs or torch.compiler.is_compiling():
+            return
+        if not self.heads.enabled or (heads is None and self.active_head() is None):
+            return  # no head reads them: the base model's own logits, exactly
+        if bool(torch.isfinite(hidden).all()):
+            return
+        if inputs_embeds is not None and not bool(torch.isfinite(inputs_embeds).all()):
+            cause = "inputs_embeds holds NaN or inf values"
+        elif base_hidden_states is not None:
+            cause = f"base_hidden_states holds NaN or inf values (in {hidden.dtype}; a damaged feature cache?)"
+        else:
+            cause = (
+                "the base model's final hidden states hold NaN or inf values (damaged base weights, or an "
+                f"overflow in {hidden.dtype})"
+            )
+        raise BackattnValueError(
+            f"{cause}, and the head would turn them into NaN logits. Fix that input, or turn this check off with "
+            "model.config.check_finite_inputs = False."
+        )
 
     @can_return_tuple
     def forward(
@@ -211,15 +388,20 @@ class BackwardAttentionForCausalLMMixin:
         While training a head with ``labels`` (``model.train()``, gradients on, one active head), the loss
         is computed chunk by chunk over the labelled positions (``config.loss_chunk_size``, see
         :mod:`backattn.head_loss`) and ``logits`` is ``None``, as in Liger-Kernel's fused losses.
+
+        Bad inputs raise :class:`~backattn.errors.BackattnValueError` / ``BackattnTypeError`` before the base
+        runs: ``input_ids`` that are not a 2-D, non-empty integer tensor of this vocabulary's ids; ``labels`` of
+        another shape or dtype, with ids outside ``[0, V)`` other than ``-100``, or (without
+        ``num_items_in_batch``) no target token at all; a sequence longer than the base's context window
+        (``config.max_position_embeddings``); ``base_hidden_states`` of the wrong shape. With
+        ``config.check_finite_inputs`` (the default), NaN or inf in the hidden states a head reads is refused
+        too, and in training (``model.train()``, gradients on, labels) a loss that no trainable parameter
+        produces (no active head, heads disabled, a frozen head) is refused instead of failing at backward.
         """
         vocab_size = self.config.vocab_size
-        if input_ids is not None and input_ids.numel():
-            low, high = (value.item() for value in torch.aminmax(input_ids))
-            if low < 0 or high >= vocab_size:
-                raise ValueError(
-                    f"input_ids holds token id {low if low < 0 else high}, outside this model's vocabulary "
-                    f"[0, {vocab_size}): use the tokenizer that belongs to the base model."
-                )
+        self._check_forward_inputs(
+            input_ids, inputs_embeds, labels, base_hidden_states, past_key_values, position_ids, rerank_top_k, kwargs
+        )
         if base_hidden_states is not None:
             outputs, hidden = None, base_hidden_states.to(self.lm_head.weight.dtype)
         else:
@@ -234,6 +416,7 @@ class BackwardAttentionForCausalLMMixin:
             )
             hidden = outputs.last_hidden_state
         hidden = slice_logits_to_keep(hidden, logits_to_keep)
+        self._check_finite_head_inputs(hidden, inputs_embeds, base_hidden_states, heads)
         embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
         loss = logits = None
         if self._chunked_loss_applies(labels, heads, logits_to_keep, hidden, rerank_top_k):
@@ -247,12 +430,36 @@ class BackwardAttentionForCausalLMMixin:
             )
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        if loss is not None and self.training and torch.is_grad_enabled() and not loss.requires_grad:
+            if not torch.compiler.is_compiling():
+                problem = self.heads.training_problem(heads) or "no parameter of the model requires grad"
+                raise BackattnValueError(f"Training with labels, but nothing trainable produces the loss: {problem}.")
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=getattr(outputs, "past_key_values", None),
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
+        )
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _check_token_tensor(name: str, value) -> None:
+    """``BackattnTypeError`` unless ``value`` is an integer tensor (token ids or labels)."""
+    if not isinstance(value, torch.Tensor):
+        raise BackattnTypeError(
+            f"{name} must be a torch.LongTensor (batch x sequence), got {_describe(value)}: tokenize with "
+            "return_tensors='pt', or wrap the ids in torch.tensor([...])."
+        )
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise BackattnTypeError(
+            f"{name} must hold integer token ids (torch.long), got dtype {value.dtype}: convert with {name}.long()"
+            + (", or pass vectors as inputs_embeds." if name == "input_ids" else ".")
         )
 
 
@@ -303,7 +510,7 @@ def family_for(model_type: str) -> type:
     """The backattn model class for a base of this ``model_type``; ``ValueError`` for an unsupported family."""
     if model_type not in FAMILIES:
         supported = sorted(t for t in FAMILIES if not t.endswith("_backattn"))
-        raise ValueError(
+        raise BackattnValueError(
             f"No backward-attention family for model_type {model_type!r}; supported: {', '.join(supported)}."
         )
     return FAMILIES[model_type]

@@ -6,6 +6,8 @@ import logging
 
 from transformers import Trainer
 
+from .errors import BackattnValueError
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,6 +24,15 @@ class HeadTrainer(Trainer):
     def __init__(self, *args, head_metadata: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.head_metadata = head_metadata or {}
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, refused at once when no head would be trained (no active head, heads disabled,
+        or the active head frozen): the stock Trainer would fail later, on an empty optimiser or at backward."""
+        heads = getattr(self._head_model(), "heads", None)
+        problem = heads.training_problem() if hasattr(heads, "training_problem") else None
+        if problem is not None:
+            raise BackattnValueError(f"HeadTrainer has no head to train: {problem}.")
+        return super().train(*args, **kwargs)
 
     def _head_model(self, model=None):
         return self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)

@@ -5,6 +5,7 @@ import torch
 from conftest import VOCAB, randomise
 
 from backattn import GPT2BackwardAttentionForCausalLM
+from backattn.errors import BackattnValueError
 from backattn.head_loss import head_cross_entropy
 
 CASES = {
@@ -76,10 +77,14 @@ def test_num_items_in_batch_divides_the_sum_as_transformers_does(gpt2_base_dir):
     assert torch.allclose(chunked.loss, reference.loss, rtol=1e-6, atol=0)
 
 
-def test_a_batch_without_labels_gives_zero_loss_and_zero_gradients(gpt2_base_dir):
+def test_a_batch_without_labels_is_refused_alone_and_adds_zero_to_an_accumulated_batch(gpt2_base_dir):
     model = training_model(gpt2_base_dir, "hidden", 4)
     ids, _ = batch()
-    output, grads = loss_and_gradients(model, ids, torch.full_like(ids, -100))
+    unlabelled = torch.full_like(ids, -100)
+    with pytest.raises(BackattnValueError, match="No target tokens in this batch"):
+        model(ids, labels=unlabelled)
+    # gradient accumulation: the other micro-batches carry the 50 labelled tokens, this one adds nothing
+    output, grads = loss_and_gradients(model, ids, unlabelled, num_items_in_batch=torch.tensor(50))
     assert output.loss.item() == 0.0
     assert all(torch.count_nonzero(g) == 0 for g in grads.values())
 
