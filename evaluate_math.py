@@ -15,15 +15,20 @@ functions live in ``backattn.evaluation``; this file is the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
 
 from backattn import FAMILIES, family_for
 from backattn.data.sft_data import PromptTemplate, load_math_dataset, sft_tokenizer, tokenize_examples
+from backattn.errors import BackattnTypeError, BackattnValueError
 from backattn.evaluation import evaluate_model, results_table
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_model
 
@@ -56,6 +61,100 @@ class EvaluationArguments:
     output_dir: str = field(default="outputs/eval")
 
 
+#: The range each numeric argument must lie in (a description and a test), checked before anything loads.
+ARGUMENT_RANGES = {
+    "max_new_tokens": ("a positive integer", lambda v: v >= 1),
+    "batch_size": ("a positive integer", lambda v: v >= 1),
+    "max_length": ("a positive integer", lambda v: v >= 1),
+    "gsm_variants_per_template": ("a positive integer", lambda v: v >= 1),
+    "max_samples": ("a positive integer (or None: every row)", lambda v: v >= 1),
+    "num_generation_examples": ("a non-negative integer (0: no generation)", lambda v: v >= 0),
+    "rerank_top_k": ("a positive integer (0: off)", lambda v: v >= 0),
+    "top_k": ("a non-negative integer (0: no top-k filter)", lambda v: v >= 0),
+    "temperature": ("a finite positive number", lambda v: math.isfinite(v) and v > 0),
+}
+
+_TYPE_WORDS = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
+
+
+def check_arguments(args: EvaluationArguments) -> None:
+    """``BackattnTypeError`` / ``BackattnValueError`` naming the first argument of the wrong type or out of range
+    (a YAML or JSON file's values are not converted, so their types are checked here too)."""
+    hints = typing.get_type_hints(EvaluationArguments)
+    for option in dataclasses.fields(EvaluationArguments):
+        name, value = option.name, getattr(args, option.name)
+        choices = typing.get_args(hints[name])
+        optional = type(None) in choices
+        kind = next(c for c in choices if c is not type(None)) if optional else hints[name]
+        if value is None and optional:
+            continue
+        if kind is bool:
+            right_type = isinstance(value, bool)
+        elif kind is float:
+            right_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            right_type = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not right_type:
+            raise BackattnTypeError(
+                f"--{name} must be {_TYPE_WORDS[kind]}{' (or None)' if optional else ''}, got "
+                f"{type(value).__name__} {value!r}; the default is {option.default!r}."
+            )
+        if name in ARGUMENT_RANGES:
+            description, allowed = ARGUMENT_RANGES[name]
+            if not allowed(value):
+                raise BackattnValueError(
+                    f"--{name} must be {description}, got {value!r}; the default is {option.default!r}."
+                )
+
+
+def _read_arguments_file(path: Path) -> dict:
+    """The arguments a YAML or JSON file holds, as a dict; a clear error naming the file (and line) otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No arguments file at {path}.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise BackattnValueError(
+                f"{path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno}); fix the file."
+            ) from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error)
+            raise BackattnValueError(f"{path}{where}: not valid YAML ({problem}); fix the file.") from None
+    if data is None:
+        raise BackattnValueError(f"{path} is empty: give one argument per line, e.g. batch_size: 8.")
+    if not isinstance(data, dict):
+        raise BackattnValueError(
+            f"{path} must hold a mapping of argument names to values (e.g. batch_size: 8), got "
+            f"{type(data).__name__} {data!r}"[:300]
+            + "."
+        )
+    known = {option.name for option in dataclasses.fields(EvaluationArguments)}
+    unknown = sorted(str(key) for key in data if key not in known)
+    if unknown:
+        raise BackattnValueError(
+            f"{path} names unknown argument(s) {', '.join(unknown)}; the arguments are {', '.join(sorted(known))}."
+        )
+    return data
+
+
+def parse_arguments(argv: list[str]) -> EvaluationArguments:
+    """The command line (or one ``.yaml`` / ``.yml`` / ``.json`` file of arguments), checked."""
+    parser = HfArgumentParser(EvaluationArguments)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        (args,) = parser.parse_dict(_read_arguments_file(Path(argv[0])))
+    else:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    check_arguments(args)
+    return args
+
+
 def load_model(args: EvaluationArguments):
     """The model to score: a backattn family when a head is involved, else any ``AutoModelForCausalLM``."""
     base = resolve_base_model(args.model_name_or_path)
@@ -69,18 +168,13 @@ def load_model(args: EvaluationArguments):
         model.disable_heads()
     if args.rerank_top_k is not None:
         if args.rerank_top_k < 0:
-            raise ValueError(f"--rerank_top_k must be a positive integer (0: off), got {args.rerank_top_k}.")
+            raise BackattnValueError(f"--rerank_top_k must be a positive integer (0: off), got {args.rerank_top_k}.")
         model.config.rerank_top_k = args.rerank_top_k or None
     return model, base
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser(EvaluationArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(argv[0]) if not argv[0].endswith(".json") else parser.parse_json_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args = parse_arguments(sys.argv[1:] if argv is None else argv)
     template = PromptTemplate(prompt=args.prompt_template, target=args.target_template)
     set_seed(args.seed)
 

@@ -8,7 +8,9 @@ target tokens only (prompt labels are ``-100``). Rows that cannot be used are sk
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import json
 import string
 from collections import Counter
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 import datasets
 import torch
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+from ..errors import BackattnTypeError, BackattnValueError
 
 OPENMATHINSTRUCT2 = "nvidia/OpenMathInstruct-2"
 OPENMATHINSTRUCT2_SPLITS = ("train", "train_1M", "train_2M", "train_5M")
@@ -38,16 +42,22 @@ class PromptTemplate:
             ("prompt", self.prompt, {"problem"}),
             ("target", self.target, set(REQUIRED_COLUMNS)),
         ):
+            if not isinstance(text, str):
+                raise BackattnTypeError(
+                    f"The {name} template must be a str (a format string), got {type(text).__name__} {text!r}."
+                )
             try:
                 fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
             except ValueError as error:
-                raise ValueError(f"The {name} template {text!r} is not a valid format string: {error}.") from error
+                raise BackattnValueError(
+                    f"The {name} template {text!r} is not a valid format string: {error}."
+                ) from error
             if not fields <= allowed:
-                raise ValueError(
+                raise BackattnValueError(
                     f"The {name} template uses {sorted(fields - allowed)}; it may use only {sorted(allowed)}."
                 )
         if "{problem}" not in self.prompt:
-            raise ValueError(f"The prompt template {self.prompt!r} must contain {{problem}}.")
+            raise BackattnValueError(f"The prompt template {self.prompt!r} must contain {{problem}}.")
 
     def render_prompt(self, row: dict[str, str]) -> str:
         return self.prompt.format(problem=row["problem"])
@@ -69,22 +79,28 @@ def load_math_dataset(
     ``train_2M``, ``train_5M``). With ``streaming`` (for the 14M-row set), the first ``max_samples`` rows
     are streamed and kept; ``max_samples`` is then required.
     """
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise BackattnValueError(f"max_samples must be a positive integer (or None: every row), got {max_samples!r}.")
     path = Path(name_or_path)
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise FileNotFoundError(f"No data file at {path}.")
-        dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        dataset = _load_local_file(path)
     elif path.exists():
-        raise ValueError(f"{path}: use a .json, .jsonl, .parquet or .csv file, or a Hub data set id.")
+        raise BackattnValueError(f"{path}: use a .json, .jsonl, .parquet or .csv file, or a Hub data set id.")
     elif streaming:
         if max_samples is None:
-            raise ValueError("Streaming keeps the first max_samples rows: set max_samples (--max_train_samples).")
+            raise BackattnValueError(
+                "Streaming keeps the first max_samples rows: set max_samples (--max_train_samples)."
+            )
         stream = datasets.load_dataset(name_or_path, split=split, streaming=True)
         check_columns(stream.column_names or REQUIRED_COLUMNS, name_or_path)
         return datasets.Dataset.from_list(list(stream.take(max_samples)))
     else:
         if name_or_path == OPENMATHINSTRUCT2 and split not in OPENMATHINSTRUCT2_SPLITS:
-            raise ValueError(
+            raise BackattnValueError(
                 f"{OPENMATHINSTRUCT2} has the splits {', '.join(OPENMATHINSTRUCT2_SPLITS)}; got {split!r}."
             )
         dataset = datasets.load_dataset(name_or_path, split=split)
@@ -94,10 +110,90 @@ def load_math_dataset(
     return dataset
 
 
+def _load_local_file(path: Path) -> datasets.Dataset:
+    """A local data file as a data set; ``BackattnValueError`` naming the file (and the line, where there is
+    one) when it is empty, not UTF-8 text, or not readable in its format."""
+    file_format = LOCAL_FORMATS[path.suffix]
+    if file_format != "parquet":
+        _check_utf8(path)
+    if path.stat().st_size == 0 or (file_format != "parquet" and not _has_text(path)):
+        raise BackattnValueError(
+            f"{path} is empty: a math data set needs rows with the columns {', '.join(REQUIRED_COLUMNS)}."
+        )
+    try:
+        dataset = datasets.load_dataset(file_format, data_files=str(path), split="train")
+    except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, OSError) as error:
+        raise BackattnValueError(_unreadable(path, error)) from error
+    if len(dataset) == 0:
+        raise BackattnValueError(
+            f"{path} holds no rows: a math data set needs rows with the columns {', '.join(REQUIRED_COLUMNS)}."
+        )
+    return dataset
+
+
+def _check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
+    """``BackattnValueError`` naming the first line of ``path`` that is not UTF-8 (read in chunks, no copy kept)."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_size)
+            try:
+                line += decoder.decode(chunk, final=not chunk).count("\n")
+            except UnicodeDecodeError as error:
+                line += error.object[: error.start].count(b"\n")
+                raise BackattnValueError(
+                    f"{path}, line {line}: not UTF-8 text ({error.reason} at byte "
+                    f"{error.object[error.start : error.start + 1]!r}). Save the file as UTF-8 (for example "
+                    f"iconv -f latin1 -t utf-8), or fix that line."
+                ) from None
+            if not chunk:
+                return
+
+
+def _has_text(path: Path, chunk_size: int = 1 << 20) -> bool:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _unreadable(path: Path, error: BaseException) -> str:
+    """Why ``path`` could not be read: for JSON, the first line that does not parse (or is not an object)."""
+    cause = error.__cause__ or error.__context__ or error
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for number, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as bad:
+                    return f"{path}, line {number}: not valid JSON ({bad.msg}, column {bad.colno}); fix or remove it."
+                if not isinstance(row, dict):
+                    return (
+                        f"{path}, line {number}: a JSON {type(row).__name__}, not an object; each line must be one "
+                        f"object with the columns {', '.join(REQUIRED_COLUMNS)}."
+                    )
+    if path.suffix == ".json":
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as bad:
+            return f"{path}, line {bad.lineno}: not valid JSON ({bad.msg}, column {bad.colno}); fix the file."
+        if not content:
+            return f"{path} holds no rows: a math data set needs rows with the columns {', '.join(REQUIRED_COLUMNS)}."
+    if "corresponds to no data" in str(cause):  # datasets' words for a file without rows (a CSV header alone)
+        return f"{path} holds no rows: a math data set needs rows with the columns {', '.join(REQUIRED_COLUMNS)}."
+    return (
+        f"{path} could not be read as {LOCAL_FORMATS[path.suffix]} ({type(cause).__name__}: {cause}); check that the "
+        f"file is a valid {path.suffix} file, or convert it to .jsonl."
+    )
+
+
 def check_columns(column_names: list[str], source: str) -> None:
     missing = [column for column in REQUIRED_COLUMNS if column not in column_names]
     if missing:
-        raise ValueError(
+        raise BackattnValueError(
             f"{source} lacks the column(s) {', '.join(missing)}; a math data set needs {', '.join(REQUIRED_COLUMNS)} "
             f"(the OpenMathInstruct-2 columns). It has: {', '.join(column_names)}."
         )
@@ -129,8 +225,17 @@ def tokenize_examples(
     Skipped: a missing, empty or non-text field (``missing_or_empty_<column>``), and a row whose prompt and
     target do not fit in ``max_length`` tokens (``too_long``). Raises ``ValueError`` when no row is left.
     """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise BackattnValueError(
+            f"max_length must be a positive integer (tokens per prompt + target), got {max_length!r}."
+        )
+    missing = [column for column in keep_columns if column not in dataset.column_names]
+    if missing:
+        raise BackattnValueError(
+            f"keep_columns names {missing}, which the data set lacks; its columns are {dataset.column_names}."
+        )
     if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no end-of-sequence token; set tokenizer.eos_token.")
+        raise BackattnValueError("The tokenizer has no end-of-sequence token; set tokenizer.eos_token.")
     skipped: Counter = Counter()
     kept: dict[str, list] = {"input_ids": [], "labels": [], "answer_labels": [], "prompt": [], "expected_answer": []}
     kept.update({column: [] for column in keep_columns})
@@ -163,7 +268,7 @@ def tokenize_examples(
             kept[column].append(row[column])
     if not kept["input_ids"]:
         reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.items()) or "the data set is empty"
-        raise ValueError(f"No usable rows: {reasons}. Check the columns' contents and max_length={max_length}.")
+        raise BackattnValueError(f"No usable rows: {reasons}. Check the columns' contents and max_length={max_length}.")
     return datasets.Dataset.from_dict(kept), skipped
 
 
