@@ -162,7 +162,7 @@ def test_accelerate_launch_runs_it_data_parallel(tiny_gpt2_dir, math_jsonl, tmp_
     state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert state["epoch"] == pytest.approx(1.0)  # 32 training rows / (2 processes x batch 4) = 4 steps an epoch
-    assert (tmp_path / "out" / "head.safetensors").exists()
+    assert (tmp_path / "out" / "head" / "head.safetensors").exists()
 
 
 def test_a_second_run_never_destroys_the_first(tiny_gpt2_dir, math_jsonl, tmp_path, monkeypatch):
