@@ -31,6 +31,7 @@ from backattn.data.sft_data import PromptTemplate, load_math_dataset, sft_tokeni
 from backattn.errors import BackattnTypeError, BackattnValueError
 from backattn.evaluation import evaluate_model, results_table
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_model
+from backattn.run_files import check_context_window, writable_directory, write_text_atomically
 
 
 @dataclass
@@ -152,6 +153,7 @@ def parse_arguments(argv: list[str]) -> EvaluationArguments:
     else:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
     check_arguments(args)
+    writable_directory(args.output_dir)
     return args
 
 
@@ -176,6 +178,8 @@ def load_model(args: EvaluationArguments):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     template = PromptTemplate(prompt=args.prompt_template, target=args.target_template)
+    base_config = AutoConfig.from_pretrained(resolve_base_model(args.model_name_or_path))
+    check_context_window(base_config, args.max_length, args.max_new_tokens)  # before the data is built
     set_seed(args.seed)
 
     if args.dataset == EMBEDDED_DATASET:
@@ -194,11 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
     name = args.name or (args.head and f"{base} + head {args.head}") or base
     results = {name: evaluate_model(model, tokenizer, examples, None, args.num_generation_examples,
                                     args.max_new_tokens, args.batch_size, **sampling)}  # fmt: skip
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    output = writable_directory(args.output_dir)
     record = {"arguments": vars(args), "examples": len(examples), "skipped": dict(skipped), "results": results}
-    (output / "eval_results.json").write_text(json.dumps(record, indent=2) + "\n")
-    (output / "eval_results.md").write_text(results_table(results) + "\n")
+    write_text_atomically(output / "eval_results.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomically(output / "eval_results.md", results_table(results) + "\n")
     print(results_table(results))
     return results
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_datase
 from backattn.errors import BackattnValueError, RunDirectoryError
 from backattn.evaluation import evaluate_model, results_table
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, default_cache_dir, resolve_base_model
+from backattn.run_files import check_context_window, writable_directory, write_text_atomically
 from backattn.trainer import HeadTrainer
 
 
@@ -208,22 +207,7 @@ def check_output_dir(training_args) -> None:
             "resume it with --resume_from_checkpoint True, replace it with --overwrite_output_dir true, or "
             "choose another --output_dir."
         )
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as error:
-        raise RunDirectoryError(f"--output_dir {output_dir} is not writable ({error.strerror}).") from error
-
-
-def check_base_config(config, data_args) -> None:
-    """Settings that need the base's config, checked right after reading it (before data or weights)."""
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if context and data_args.max_length + data_args.max_new_tokens > context:
-        raise BackattnValueError(
-            f"--max_length {data_args.max_length} + --max_new_tokens {data_args.max_new_tokens} exceeds the base's "
-            f"context window of {context} tokens: lower one of them."
-        )
+    writable_directory(output_dir)
 
 
 def resume_checkpoint(output_dir: Path) -> str:
@@ -256,12 +240,6 @@ def clear_earlier_run(output_dir: Path) -> None:
         if name == "head":
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Dataset, str]:
@@ -360,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     with training_args.main_process_first(desc="data and the embedded base"):  # once, with accelerate launch
         base = resolve_base_model(model_args.model_name_or_path)
         base_config = AutoConfig.from_pretrained(base)
-        check_base_config(base_config, data_args)
+        check_context_window(base_config, data_args.max_length, data_args.max_new_tokens)
         train_rows, eval_rows, data_source = load_splits(data_args, training_args.seed)
     tokenizer = sft_tokenizer(base)
     train_examples, train_skipped = tokenize_examples(train_rows, tokenizer, template, data_args.max_length)
@@ -414,9 +392,9 @@ def main(argv: list[str] | None = None) -> dict:
         head = results["comparison"]["base + trained head"]
         metrics = {k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "accuracy", "f1", "rmse") if k in head}
         model.save_head(head_dir, metrics=metrics, **card)
-        write_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2) + "\n")
+        write_text_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2) + "\n")
         table = results_table(results["comparison"])
-        write_atomically(output_dir / "comparison.md", table + "\n")
+        write_text_atomically(output_dir / "comparison.md", table + "\n")
         references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
         plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references)
         print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss, "

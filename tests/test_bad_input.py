@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 import evaluate_math
 from backattn import BackwardAttentionConfig, GPT2BackwardAttentionConfig, GPT2BackwardAttentionForCausalLM
 from backattn.data.sft_data import PromptTemplate, load_math_dataset, tokenize_examples
-from backattn.errors import BackattnTypeError, BackattnValueError
+from backattn.errors import BackattnTypeError, BackattnValueError, RunDirectoryError
 from backattn.head_loss import head_cross_entropy
 from backattn.trainer import HeadTrainer
 
@@ -545,3 +545,16 @@ def test_a_good_argument_file_parses(tmp_path):
     args = evaluate_math.parse_arguments([str(path)])
     assert (args.batch_size, args.temperature, args.rerank_top_k) == (3, 0.5, 0)
     assert math.isfinite(args.temperature)
+
+
+def test_evaluate_math_refuses_an_output_dir_that_is_a_file(nothing_loads, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(RunDirectoryError, match="is a file; give a directory"):
+        evaluate_math.main(["--output_dir", str(tmp_path / "taken")])
+
+
+def test_evaluate_math_checks_the_context_window_before_building_data(nothing_loads, tiny_gpt2_dir, tmp_path):
+    argv = ["--model_name_or_path", str(tiny_gpt2_dir), "--max_length", "100", "--max_new_tokens", "29",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(BackattnValueError, match="exceeds the base's context window of 128 tokens"):
+        evaluate_math.main(argv)

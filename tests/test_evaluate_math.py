@@ -25,7 +25,7 @@ def model_with_head_dir(tiny_gpt2_dir, tmp_path_factory):
 
 def run(model_dir, math_jsonl, tmp_path, *extra):
     args = ["--model_name_or_path", str(model_dir), "--dataset", str(math_jsonl), "--max_samples", "6",
-            "--num_generation_examples", "3", "--max_new_tokens", "5", "--batch_size", "4",
+            "--num_generation_examples", "3", "--max_new_tokens", "5", "--max_length", "120", "--batch_size", "4",
             "--output_dir", str(tmp_path), *extra]  # fmt: skip
     return evaluate_math.main(args)
 
