@@ -292,6 +292,25 @@ class BackwardAttentionModelFields:
         default=None,
         metadata={"help": "The head that scores the next token; None gives the base model's own logits."},
     )
+    head_order: list | None = field(
+        default=None,
+        metadata={
+            "help": "The heads' names in the order they were added (the JSON file sorts the keys of heads); None: "
+            "the order of heads.",
+        },
+    )
+    heads_enabled: bool = field(
+        default=True,
+        metadata={"help": "False while heads are disabled (model.disable_heads()): the base model's own logits."},
+    )
+    frozen_heads: list | None = field(
+        default=None,
+        metadata={
+            "help": "What of the heads does not train (requires_grad False), as saved: a head's name when all of its "
+            "parameters are frozen, 'name.parameter' for each frozen parameter of a partly frozen head. None or "
+            "empty: every head trains.",
+        },
+    )
     loss_chunk_size: int | None = field(
         default=256,
         metadata={
@@ -339,6 +358,24 @@ class BackwardAttentionModelFields:
             raise BackattnValueError(
                 f"config.active_head={self.active_head!r} names no head; the heads are {sorted(self.heads) or 'none'}."
             )
+        order = self.head_order
+        if order is not None:
+            if not isinstance(order, (list, tuple)) or sorted(map(str, order)) != sorted(self.heads):
+                raise BackattnValueError(
+                    f"config.head_order={order!r} must list each head of config.heads ({sorted(self.heads)}) once."
+                )
+            self.head_order = [str(name) for name in order]
+            self.heads = {name: self.heads[name] for name in self.head_order}
+        frozen = self.frozen_heads
+        if frozen is not None:
+            if not isinstance(frozen, (list, tuple)) or not all(isinstance(entry, str) for entry in frozen):
+                raise BackattnValueError(f"config.frozen_heads must be a list of head names, got {frozen!r}.")
+            unknown = [entry for entry in frozen if entry.split(".")[0] not in self.heads]
+            if unknown:
+                raise BackattnValueError(
+                    f"config.frozen_heads names {unknown[0]!r}, not a head of config.heads ({sorted(self.heads)})."
+                )
+            self.frozen_heads = list(frozen)
 
 
 def _fields_doc(fields_class: type) -> str:

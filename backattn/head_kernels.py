@@ -64,6 +64,7 @@ def select_kernel(
     fused_gate = config.score_mode != "replace" and not dropout
     inputs = (embeddings, *(() if output_weight is None else (output_weight,)), *head.parameters())
     tables_cache = not tables_given and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+    tables_cache = tables_cache and not torch.compiler.is_compiling()  # the cache's keys are not traceable
     if steps == "full_vocab" and not (raw_shortcut or fused_gate):
         steps = "plain"
     return Kernel(steps, raw_shortcut, fused_gate, tables_cache)

@@ -23,11 +23,14 @@ states, output layer and embeddings are frozen.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput
 
 from .errors import BackattnValueError
 from .head_kernels import head_logits, weight_tables
@@ -142,3 +145,100 @@ def head_cross_entropy(
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-token log-probabilities through the head: the fused LM-head protocol of TRL's trainers
+
+
+@dataclass
+class FusedHeadOutput(ModelOutput):
+    """What ``forward(..., labels=..., fused_lm_head=True)`` returns: the fields of TRL's
+    ``FusedCausalLMOutput`` (``trl.trainer.utils.add_fused_lm_head``), computed from the active head's logits.
+
+    Every per-token field has the shape of the shifted labels (``batch x (sequence - 1)``, or of
+    ``shift_labels``) and is zero where the label is ignored. ``log_probs`` carries gradients; the others
+    do not.
+    """
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def _token_statistics(score: Callable, inputs: torch.Tensor, targets: torch.Tensor, temperature: float):
+    z = score(inputs).float() / temperature
+    log_probs = torch.log_softmax(z, dim=-1)
+    chosen = log_probs.gather(-1, targets[:, None])[:, 0]
+    with torch.no_grad():
+        probs = log_probs.exp()
+        entropy = -(probs * log_probs).sum(-1)
+        log_sum_sq_probs = torch.logsumexp(2 * log_probs, dim=-1)
+        mean_logits = z.mean(-1)
+        is_top1 = z.argmax(-1) == targets
+    return chosen, entropy, log_sum_sq_probs, mean_logits, is_top1
+
+
+def head_token_log_probs(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    labels: torch.Tensor | None,
+    chunk_size: int,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> FusedHeadOutput:
+    """The log-probability (and entropy, top-1 hit, ...) of each next-token label under ``score``'s logits.
+
+    ``score(h, rows)`` gives the logits (``n x V``) of ``n`` positions from their hidden states ``h``
+    (``n x d``) and batch rows ``rows``. Only the labelled positions are scored, ``chunk_size`` at a time,
+    and with gradients each chunk is recomputed in the backward pass (``torch.utils.checkpoint``) instead
+    of keeping its logits: nothing vocabulary-sized outlives its chunk. ``loss`` is the mean negative
+    log-likelihood (over ``num_items_in_batch`` when given), as the model's own loss.
+    """
+    if shift_labels is None:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    targets = targets.to(hidden.device)
+    mask = targets != ignore_index
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    positions, goals = hidden[mask], targets[mask]
+    wants_grad = torch.is_grad_enabled()
+    parts = []
+    for start in range(0, positions.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+
+        def chunk_score(h: torch.Tensor, chunk_rows: torch.Tensor = rows[chunk]) -> torch.Tensor:
+            return score(h, chunk_rows)
+
+        arguments = (chunk_score, positions[chunk], goals[chunk], temperature)
+        if wants_grad:
+            parts.append(checkpoint(_token_statistics, *arguments, use_reentrant=False))
+        else:
+            parts.append(_token_statistics(*arguments))
+    fields = []
+    for index in range(5):
+        values = [part[index] for part in parts]
+        empty_dtype = torch.bool if index == 4 else torch.float32
+        flat = torch.cat(values) if values else positions.new_zeros(0, dtype=empty_dtype)
+        fields.append(flat.new_zeros(mask.shape).masked_scatter(mask, flat))
+    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = fields
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    if isinstance(count, torch.Tensor):
+        count = count.to(log_probs.device)
+    return FusedHeadOutput(
+        loss=-log_probs.sum() / count,
+        log_probs=log_probs,
+        entropy=entropy,
+        log_sum_sq_probs=log_sum_sq_probs,
+        mean_logits=mean_logits,
+        is_top1=is_top1,
+        label_mask=mask,
+    )

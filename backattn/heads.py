@@ -47,7 +47,15 @@ class BackwardAttentionHeads(nn.ModuleDict):
     def __init__(self, config):
         super().__init__()
         self.model_config = config
-        self.enabled = True
+
+    @property
+    def enabled(self) -> bool:
+        """False while heads are disabled; kept in ``config.heads_enabled``, so a saved model keeps it."""
+        return self.model_config.heads_enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.model_config.heads_enabled = bool(value)
 
     # ----------------------------------------------------------------------------------------------------
     # which heads there are
@@ -71,6 +79,7 @@ class BackwardAttentionHeads(nn.ModuleDict):
             )
         cls.check_name(head_name)
         config.heads, config.active_head = {head_name: head_config.to_dict()}, head_name
+        config.head_order, config.frozen_heads = [head_name], []
 
     def names(self) -> list[str]:
         return list(self.keys())
@@ -100,6 +109,44 @@ class BackwardAttentionHeads(nn.ModuleDict):
 
     def _sync_config(self) -> None:
         self.model_config.heads = {name: head.config.to_dict() for name, head in self.items()}
+        self.model_config.head_order = self.names()
+        frozen = self.model_config.frozen_heads or []  # recorded at saves (record_trainable); drop removed heads
+        self.model_config.frozen_heads = [entry for entry in frozen if entry.split(".")[0] in self]
+
+    # ----------------------------------------------------------------------------------------------------
+    # which heads train: requires_grad, recorded in config.frozen_heads so that a saved model keeps it
+
+    def record_trainable(self) -> None:
+        """Write each head's ``requires_grad`` flags into ``config.frozen_heads`` (``save_pretrained`` calls it)."""
+        frozen = []
+        for name, head in self.items():
+            flags = [(parameter_name, p.requires_grad) for parameter_name, p in head.named_parameters()]
+            if flags and not any(trains for _, trains in flags):
+                frozen.append(name)
+            else:
+                frozen += [f"{name}.{parameter_name}" for parameter_name, trains in flags if not trains]
+        self.model_config.frozen_heads = frozen
+
+    def apply_trainable(self) -> None:
+        """Set each head's ``requires_grad`` flags as ``config.frozen_heads`` records them (every one trains when
+        it records nothing)."""
+        frozen = set(self.model_config.frozen_heads or ())
+        for name, head in self.items():
+            for parameter_name, parameter in head.named_parameters():
+                parameter.requires_grad_(name not in frozen and f"{name}.{parameter_name}" not in frozen)
+
+    def set_trainable(self, head_names, others: bool | None = False) -> None:
+        """Make the heads ``head_names`` (a name or a list of names) train; the other heads are frozen
+        (``others=False``), made to train (``True``) or left as they are (``None``)."""
+        names = [head_names] if isinstance(head_names, str) else list(head_names)
+        for name in names:
+            self.require(name)
+        for name, head in self.items():
+            if name in names:
+                head.requires_grad_(True)
+            elif others is not None:
+                head.requires_grad_(others)
+        self.record_trainable()
 
     # ----------------------------------------------------------------------------------------------------
     # which head serves
@@ -110,6 +157,24 @@ class BackwardAttentionHeads(nn.ModuleDict):
         return self.model_config.active_head if self.enabled else None
 
     def set_active(self, head_name: str) -> None:
+        names = self.names()
+        if head_name is None:
+            raise BackattnTypeError(
+                f"set_head(None): set_head takes the name of a resident head (one of {names or 'none'}). For the "
+                "base model's own logits use model.disable_heads() (or `with model.disable_heads(): ...`); to "
+                "remove a head, model.delete_head(name)."
+            )
+        if isinstance(head_name, (list, tuple, set)):
+            raise BackattnTypeError(
+                f"set_head({list(head_name)!r}): one head scores the next token, so set_head takes one head name "
+                f"(one of {names or 'none'}), not a list as PEFT's set_adapter does. To serve different heads to "
+                "the rows of one batch, pass heads=[name or None per row] to forward or generate."
+            )
+        if not isinstance(head_name, str):
+            raise BackattnTypeError(
+                f"set_head takes a head name (str), got {type(head_name).__name__} {head_name!r}; the heads are "
+                f"{names or 'none'}."
+            )
         self.require(head_name)
         self.model_config.active_head = head_name
 
@@ -140,9 +205,8 @@ class BackwardAttentionHeads(nn.ModuleDict):
                     f"got dtype {heads.dtype}; pass head names instead, e.g. heads={self.names()[:1] or ['name']}."
                 )
             indices = heads.to(torch.long)
-            if indices.dim() != 1 or (
-                indices.numel() and not -1 <= int(indices.min()) <= int(indices.max()) < len(self)
-            ):
+            in_range = torch.compiler.is_compiling() or not indices.numel()  # a value check: read in eager mode only
+            if indices.dim() != 1 or not (in_range or -1 <= int(indices.min()) <= int(indices.max()) < len(self)):
                 raise BackattnValueError(f"heads= as a tensor must be 1-D head indices in [-1, {len(self)}).")
             return indices
         if not isinstance(heads, (list, tuple)):
@@ -235,6 +299,13 @@ class BackwardAttentionHeads(nn.ModuleDict):
                 f"heads= needs one entry per batch row: got {indices.shape[0]} for a batch of {logits.shape[0]}."
             )
         names, out = self.names(), None
+        if torch.compiler.is_compiling():  # which heads the rows want is data: score every head, keep each row's
+            for index, name in enumerate(names):
+                scored = score(name)
+                out = torch.where(
+                    (indices == index)[:, None, None], scored, logits.to(scored.dtype) if out is None else out
+                )
+            return logits if out is None else out
         for index in indices.unique().tolist():
             if index < 0:
                 continue

@@ -11,23 +11,50 @@ with ``trust_remote_code=True`` where ``backattn`` is not installed.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
+from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging as transformers_logging
-from transformers.utils.generic import can_return_tuple
+from transformers.utils.generic import TransformersKwargs, can_return_tuple
 
 from .configuration_backattn import BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_files import embedding_fingerprint, load_head, push_head_to_hub, save_head  # the methods' namesakes
-from .head_loss import head_cross_entropy
+from .head_kernels import head_logits, weight_tables
+from .head_loss import FusedHeadOutput, head_cross_entropy, head_token_log_probs
 from .heads import BackwardAttentionHeads, HeadsDisabled
 from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer
+
+#: Where ``save_pretrained`` puts the heads beside a PEFT adapter: ``heads/<name>/`` and ``heads/heads.json``.
+HEADS_DIRNAME, HEADS_STATE_NAME = "heads", "heads.json"
+HEADS_STATE_KEYS = ("head_order", "active_head", "heads_enabled", "frozen_heads")
+
+#: Keywords forward takes beyond its named arguments, for every family: Transformers' own (attention and
+#: loss options), and the loss's ``ignore_index`` / ``shift_labels``; plus the family's forward arguments.
+_TRANSFORMERS_KEYWORDS = frozenset(
+    {*TransformersKwargs.__optional_keys__, *FlashAttentionKwargs.__optional_keys__, "ignore_index", "shift_labels"}
+)
+
+
+@functools.cache
+def _accepted_keywords(model_class: type) -> frozenset:
+    """The keyword arguments ``model_class.forward`` takes through ``**kwargs``: Transformers' ones and the named
+    arguments of the base family's own forward (e.g. GPT-2's ``token_type_ids``)."""
+    family = next(c for c in model_class.__mro__ if c.__module__.startswith("transformers.") and "forward" in vars(c))
+    parameters = inspect.signature(family.forward).parameters.values()
+    named = {parameter.name for parameter in parameters if parameter.kind is parameter.POSITIONAL_OR_KEYWORD}
+    return _TRANSFORMERS_KEYWORDS | named
 
 
 class BackwardAttentionForCausalLMMixin:
@@ -40,7 +67,11 @@ class BackwardAttentionForCausalLMMixin:
     options in ``config.heads``), so ``save_pretrained`` / ``from_pretrained`` keep every resident head. The
     methods follow the Transformers adapter API with ``head`` for ``adapter`` (``add_head``, ``load_head``,
     ``set_head``, ``active_head``, ``disable_heads`` / ``enable_heads``, ``delete_head``, ``save_head``,
-    ``push_head_to_hub``), which leaves the inherited PEFT adapter methods free for LoRA on the base.
+    ``push_head_to_hub``), which leaves the inherited PEFT adapter methods free for LoRA on the base: the
+    ``*_adapter`` methods drive LoRA (``add_adapter`` / ``load_adapter`` leave the heads training as they
+    were, and ``save_pretrained`` saves the heads beside the adapter), the ``*_head(s)`` methods the heads.
+    ``print_trainable_parameters`` and ``get_nb_trainable_parameters`` are PEFT's. TRL's trainers work as
+    they are: their fused LM head goes through the head (see ``__setattr__`` and ``forward``).
     """
 
     def __init__(
@@ -56,8 +87,11 @@ class BackwardAttentionForCausalLMMixin:
         # Called at the end of the family's __init__: the heads join the model before weights are initialised.
         self.heads = BackwardAttentionHeads(self.config)
         self._fingerprint_cache: tuple[tuple, str] | None = None
+        self._fused_lm_head_options = {"temperature": 1.0}
+        frozen = list(self.config.frozen_heads or [])
         for name, options in list(self.config.heads.items()):
             self.heads.add(name, self.build_head(BackwardAttentionConfig.from_dict(options)))
+        self.config.frozen_heads = frozen
         super().post_init()
         self.freeze_base()
 
@@ -72,6 +106,7 @@ class BackwardAttentionForCausalLMMixin:
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_base()
+        model.heads.apply_trainable()  # each head trains, or not, as it did when saved
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         model.check_finite_heads(source)
         return loaded
@@ -109,6 +144,22 @@ class BackwardAttentionForCausalLMMixin:
             if not name.startswith("heads."):
                 parameter.requires_grad_(False)
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)``: the number of parameters that train and of all parameters, as PEFT's."""
+        trainable = total = 0
+        for parameter in self.parameters():
+            count = parameter.numel()
+            total += count
+            trainable += count if parameter.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print the counts of ``get_nb_trainable_parameters`` as PEFT's method of this name does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
     def train(self, mode: bool = True):
         """The frozen base always runs in eval mode (no dropout), so its features are deterministic."""
         super().train(mode)
@@ -132,15 +183,33 @@ class BackwardAttentionForCausalLMMixin:
         return self.heads.active
 
     def add_head(
-        self, head_config: BackwardAttentionConfig | dict | str | None = None, head_name: str = "default"
+        self,
+        head_config: BackwardAttentionConfig | dict | str | None = None,
+        head_name: str = "default",
+        freeze_others: bool = True,
     ) -> None:
-        """Attach a fresh, trainable head and make it the active one (as ``add_adapter`` does)."""
+        """Attach a fresh, trainable head and make it the active one (as ``add_adapter`` does).
+
+        As with Transformers' ``add_adapter`` (and PEFT's ``set_adapter``), only the new head trains: the
+        heads already resident are frozen, unless ``freeze_others=False`` leaves them as they were.
+        """
         self.heads.add(head_name, self.build_head(BackwardAttentionConfig.coerce(head_config)))
         self.heads.set_active(head_name)
+        self.heads.set_trainable(head_name, others=False if freeze_others else None)
 
     def set_head(self, head_name: str) -> None:
-        """Make a resident head the active one; no weights are copied."""
+        """Make a resident head the active one; no weights are copied, and no head's trainable setting changes.
+
+        Takes one head name: ``None`` or a list are refused (:class:`~backattn.errors.BackattnTypeError`);
+        the base's own logits come from ``disable_heads()``, and ``heads=`` in forward or generate serves
+        several heads in one batch.
+        """
         self.heads.set_active(head_name)
+
+    def set_trainable_heads(self, head_names: str | list[str], others: bool | None = False) -> None:
+        """Make the heads ``head_names`` train (``requires_grad``); the other heads are frozen
+        (``others=False``), made to train (``True``) or left as they are (``None``)."""
+        self.heads.set_trainable(head_names, others)
 
     def disable_heads(self) -> HeadsDisabled:
         """Give the base model's own logits, exactly, until ``enable_heads``; or, as ``with
@@ -168,6 +237,106 @@ class BackwardAttentionForCausalLMMixin:
     push_head_to_hub = push_head_to_hub
 
     # ----------------------------------------------------------------------------------------------------
+    # saving, and LoRA on the base through Transformers' PEFT integration (the *_adapter methods)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, with each head's trainable setting recorded in the config.
+
+        With a LoRA (or other PEFT) adapter attached through ``add_adapter`` / ``load_adapter``, Transformers
+        saves the adapter alone (``adapter_config.json``, ``adapter_model.safetensors``); every resident head
+        is then saved beside it too, in ``heads/<name>`` (as ``save_head`` does) with ``heads/heads.json``
+        (their order, the active head, the enabled state, what is frozen). ``load_adapter`` and
+        ``from_pretrained`` of that directory put both back.
+        """
+        self.heads.record_trainable()
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self, "_hf_peft_config_loaded", False) and kwargs.get("is_main_process", True) and len(self.heads):
+            directory = Path(save_directory) / HEADS_DIRNAME
+            for name in self.list_heads():
+                self.save_head(directory / name, head_name=name, overwrite_model_card=True)
+            state = {key: getattr(self.config, key) for key in HEADS_STATE_KEYS}
+            (directory / HEADS_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+        return result
+
+    @contextlib.contextmanager
+    def _heads_kept_trainable(self):
+        """PEFT freezes every parameter outside the adapter it injects; the heads are not PEFT's to freeze."""
+        flags = [(parameter, parameter.requires_grad) for parameter in self.heads.parameters()]
+        try:
+            yield
+        finally:
+            for parameter, trains in flags:
+                parameter.requires_grad_(trains)
+
+    def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
+        """Transformers' ``add_adapter`` (LoRA and other PEFT adapters on the base's layers), the heads
+        left training as they were: a LoRA on the base and a head on top train together. Adapter names
+        and head names are separate: a LoRA ``"default"`` and a head ``"default"`` do not meet."""
+        with self._heads_kept_trainable():
+            super().add_adapter(adapter_config, adapter_name)
+
+    def load_adapter(self, peft_model_id: str | None = None, *args, **kwargs):
+        """Transformers' ``load_adapter``, the heads left training as they were; when the directory also holds
+        heads saved by ``save_pretrained`` (``heads/``), they are loaded too, in their order, the saved
+        active head, enabled state and trainable settings restored (a resident head of the same name and
+        options takes the saved weights in place)."""
+        with self._heads_kept_trainable():
+            result = super().load_adapter(peft_model_id, *args, **kwargs)
+        directory = Path(peft_model_id) / HEADS_DIRNAME if peft_model_id is not None else None
+        if directory is not None and (directory / HEADS_STATE_NAME).is_file():
+            self._load_saved_heads(directory)
+        return result
+
+    def _load_saved_heads(self, directory: Path) -> None:
+        """Load the heads ``save_pretrained`` wrote beside an adapter, with their saved state."""
+        state = json.loads((directory / HEADS_STATE_NAME).read_text())
+        order = list(state.get("head_order") or [])
+        for name in order:
+            self.load_head(directory / name, head_name=name, hotswap=name in self.heads)
+        frozen = list(state.get("frozen_heads") or [])
+        for name in order:
+            for parameter_name, parameter in self.heads[name].named_parameters():
+                parameter.requires_grad_(name not in frozen and f"{name}.{parameter_name}" not in frozen)
+        kept = [entry for entry in self.config.frozen_heads or [] if entry.split(".")[0] not in order]
+        self.config.frozen_heads = kept + frozen
+        if state.get("active_head") is not None:
+            self.heads.set_active(state["active_head"])
+        self.heads.enabled = state.get("heads_enabled", True)
+
+    # ----------------------------------------------------------------------------------------------------
+    # patches of forward by training libraries
+
+    def __setattr__(self, name: str, value) -> None:
+        """Assigning ``model.forward`` (as TRL's trainers and Liger-Kernel do) must not bypass the head.
+
+        TRL's ``add_fused_lm_head`` (which ``SFTTrainer`` and TRL's other trainers apply) replaces
+        ``forward`` with one that runs the base and its output layer directly, so a head would never run
+        and nothing would train: it is not installed, as this model's own ``forward`` answers the same
+        ``fused_lm_head=True`` calls through the head (its temperature is kept). Liger-Kernel's fused
+        linear cross-entropy, which also skips the head, is refused with an error naming the setting.
+        """
+        if name == "forward" and callable(value) and not isinstance(value, nn.Module):
+            function = getattr(value, "__func__", value)
+            # Where the function was written (functools.wraps copies __module__ and __qualname__ from ours).
+            module = str(getattr(function, "__globals__", {}).get("__name__", ""))
+            code = getattr(function, "__code__", None)
+            qualname = getattr(code, "co_qualname", getattr(code, "co_name", ""))
+            if module.startswith("trl.") and getattr(code, "co_name", "") == "_fused_forward":
+                cells = (cell.cell_contents for cell in function.__closure__ or ())
+                closure = dict(zip(function.__code__.co_freevars, cells))
+                self._fused_lm_head_options = {"temperature": float(closure.get("temperature", 1.0))}
+                return  # forward(..., fused_lm_head=True) is served by the head itself
+            if module.startswith(("trl.", "liger_kernel.")):
+                raise BackattnValueError(
+                    f"{module}.{qualname} replaces this model's forward with one that runs the base model and its "
+                    "output layer directly, so the backward-attention head would never run and nothing would "
+                    "train. With Liger-Kernel, turn its fused loss off: liger_kernel_config={'fused_linear_cross_"
+                    "entropy': False} (TrainingArguments / SFTConfig); backattn's own chunked loss does the same "
+                    "job through the head (config.loss_chunk_size)."
+                )
+        super().__setattr__(name, value)
+
+    # ----------------------------------------------------------------------------------------------------
     # forward
 
     def _output_weight(self) -> torch.Tensor | None:
@@ -184,10 +353,12 @@ class BackwardAttentionForCausalLMMixin:
 
         Only the head may need gradients there: the base's hidden states, output layer and embedding table
         must be frozen (no LoRA on the base, no trainable output layer), as the chunked loss gives them none.
+        Under ``torch.compile`` the straightforward loss is taken (the chunks' count depends on the labels).
         """
         weight = self._output_weight()
         return (
             labels is not None
+            and not torch.compiler.is_compiling()  # its number of labelled positions is data-dependent
             and self.training
             and torch.is_grad_enabled()
             and heads is None
@@ -220,6 +391,20 @@ class BackwardAttentionForCausalLMMixin:
     ) -> None:
         """Refuse inputs the model cannot use, each error naming the argument, the value and the fix."""
         config, vocab_size = self.config, self.config.vocab_size
+        if kwargs and not torch.compiler.is_compiling():
+            unknown = sorted(set(kwargs) - _accepted_keywords(type(self)))
+            if unknown:
+                hint = ""
+                if "adapter_names" in unknown:
+                    hint = (
+                        " adapter_names= is PEFT's per-row choice of LoRA adapters (a PeftModel takes it before "
+                        "the call reaches this model); "
+                    )
+                raise BackattnTypeError(
+                    f"forward() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}, which would be "
+                    f"ignored.{hint} To choose task heads per batch row, pass heads= (one head name, or None for the "
+                    "base, per row, e.g. heads=['math', None]), or set_head(name) for every row."
+                )
         k = rerank_top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise BackattnValueError(f"rerank_top_k must be a positive integer (or 0 / None: off), got {k!r}.")
@@ -357,6 +542,44 @@ class BackwardAttentionForCausalLMMixin:
             "model.config.check_finite_inputs = False."
         )
 
+    def _check_loss_trains(self, loss: torch.Tensor | None, heads) -> None:
+        if loss is not None and self.training and torch.is_grad_enabled() and not loss.requires_grad:
+            if not torch.compiler.is_compiling():
+                problem = self.heads.training_problem(heads) or "no parameter of the model requires grad"
+                raise BackattnValueError(f"Training with labels, but nothing trainable produces the loss: {problem}.")
+
+    def _fused_lm_head(self, hidden, labels, heads, rerank_top_k, kwargs) -> FusedHeadOutput:
+        """``forward(..., fused_lm_head=True)``: per-token log-probabilities of the labels through the head."""
+        shift_labels = kwargs.get("shift_labels")
+        if labels is None and shift_labels is None:
+            raise BackattnValueError(
+                "fused_lm_head=True (TRL's fused loss) scores the labels, but no labels were given: pass labels=, "
+                "or drop fused_lm_head=True for the logits."
+            )
+        embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
+        rerank_top_k = self._rerank_top_k(rerank_top_k)
+        active = self.active_head()
+        if heads is None and active is not None and not rerank_top_k:
+            head = self.heads[active]
+            tables = weight_tables(head, embeddings, weight)  # once per batch, with autograd
+
+            def score(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                return head_logits(head, self.lm_head(h), h, embeddings, weight, tables=tables)
+
+        else:
+            self.heads.check_enabled_for(heads)
+            row_heads = None if heads is None else self.heads.route(heads, rows=hidden.shape[0]).to(hidden.device)
+
+            def score(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                chosen = None if row_heads is None else row_heads[rows]  # each position as a row of its own
+                base = self.lm_head(h)[:, None]
+                return self.heads(base, h[:, None], embeddings, weight, chosen, rerank_top_k)[:, 0]
+
+        return head_token_log_probs(
+            score, hidden, labels, self.config.loss_chunk_size or 256, shift_labels, kwargs.get("ignore_index", -100),
+            self._fused_lm_head_options["temperature"], kwargs.get("num_items_in_batch"),
+        )  # fmt: skip
+
     @can_return_tuple
     def forward(
         self,
@@ -371,8 +594,9 @@ class BackwardAttentionForCausalLMMixin:
         heads: list | torch.Tensor | None = None,
         base_hidden_states: torch.Tensor | None = None,
         rerank_top_k: int | None = None,
+        fused_lm_head: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | FusedHeadOutput:
         r"""The base model's forward, then the active head on the positions kept.
 
         ``logits`` are the active head's next-token logits (the base model's own when no head is active or
@@ -397,6 +621,13 @@ class BackwardAttentionForCausalLMMixin:
         ``config.check_finite_inputs`` (the default), NaN or inf in the hidden states a head reads is refused
         too, and in training (``model.train()``, gradients on, labels) a loss that no trainable parameter
         produces (no active head, heads disabled, a frozen head) is refused instead of failing at backward.
+        A keyword argument the model does not take (such as PEFT's ``adapter_names=``) is refused too, rather
+        than ignored.
+
+        ``fused_lm_head=True`` (with ``labels``) is the protocol of TRL's fused LM head (``SFTTrainer`` and
+        TRL's other trainers call the model so): instead of logits, the per-token log-probabilities of the
+        labels, their entropy and top-1 hits, as a :class:`~backattn.head_loss.FusedHeadOutput`, computed
+        through the head chunk by chunk (:func:`~backattn.head_loss.head_token_log_probs`).
         """
         vocab_size = self.config.vocab_size
         self._check_forward_inputs(
@@ -419,6 +650,10 @@ class BackwardAttentionForCausalLMMixin:
         self._check_finite_head_inputs(hidden, inputs_embeds, base_hidden_states, heads)
         embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
         loss = logits = None
+        if fused_lm_head:
+            fused = self._fused_lm_head(hidden, labels, heads, rerank_top_k, kwargs)
+            self._check_loss_trains(fused.loss, heads)
+            return fused
         if self._chunked_loss_applies(labels, heads, logits_to_keep, hidden, rerank_top_k):
             loss = head_cross_entropy(
                 self.heads[self.config.active_head], hidden, labels, weight, embeddings, self.config.loss_chunk_size,
@@ -430,10 +665,7 @@ class BackwardAttentionForCausalLMMixin:
             )
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
-        if loss is not None and self.training and torch.is_grad_enabled() and not loss.requires_grad:
-            if not torch.compiler.is_compiling():
-                problem = self.heads.training_problem(heads) or "no parameter of the model requires grad"
-                raise BackattnValueError(f"Training with labels, but nothing trainable produces the loss: {problem}.")
+        self._check_loss_trains(loss, heads)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from pathlib import Path
 
 from transformers import Trainer
 
 from .errors import BackattnValueError
+from .head_files import HEAD_CONFIG_NAME, MODEL_CARD_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +22,9 @@ class HeadTrainer(Trainer):
     state; resuming (``resume_from_checkpoint``) and loading the best model put the saved weights back into
     the resident head in place. Everything else (distribution through ``accelerate launch``, logging,
     evaluation, progress bars) is the stock ``Trainer``. ``head_metadata`` (for example the prompt template)
-    is recorded in every saved head.
+    is recorded in every saved head. The head's model card stays the card of ``output_dir`` (``push_to_hub``
+    uploads it; see :meth:`create_model_card`). Parameters outside the heads must be frozen, as checkpoints
+    would not hold them: a LoRA and a head train together under the stock ``Trainer`` (see the README).
     """
 
     def __init__(self, *args, head_metadata: dict | None = None, **kwargs):
@@ -32,7 +38,28 @@ class HeadTrainer(Trainer):
         problem = heads.training_problem() if hasattr(heads, "training_problem") else None
         if problem is not None:
             raise BackattnValueError(f"HeadTrainer has no head to train: {problem}.")
+        others = [
+            name
+            for name, parameter in self._head_model().named_parameters()
+            if parameter.requires_grad and not (name.startswith("heads.") or ".heads." in name)
+        ]
+        if others:
+            raise BackattnValueError(
+                f"HeadTrainer saves and resumes the head alone, but {len(others)} other parameter(s) train too "
+                f"(e.g. {others[0]}: a LoRA adapter on the base?), and their training would be lost at every "
+                "checkpoint. Train a LoRA and a head together with transformers.Trainer (or TRL's SFTTrainer): "
+                "save_pretrained keeps the adapter and every head. Or freeze them (model.freeze_base())."
+            )
         return super().train(*args, **kwargs)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """``Trainer.create_model_card`` (which ``push_to_hub`` calls), except that the head's own model card, as
+        ``save_head`` wrote it into ``output_dir``, is kept: the Trainer's generic card would replace it."""
+        directory = Path(self.args.output_dir)
+        if is_backattn_card(directory):
+            logger.info("Keeping the head's model card %s", directory / MODEL_CARD_NAME)
+            return
+        super().create_model_card(*args, **kwargs)
 
     def _head_model(self, model=None):
         return self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
@@ -56,3 +83,14 @@ class HeadTrainer(Trainer):
     def _load_best_model(self) -> None:
         logger.info("Loading the best head from %s", self.state.best_model_checkpoint)
         self._load_head_from(self.state.best_model_checkpoint)
+
+
+def is_backattn_card(directory: Path) -> bool:
+    """Whether ``directory/README.md`` is the head card that ``save_head`` last wrote there (its SHA-256 is the
+    one recorded in ``head_config.json``)."""
+    card, config = directory / MODEL_CARD_NAME, directory / HEAD_CONFIG_NAME
+    try:
+        recorded = json.loads(config.read_text()).get("model_card_sha256")
+        return recorded is not None and recorded == hashlib.sha256(card.read_bytes()).hexdigest()
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -7,6 +7,7 @@ from conftest import fresh_base, ids_batch, logits
 from transformers import GPT2LMHeadModel
 
 from backattn import GPT2BackwardAttentionForCausalLM
+from backattn.errors import BackattnTypeError
 
 
 def test_two_heads_side_by_side_and_switching_is_exact_and_copies_nothing(saved_heads, base_dir):
@@ -160,3 +161,39 @@ def test_names_of_the_containers_own_attributes_are_refused(base_dir, name):
     with pytest.raises(ValueError, match=f"Invalid head name '{name}'"):
         model.add_head("seed", head_name=name)
     assert model.list_heads() == [] and model.config.heads == {}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the PEFT-shaped parts: which heads train, set_head's one name
+
+
+def trains(model):
+    return {name: all(p.requires_grad for p in head.parameters()) for name, head in model.heads.items()}
+
+
+def test_add_head_trains_the_new_head_alone_unless_asked(base_dir):
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir, head_config="seed", head_name="first")
+    model.add_head("seed", head_name="second")  # as Transformers' add_adapter: the new one, active, trains alone
+    assert trains(model) == {"first": False, "second": True} and model.active_head() == "second"
+    model.add_head("seed", head_name="third", freeze_others=False)
+    assert trains(model) == {"first": False, "second": True, "third": True}
+    model.set_head("first")  # switching changes no head's setting
+    assert trains(model) == {"first": False, "second": True, "third": True}
+    model.set_trainable_heads(["first", "third"])
+    assert trains(model) == {"first": True, "second": False, "third": True}
+    model.set_trainable_heads("second", others=None)
+    assert trains(model) == {"first": True, "second": True, "third": True}
+    with pytest.raises(ValueError, match="No head named 'fourth'"):
+        model.set_trainable_heads("fourth")
+
+
+def test_set_head_takes_one_name_and_says_what_to_use_instead(saved_heads, base_dir):
+    root, _ = saved_heads
+    model = fresh_base(base_dir, root / "math", root / "sentiment")
+    with pytest.raises(BackattnTypeError, match=r"set_head\(None\).*disable_heads\(\).*delete_head"):
+        model.set_head(None)
+    with pytest.raises(BackattnTypeError, match=r"set_head\(\['math', 'sentiment'\]\).*heads=\[name or None per row\]"):
+        model.set_head(["math", "sentiment"])
+    with pytest.raises(BackattnTypeError, match="takes a head name"):
+        model.set_head(0)
+    assert model.active_head() == "math"

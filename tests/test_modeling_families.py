@@ -1,10 +1,12 @@
 """The model families (modeling_families.py): a head on a small random GPT-2 or Llama base, through the
 whole Transformers surface (from_pretrained, save_pretrained, Auto classes, trust_remote_code, generate)."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, pipeline
 
 from backattn import GPT2BackwardAttentionForCausalLM, LlamaBackwardAttentionForCausalLM
+from backattn.errors import BackattnTypeError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("family, base", [("gpt2", GPT2LMHeadModel), ("llama", LlamaForCausalLM)])
@@ -213,6 +218,7 @@ def test_trust_remote_code_loads_without_backattn(family, gpt2_base_dir, llama_b
     script = textwrap.dedent(
         f"""
         import importlib.abc, sys
+        sys.path[:] = [p for p in sys.path if p.rstrip("/") != {str(REPO)!r}]  # an editable install puts it there
         class NoBackattn(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name == "backattn" or name.startswith("backattn."):
@@ -228,13 +234,27 @@ def test_trust_remote_code_loads_without_backattn(family, gpt2_base_dir, llama_b
         assert "backattn" not in sys.modules
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        # the head files work from the remote code too: save_head, and the saved head loads back
+        model.save_head({str(tmp_path / "head")!r}, task="remote")
+        assert model.load_head({str(tmp_path / "head")!r}, head_name="again") == "again"
+        model.set_head("again")
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        assert "backattn" not in sys.modules and {str(REPO)!r} not in sys.path
         print("OK", type(model).__name__)
         """
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nor the repository on the path
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"OK {model_class.__name__}" in result.stdout
+    assert {"head_card.py", "head_files.py", "errors.py"} <= {f.name for f in checkpoint.iterdir()}
+    assert (tmp_path / "head" / "README.md").read_text().startswith("---\n")  # the card, built in code
+    reloaded = model_class.from_pretrained(base_dir)  # and the head saved remotely loads where backattn is
+    reloaded.load_head(tmp_path / "head")
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -284,3 +304,79 @@ def test_real_gpt2_tokenizer_and_pipeline(gpt2_tokenizer, tmp_path):
     generator = pipeline("text-generation", model=model, tokenizer=gpt2_tokenizer)
     result = generator(text, max_new_tokens=5, do_sample=False, pad_token_id=gpt2_tokenizer.eos_token_id)
     assert result[0]["generated_text"] == text + continuation
+
+
+# --------------------------------------------------------------------------------------------------------
+# the state of the heads survives save_pretrained / from_pretrained; forward's keywords; torch.compile
+
+
+def test_head_order_active_head_enabled_state_and_trainable_flags_round_trip(llama_base_dir, tmp_path):
+    model = LlamaBackwardAttentionForCausalLM.from_pretrained(llama_base_dir, head_config="seed", head_name="zeta")
+    model.add_head("hidden", head_name="alpha", freeze_others=False)
+    model.add_head("gated", head_name="mid", freeze_others=False)
+    model.heads["zeta"].requires_grad_(False)  # wholly frozen
+    model.heads["mid"].layers[0].w_key.requires_grad_(False)  # partly frozen
+    model.set_head("alpha")
+    model.disable_heads()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["head_order"] == ["zeta", "alpha", "mid"] and list(saved["heads"]) == ["alpha", "mid", "zeta"]
+    assert saved["frozen_heads"] == ["zeta", "mid.layers.0.w_key"] and saved["heads_enabled"] is False
+    for loader in (LlamaBackwardAttentionForCausalLM, AutoModelForCausalLM):
+        reloaded = loader.from_pretrained(tmp_path)
+        assert reloaded.list_heads() == ["zeta", "alpha", "mid"] and list(reloaded.config.heads) == [
+            "zeta",
+            "alpha",
+            "mid",
+        ]
+        assert reloaded.active_head() is None and reloaded.config.active_head == "alpha"
+        assert {name: p.requires_grad for name, p in reloaded.named_parameters()} == flags
+        reloaded.enable_heads()
+        assert reloaded.active_head() == "alpha"
+
+
+def test_checkpoints_of_before_the_state_fields_load_with_every_head_training(gpt2_base_dir, tmp_path):
+    model = head_model(gpt2_base_dir, "seed")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("head_order", "heads_enabled", "frozen_heads"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.active_head() == "default" and all(p.requires_grad for p in reloaded.heads.parameters())
+
+
+def test_forward_refuses_keywords_it_would_ignore_and_takes_the_families_own(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, "seed")
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BackattnTypeError, match=r"'adapter_names'.*PEFT.*heads="):
+        model(ids, adapter_names=["a", "b"])
+    with pytest.raises(BackattnTypeError, match=r"'colour'.*would be ignored"):
+        model(ids, colour="blue")
+    with torch.no_grad():  # GPT-2's own token_type_ids, and Transformers' keywords, pass
+        out = model(ids, token_type_ids=torch.zeros_like(ids), output_hidden_states=True, return_dict=True)
+    assert len(out.hidden_states) == 3
+
+
+def test_torch_compile_fullgraph_with_the_active_head(llama_base_dir):
+    """The input checks that read values are skipped while compiling (backends "eager" / "aot_eager": ~10 s)."""
+    model = head_model(llama_base_dir, "hidden", LlamaBackwardAttentionForCausalLM)
+    randomise(model.heads)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        mixed = model(ids, heads=["default", None]).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, expected)
+        torch.testing.assert_close(compiled(ids, heads=["default", None]).logits, mixed)
+    model.train()  # a training step: the loss is the straightforward one under compile
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(ids, labels=ids).loss
+    loss.backward()
+    assert model.heads["default"].gate.grad is not None
+    torch.testing.assert_close(loss, model(ids, labels=ids).loss)
+    torch._dynamo.reset()

@@ -10,7 +10,7 @@ from backattn import GPT2BackwardAttentionForCausalLM
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
 from backattn.head_files import HEAD_WEIGHTS_NAME
-from backattn.trainer import HeadTrainer
+from backattn.trainer import HeadTrainer, is_backattn_card
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,24 @@ def test_cached_features_train_exactly_like_the_base(tiny_gpt2_dir, setup, tmp_p
     assert cached_losses == pytest.approx(plain_losses, rel=1e-5)
     for name, tensor in head_state(plain).items():
         assert torch.allclose(head_state(cached)[name], tensor, atol=1e-5), name
+
+
+def test_the_heads_model_card_is_kept_by_create_model_card_and_push_to_hub(tiny_gpt2_dir, setup, tmp_path, hub):
+    trainer = make_trainer(
+        tiny_gpt2_dir, setup, tmp_path, max_steps=2, save_strategy="no", hub_model_id="me/head",
+        hub_token="fake-token",
+    )  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "README.md").read_bytes()
+    assert b"backward-attention head" in card and is_backattn_card(tmp_path)
+    trainer.create_model_card(model_name="head", tags=["extra"])  # the stock Trainer would write its own card
+    assert (tmp_path / "README.md").read_bytes() == card
+    with hub.as_default_endpoint():
+        trainer.push_to_hub(commit_message="head")
+    assert hub.repos["me/head"]["README.md"] == card
+    assert {"head_config.json", HEAD_WEIGHTS_NAME} <= set(hub.repos["me/head"])
+    (tmp_path / "README.md").write_text("# my own notes\n")  # not the head's card: the Trainer's rules apply
+    assert not is_backattn_card(tmp_path)
+    trainer.create_model_card(model_name="head")
+    assert "# my own notes" not in (tmp_path / "README.md").read_text()
