@@ -26,3 +26,6 @@ def test_readme_usage_snippets_run(smollm2_dir, tmp_path, monkeypatch, capsys):
     assert "['math', 'sentiment'] torch.Size([3," in printed
     assert (tmp_path / "my-model" / "config.json").exists()
     assert (tmp_path / "heads" / "math" / "head.safetensors").exists()
+    assert printed.count("trainable params: ") == 2  # the TRL and the LoRA-and-head snippets
+    assert (tmp_path / "lora-and-head" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "lora-and-head" / "heads" / "default" / "head.safetensors").exists()
