@@ -53,7 +53,12 @@ def _lora_parameters_per_layer(model, target_modules: list[str]) -> int:
 
 
 def lora_on_attention(model, target_parameters: int, max_rank: int = 64):
-    """LoRA on attention whose trainable parameters are closest to ``target_parameters``.
+    """PEFT LoRA on attention (``get_peft_model``) whose trainable parameters are closest to ``target_parameters``."""
+    return get_peft_model(model, attention_lora_config(model, target_parameters, max_rank))
+
+
+def attention_lora_config(model, target_parameters: int, max_rank: int = 64) -> LoraConfig:
+    """The ``LoraConfig`` on attention whose trainable parameters are closest to ``target_parameters``.
 
     Searches the family's candidate module sets, ranks ``1..max_rank`` and the number of layers (counted
     from the top, as the layers nearest the output matter most for a small budget).
@@ -70,7 +75,7 @@ def lora_on_attention(model, target_parameters: int, max_rank: int = 64):
         if best is None or score < best[0]:
             best = (score, modules, rank, count)
     _, modules, rank, count = best
-    config = LoraConfig(
+    return LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
         target_modules=modules,
@@ -78,7 +83,6 @@ def lora_on_attention(model, target_parameters: int, max_rank: int = 64):
         fan_in_fan_out=recipe["fan_in_fan_out"],
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
 
 
 def _untie_output_layer(model) -> nn.Linear:

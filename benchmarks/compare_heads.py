@@ -61,6 +61,7 @@ from transformers.utils import logging
 
 from backattn import BackwardAttentionConfig, family_for
 from backattn.baselines import (
+    attention_lora_config,
     ia3_on_top_layers,
     lm_steer,
     lora_on_attention,
@@ -171,6 +172,18 @@ def _head(preset: str) -> Method:
     return Method(build, features=True, output_side=True)
 
 
+def _head_and_lora(preset: str) -> Method:
+    """A head on top and a LoRA on attention below, trained together; the LoRA takes the budget the head leaves."""
+
+    def build(base: str, budget: int):
+        model = _head(preset).build(base, budget)
+        head_parameters = sum(p.numel() for p in model.heads.parameters())
+        model.add_adapter(attention_lora_config(model, max(budget - head_parameters, 1)))  # the head keeps training
+        return model
+
+    return Method(build)
+
+
 def _plain(attach: Callable, features: bool = False, output_side: bool = False) -> Method:
     return Method(
         lambda base, budget: attach(AutoModelForCausalLM.from_pretrained(base), budget), features, output_side
@@ -192,6 +205,7 @@ METHODS: dict[str, Method] = {
     "LoRA output layer": _plain(lambda m, budget: lora_on_output_layer(m, rank=1), output_side=True),
     "head gated": _head("gated"),
     "head seed": _head("seed"),
+    "head seed + LoRA attention": _head_and_lora("seed"),
 }
 #: The rate of the LoRA run that times one step to set ``T`` (step time does not depend on it).
 CALIBRATION_LEARNING_RATE = 3e-3
