@@ -23,7 +23,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
 
 from backattn import FAMILIES, family_for
@@ -31,7 +30,7 @@ from backattn.data.sft_data import PromptTemplate, load_math_dataset, sft_tokeni
 from backattn.errors import BackattnTypeError, BackattnValueError
 from backattn.evaluation import evaluate_model, results_table
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_model
-from backattn.run_files import check_context_window, writable_directory, write_text_atomically
+from backattn.run_files import check_context_window, read_arguments_file, writable_directory, write_text_atomically
 
 
 @dataclass
@@ -108,48 +107,11 @@ def check_arguments(args: EvaluationArguments) -> None:
                 )
 
 
-def _read_arguments_file(path: Path) -> dict:
-    """The arguments a YAML or JSON file holds, as a dict; a clear error naming the file (and line) otherwise."""
-    if not path.is_file():
-        raise FileNotFoundError(f"No arguments file at {path}.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise BackattnValueError(
-                f"{path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno}); fix the file."
-            ) from None
-    else:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f", line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(error, "problem", None) or str(error)
-            raise BackattnValueError(f"{path}{where}: not valid YAML ({problem}); fix the file.") from None
-    if data is None:
-        raise BackattnValueError(f"{path} is empty: give one argument per line, e.g. batch_size: 8.")
-    if not isinstance(data, dict):
-        raise BackattnValueError(
-            f"{path} must hold a mapping of argument names to values (e.g. batch_size: 8), got "
-            f"{type(data).__name__} {data!r}"[:300]
-            + "."
-        )
-    known = {option.name for option in dataclasses.fields(EvaluationArguments)}
-    unknown = sorted(str(key) for key in data if key not in known)
-    if unknown:
-        raise BackattnValueError(
-            f"{path} names unknown argument(s) {', '.join(unknown)}; the arguments are {', '.join(sorted(known))}."
-        )
-    return data
-
-
 def parse_arguments(argv: list[str]) -> EvaluationArguments:
     """The command line (or one ``.yaml`` / ``.yml`` / ``.json`` file of arguments), checked."""
     parser = HfArgumentParser(EvaluationArguments)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        (args,) = parser.parse_dict(_read_arguments_file(Path(argv[0])))
+        (args,) = parser.parse_dict(read_arguments_file(Path(argv[0]), EvaluationArguments))
     else:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
     check_arguments(args)

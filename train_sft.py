@@ -34,7 +34,7 @@ from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_datase
 from backattn.errors import BackattnValueError, RunDirectoryError
 from backattn.evaluation import evaluate_model, results_table
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, default_cache_dir, resolve_base_model
-from backattn.run_files import check_context_window, writable_directory, write_text_atomically
+from backattn.run_files import check_context_window, read_arguments_file, writable_directory, write_text_atomically
 from backattn.trainer import HeadTrainer
 
 
@@ -127,10 +127,8 @@ def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, HeadArguments, DataArguments, SFTTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = Path(argv[0]).resolve()
-        if path.suffix == ".json":
-            return parser.parse_json_file(path, allow_extra_keys=False)
-        return parser.parse_yaml_file(path, allow_extra_keys=False)
+        options = read_arguments_file(Path(argv[0]).resolve(), *parser.dataclass_types)
+        return parser.parse_dict(options, allow_extra_keys=False)
     return parser.parse_args_into_dataclasses(args=argv)
 
 

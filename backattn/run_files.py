@@ -1,11 +1,17 @@
-"""What a script run writes and checks before its work: a writable output directory, files written atomically,
-and settings the base model's context window cannot hold (``train_sft.py``, ``evaluate_math.py``)."""
+"""What a script run reads, writes and checks before its work: its arguments file, a writable output directory,
+files written atomically, and settings the base model's context window cannot hold (``train_sft.py``,
+``evaluate_math.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 import os
 import tempfile
 from pathlib import Path
+
+import yaml
 
 from .errors import BackattnValueError, RunDirectoryError
 
@@ -42,3 +48,42 @@ def check_context_window(config, max_length: int, max_new_tokens: int) -> None:
             f"--max_length {max_length} + --max_new_tokens {max_new_tokens} exceeds the base's context window of "
             f"{context} tokens: lower one of them."
         )
+
+
+def read_arguments_file(path: Path, *argument_classes) -> dict:
+    """The arguments a YAML or JSON file holds, as a dict, every name one of ``argument_classes``' fields; a
+    clear error naming the file (and line) otherwise."""
+    if not path.is_file():
+        raise BackattnValueError(f"No arguments file at {path}: check the path.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise BackattnValueError(
+                f"{path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno}); fix the file."
+            ) from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error)
+            raise BackattnValueError(f"{path}{where}: not valid YAML ({problem}); fix the file.") from None
+    if data is None:
+        raise BackattnValueError(f"{path} is empty: give one argument per line, e.g. batch_size: 8.")
+    if not isinstance(data, dict):
+        raise BackattnValueError(
+            f"{path} must hold a mapping of argument names to values (e.g. batch_size: 8), got "
+            f"{type(data).__name__} {data!r}"[:300]
+            + "."
+        )
+    known = {option.name for cls in argument_classes for option in dataclasses.fields(cls)}
+    unknown = sorted(str(key) for key in data if key not in known)
+    if unknown:
+        hints = [f"{name} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(name, known))
+                 else name for name in unknown]  # fmt: skip
+        listing = f"; the arguments are {', '.join(sorted(known))}" if len(known) <= 40 else " (see --help)"
+        raise BackattnValueError(f"{path} names unknown argument(s) {', '.join(hints)}{listing}.")
+    return data

@@ -194,3 +194,19 @@ def test_settings_the_base_cannot_hold_fail_before_the_data_is_loaded(tiny_gpt2_
     monkeypatch.setattr(train_sft, "load_splits", lambda *a: pytest.fail("the data was loaded first"))
     with pytest.raises(BackattnValueError, match="exceeds the base's context window of 128 tokens"):
         train_sft.main(arguments(tiny_gpt2_dir, math_jsonl, tmp_path, max_length="96", max_new_tokens="40"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("max_steps: [1,\n  batch: 3\n", r"line 3: not valid YAML"),
+        ("max_stepz: 3\n", r"unknown argument\(s\) max_stepz \(did you mean max_steps"),
+        ("", "is empty"),
+        ("- 1\n- 2\n", "must hold a mapping of argument names to values"),
+    ],
+)
+def test_a_bad_config_file_is_named_with_its_line(tmp_path, text, message):
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    with pytest.raises(BackattnValueError, match=message):
+        train_sft.parse_arguments([str(config)])
