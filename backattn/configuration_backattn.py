@@ -41,8 +41,8 @@ class BackwardAttentionConfig:
     r"""Options of one backward-attention head.
 
     Notation of DESIGN.md section 2: ``E`` is the base model's input-embedding table (``V x d``), ``l_t`` the
-    frozen base model's logits at position ``t`` and ``h_t`` its final hidden state. One backward-attention
-    layer computes
+    frozen base model's logits at position ``t``, ``h_t`` its final hidden state and ``x_{t+1}`` the input
+    token after position ``t``. One backward-attention layer computes
 
     1. ``E_n = RMSNorm(E)`` with a learned scale of size ``d``;
     2. ``L = E_n W_l`` (``d -> latent_dim``) when ``latent_dim`` is set, else ``L = E_n``;
@@ -50,17 +50,58 @@ class BackwardAttentionConfig:
     4. ``p_t = dropout(softmax(l_t / rms(l_t)))`` (``logit_weighting="softmax"``, the seed's code) or
        ``p_t = dropout(l_t)`` (``"raw"``, the seed's slides);
     5. ``u_t = (p_t Vv) / V`` (the division only when ``divide_by_vocab``), ``q_t = u_t W_q``, plus
-       ``h_t W_h`` when ``use_hidden_state`` (``W_h`` is ``d x out_dim`` and starts at zero);
+       ``r_t W_h`` when ``use_hidden_state`` (``W_h`` is ``d x out_dim`` and starts at zero). The query state
+       ``r_t`` is ``h_t``, or with ``query_layers`` a learned mix of intermediate layers,
+       ``r_t = sum_k a_k RMSNorm_q(y_t^k)``: ``y_t^k`` is the output of the base's decoder block ``k`` (counted
+       from 0), taken by a forward hook *before* the base's final RMSNorm / LayerNorm (the base applies that
+       norm to its last block's output only, so every chosen state is normalised here by the head's own
+       ``RMSNorm_q``, learned scale of size ``d`` starting at 1), and ``a = softmax(w_a)`` with ``w_a``
+       starting at 0 (a uniform mix);
     6. ``s_t = sum_j c_j q_t^j (K^j)^T / sqrt(out_dim / num_attention_heads)`` over the attention sub-heads
        ``j`` (slices of ``out_dim``), with ``c_j = 1`` (``attention_head_combine="sum"``, the seed) or
-       learned, starting at 1 (``"mix"``);
-    7. the scores meet the logits: ``l_t + dropout(s_t)`` (``score_mode="add"``, the seed's code),
+       learned, starting at 1 (``"mix"``). With ``score_maps="differential"`` (the Differential Transformer,
+       Ye et al. 2024, arXiv 2410.05258) the layer has a second query and key projection (``W_q2``, ``W_k2``,
+       and ``W_h2`` starting at zero) giving a second map ``s2_t`` as above, ``s1_t`` being the first, and
+       ``s_t = (1 - lambda_init) (s1_t - lambda s2_t)`` with
+       ``lambda = exp(sum(lambda_q1 * lambda_k1)) - exp(sum(lambda_q2 * lambda_k2)) + lambda_init``: the four
+       lambda vectors (size ``out_dim / num_attention_heads``, one lambda per layer shared by its sub-heads)
+       are learned, drawn from a normal distribution of mean 0 and standard deviation 0.1. ``lambda_init`` is
+       the constant 0.8: the paper sets ``lambda_init = 0.8 - 0.6 exp(-0.3 depth)`` per layer and reports a
+       constant 0.8 to work as well; the head sits on top of the base's blocks, where that formula is already
+       close to 0.8 (0.78 after GPT-2's 12 blocks, 0.80 after SmolLM2's 30), while counting the head's own
+       layers from depth 0 would give 0.2. The paper subtracts softmax-normalised attention maps, which then
+       weight values; here the map itself is the output and is added to the logits, i.e. it lives in log
+       space, where normalising each map changes nothing that matters: ``log_softmax(s1) - lambda log_softmax(s2)
+       = s1 - lambda s2 + const_t`` and step 7's softmax ignores the per-position constant. So the raw scores
+       are subtracted (subtracting probabilities instead would bound every score by about ``1 / V`` in
+       magnitude); the paper's per-head RMSNorm of ``A V`` has no counterpart (there is no ``A V``), its
+       ``(1 - lambda_init)`` scaling is kept;
+    7. the scores meet the logits: ``z_t = l_t + dropout(s_t)`` (``score_mode="add"``, the seed's code),
        ``l_t + g * dropout(s_t)`` with a learned scalar ``g`` that starts at zero (``"gate"``: the untrained
        head reproduces the base model exactly), or ``dropout(s_t)`` alone (``"replace"``, the seed's slides).
 
     With ``num_layers > 1`` the layers run either in ``"parallel"`` on the base logits, their scores mixed
     with learned weights that start at ``1 / num_layers`` before step 7, or ``"sequential"``: each layer
     reads the logits the previous one produced and applies step 7 with its own gate.
+
+    ``copy_attention`` adds a copy (pointer) term after step 7 (See et al. 2017's pointer-generator, for a
+    decoder-only model): the query state ``r_t`` (step 5: ``h_t`` or the ``query_layers`` mix) attends back over
+    the states ``r_j`` of earlier positions and raises the logit of the token that followed each,
+
+    8. ``a_tj = softmax_{j in J_t}((r_t W_cq) . (r_j W_ck) / sqrt(out_dim))`` over
+       ``J_t = {j < t : attention_mask_j = 1}`` (``W_cq``, ``W_ck``: ``d x out_dim``);
+       ``c_t[w] = sum_{j in J_t} a_tj [x_{j+1} = w]``, the copy distribution over the vocabulary;
+       ``lambda_t = sigmoid(w_g . r_t + b)``; and the head's logits are
+       ``z_t + g_c log(1 - lambda_t + lambda_t c_t / softmax(z_t))`` (computed in log space, ``logaddexp`` of
+       ``log(1 - lambda_t)`` and ``log lambda_t + log c_t - log_softmax(z_t)``), where ``g_c`` is a learned
+       scalar that starts at zero with ``score_mode="gate"`` (so the untrained head still gives the base's
+       logits exactly) and is 1 otherwise. At ``g_c = 1`` the next-token distribution is exactly See et al.'s
+       mixture ``(1 - lambda_t) softmax(z_t) + lambda_t c_t``; between 0 and 1 it interpolates geometrically
+       between ``softmax(z_t)`` and that mixture. Only ``j < t`` is attended, not ``j <= t``: the token a
+       position ``j`` copies is ``x_{j+1}``, which for ``j = t`` is the very token being predicted (the label
+       in training, unknown while generating). Where ``J_t`` is empty (the first position, or only padding
+       before it) the term is 0. It needs the input ids and the states of all earlier positions: the models
+       keep those of the positions in their KV cache while generating.
 
     ``vocab_chunk_size`` walks the vocabulary in slices of that many rows: steps 1-3 and 5-7 are computed
     slice by slice (the softmax of step 4 keeps its full-vocabulary normaliser, so the result equals the
@@ -106,6 +147,28 @@ class BackwardAttentionConfig:
         default="parallel", metadata={"help": "Layers on the base logits with mixed scores, or one after another."}
     )
     use_hidden_state: bool = field(default=False, metadata={"help": "Step 5: q_t also gets h_t W_h (W_h starts at 0)."})
+    query_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Step 5: the query state r_t (in r_t W_h and the copy term) is a learned softmax mix, starting "
+            "uniform, of these decoder blocks' outputs (indices from 0, taken before the base's final norm, each "
+            "normalised by the head's own RMSNorm); None: the base's final hidden state h_t.",
+        },
+    )
+    score_maps: Literal["single", "differential"] = field(
+        default="single",
+        metadata={
+            "help": "Step 6: one score map, or the Differential Transformer's two, s = (1 - 0.8) (s1 - lambda s2) "
+            "with a learned lambda (arXiv 2410.05258)."
+        },
+    )
+    copy_attention: bool = field(
+        default=False,
+        metadata={
+            "help": "Step 8: a copy (pointer) term: r_t attends over earlier positions j < t and raises the logits "
+            "of the tokens x_{j+1} that followed them, through a learned gate lambda_t = sigmoid(w_g . r_t + b)."
+        },
+    )
     vocab_chunk_size: int | None = field(
         default=None,
         metadata={
@@ -124,6 +187,8 @@ class BackwardAttentionConfig:
     hidden_size: int | None = field(default=None, metadata={"help": "d of the base model the head was built for."})
 
     def __post_init__(self) -> None:
+        if isinstance(self.query_layers, tuple):
+            self.query_layers = list(self.query_layers)
         self.validate()
 
     def validate(self) -> None:
@@ -136,6 +201,21 @@ class BackwardAttentionConfig:
                 f"num_attention_heads={heads} does not divide out_dim={width}: "
                 "choose an out_dim that is a multiple of num_attention_heads"
             )
+        layers = self.query_layers
+        if layers is not None:
+            if not isinstance(layers, list) or not layers:
+                problems.append(
+                    f"query_layers must be None or a non-empty list of decoder block indices, got {layers!r}"
+                )
+            elif any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in layers):
+                problems.append(f"query_layers must hold decoder block indices (integers from 0), got {layers!r}")
+            elif len(set(layers)) != len(layers):
+                problems.append(f"query_layers must name each decoder block once, got {layers!r}")
+            elif not (self.use_hidden_state is True or self.copy_attention is True):
+                problems.append(
+                    "query_layers feeds the query state r_t, which only use_hidden_state (r_t W_h) and "
+                    "copy_attention read: turn one of them on, or leave query_layers None"
+                )
         if problems:
             raise BackattnValueError("Invalid BackwardAttentionConfig: " + "; ".join(problems) + ".")
 
@@ -277,6 +357,7 @@ LOGIT_WEIGHTINGS = typing.get_args(typing.get_type_hints(BackwardAttentionConfig
 HEAD_COMBINES = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["attention_head_combine"])
 SCORE_MODES = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["score_mode"])
 LAYER_MODES = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["layer_mode"])
+SCORE_MAPS = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["score_maps"])
 
 
 @dataclasses.dataclass(kw_only=True, repr=False, eq=False)

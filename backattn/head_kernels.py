@@ -18,6 +18,14 @@ the reference's result (``tests/test_head_kernels.py`` checks each with an open 
 * ``vocab_slices`` (``vocab_chunk_size``): steps 1-3 and 5-7 slice by slice over the vocabulary, each
   slice recomputed in the backward pass (``torch.utils.checkpoint``) instead of stored.
 
+Every path honours the options ``query_layers``, ``score_maps`` and ``copy_attention``, so none of them sends
+a call to the plain forward: the query state ``r_t`` is made once and feeds each path's ``r_t W_h``; with
+differential score maps the tables' keys are ``[K1 | K2]`` and the query ``(1 - lambda_init) [q1 | -lambda q2]``
+(each with its sub-heads' ``c_j / sqrt(d_out / h)``), so the one product ``q K^T`` of every path is
+``(1 - lambda_init) (s1 - lambda s2)``; and step 8's copy term is added to whatever logits the path made, over
+the whole vocabulary (with ``top_k`` too: the re-ranking approximates steps 5-7, the copy term may still raise
+a token outside the top ``k``, which is what copying is for).
+
 The chunked training loss (``head_loss.py``) runs :func:`head_logits` on chunks of positions.
 """
 
@@ -31,7 +39,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .errors import BackattnValueError
-from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer, LayerTables
+from .modeling_backattn import (
+    DIFFERENTIAL_LAMBDA_INIT,
+    BackwardAttentionHead,
+    BackwardAttentionLayer,
+    CopyInputs,
+    LayerTables,
+)
 
 
 class Kernel(NamedTuple):
@@ -78,41 +92,48 @@ def head_logits(
     output_weight: torch.Tensor | None = None,
     rerank_top_k: int | None = None,
     tables: list[LayerTables] | None = None,
+    layer_states: torch.Tensor | None = None,
+    copy: CopyInputs | None = None,
 ) -> torch.Tensor:
-    """``head(logits, hidden, embeddings)``, through the paths :func:`select_kernel` picks.
+    """``head(logits, hidden, embeddings, layer_states=..., copy=...)``, through the paths :func:`select_kernel` picks.
 
     ``output_weight`` is the base's output layer ``W`` when ``logits`` were made as ``h_t W^T`` (no bias);
     ``rerank_top_k`` re-ranks only the base's ``k`` most likely tokens per position (0 or ``None``: off);
-    ``tables`` are :func:`weight_tables` computed beforehand (the chunked loss computes them once).
+    ``tables`` are :func:`weight_tables` computed beforehand (the chunked loss computes them once);
+    ``layer_states`` and ``copy`` are what ``query_layers`` and ``copy_attention`` need (see the head's forward).
     """
     head.check_base(logits, embeddings)
+    head.check_inputs(layer_states, copy)
     kernel = select_kernel(head, embeddings, output_weight, rerank_top_k, tables is not None)
     if tables is None:
         tables = weight_tables(head, embeddings, output_weight if kernel.raw_shortcut else None, kernel.tables_cache)
     if kernel.steps == "plain":
-        return head(logits, hidden, embeddings, tables=tables)
+        return head(logits, hidden, embeddings, tables=tables, layer_states=layer_states, copy=copy)
     dtype = head.layers[0].w_key.dtype
     logits, hidden = logits.to(dtype), hidden.to(dtype)
+    state = head.query_state(hidden, layer_states)  # r_t
     candidates = _top_k_candidates(head, logits, rerank_top_k) if kernel.steps == "top_k" else None
     gates = head.gate if head.gate is not None else [None] * len(head.layers)
 
     def query(layer: BackwardAttentionLayer, z: torch.Tensor, layer_tables: LayerTables) -> torch.Tensor:
         if kernel.raw_shortcut and layer_tables.hidden_to_values is not None:
-            u = hidden @ layer_tables.hidden_to_values  # raw_shortcut: ... x d_out
+            u = hidden @ layer_tables.hidden_to_values  # raw_shortcut: ... x d_out (l_t = h_t W^T, the final h_t)
         else:
             u = WEIGHTED_VALUES[kernel.steps](layer, z, layer_tables.values, candidates)
-        return _scaled_query(layer, u, hidden, z.shape[-1])
+        return _scaled_query(layer, u, state, z.shape[-1])
 
     if head.config.layer_mode == "sequential":
         for layer, layer_tables, gate in zip(head.layers, tables, gates):
             q = query(layer, logits, layer_tables)
             logits = MEET[kernel.steps](head, kernel, logits, q, layer_tables.keys, gate, candidates)
-        return logits
-    queries = [query(layer, logits, layer_tables) for layer, layer_tables in zip(head.layers, tables)]
-    if head.layer_mix is not None:
-        queries = [mix * q for mix, q in zip(head.layer_mix, queries)]
-    keys = torch.cat([layer_tables.keys for layer_tables in tables], dim=-1)
-    return MEET[kernel.steps](head, kernel, logits, torch.cat(queries, dim=-1), keys, gates[0], candidates)
+        z = logits
+    else:
+        queries = [query(layer, logits, layer_tables) for layer, layer_tables in zip(head.layers, tables)]
+        if head.layer_mix is not None:
+            queries = [mix * q for mix, q in zip(head.layer_mix, queries)]
+        keys = torch.cat([layer_tables.keys for layer_tables in tables], dim=-1)
+        z = MEET[kernel.steps](head, kernel, logits, torch.cat(queries, dim=-1), keys, gates[0], candidates)
+    return head.add_copy(z, state, copy) if copy is not None else z  # step 8, over the whole vocabulary
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -211,18 +232,25 @@ def _sliced_values(layer, logits, values, candidates=None) -> torch.Tensor:
 WEIGHTED_VALUES = {"full_vocab": _full_vocab_values, "top_k": _top_k_values, "vocab_slices": _sliced_values}
 
 
-def _scaled_query(
-    layer: BackwardAttentionLayer, u: torch.Tensor, hidden: torch.Tensor, vocab_size: int
-) -> torch.Tensor:
-    """Step 5's ``q_t = u_t W_q (+ h_t W_h)``, each sub-head slice ``j`` times ``c_j / sqrt(d_out / h)``, so that
-    step 6's sum over the attention sub-heads is the one product ``s_t = q_t K^T``."""
+def _scaled_query(layer: BackwardAttentionLayer, u: torch.Tensor, state: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Step 5's ``q_t = u_t W_q (+ r_t W_h)``, each sub-head slice ``j`` times ``c_j / sqrt(d_out / h)``, so that
+    step 6's sum over the attention sub-heads is the one product ``s_t = q_t K^T``; with differential score maps
+    ``(1 - lambda_init) [q1 | -lambda q2]`` against the tables' ``[K1 | K2]``."""
     config = layer.config
-    q = (u / vocab_size if config.divide_by_vocab else u) @ layer.w_query
-    if layer.w_hidden is not None:
-        q = q + hidden @ layer.w_hidden
+    u = u / vocab_size if config.divide_by_vocab else u
     head_dim = config.out_dim // config.num_attention_heads
-    c = layer.head_mix if layer.head_mix is not None else q.new_ones(config.num_attention_heads)
-    return q * (c / math.sqrt(head_dim)).repeat_interleave(head_dim)
+    c = layer.head_mix if layer.head_mix is not None else u.new_ones(config.num_attention_heads)
+    scale = (c / math.sqrt(head_dim)).repeat_interleave(head_dim)
+
+    def projected(w_query: torch.Tensor, w_hidden: torch.Tensor | None) -> torch.Tensor:
+        q = u @ w_query
+        return (q if w_hidden is None else q + state @ w_hidden) * scale
+
+    q = projected(layer.w_query, layer.w_hidden)
+    if config.score_maps == "single":
+        return q
+    q2 = projected(layer.w_query2, layer.w_hidden2)
+    return (1 - DIFFERENTIAL_LAMBDA_INIT) * torch.cat([q, -layer.differential_lambda() * q2], dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------------

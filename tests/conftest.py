@@ -125,8 +125,22 @@ def randomise(module, seed=1):
     return module
 
 
-def reference_head_logits(head, logits, hidden, embeddings):
-    """DESIGN.md section 2, one position at a time, one layer at a time, one attention head at a time."""
+def reference_query_state(head, h, layer_states=None):
+    """Step 5's r_t for one position: h_t, or sum_k softmax(w_a)_k RMSNorm_q(y_t^k) with query_layers."""
+    config = head.config
+    if config.query_layers is None:
+        return h
+    weights = torch.exp(head.query_mix) / torch.exp(head.query_mix).sum()
+    state = torch.zeros_like(h)
+    for k in range(len(config.query_layers)):
+        y = layer_states[k]
+        state = state + weights[k] * y / torch.sqrt((y**2).mean() + config.rms_norm_eps) * head.query_norm.weight
+    return state
+
+
+def reference_head_logits(head, logits, hidden, embeddings, layer_states=None):
+    """DESIGN.md section 2, one position at a time, one layer at a time, one attention head at a time; with
+    differential score maps (arXiv 2410.05258) and query_layers as the config's docstring states them."""
     config = head.config
     vocab = embeddings.shape[0]
     head_dim = config.out_dim // config.num_attention_heads
@@ -135,10 +149,19 @@ def reference_head_logits(head, logits, hidden, embeddings):
         rms = torch.sqrt((embeddings**2).mean(dim=1, keepdim=True) + config.rms_norm_eps)
         normed = embeddings / rms * layer.norm.weight  # step 1
         latent = normed @ layer.w_latent if config.latent_dim else normed  # step 2
-        return latent @ layer.w_key, latent @ layer.w_value  # step 3
+        second = latent @ layer.w_key2 if config.score_maps == "differential" else None
+        return latent @ layer.w_key, latent @ layer.w_value, second  # step 3
 
-    def layer_scores(layer, z, h):
-        keys, values = layer_tables(layer)
+    def score_map(layer, keys, q):
+        scores = torch.zeros(vocab, dtype=q.dtype)  # step 6
+        for j in range(config.num_attention_heads):
+            part = slice(j * head_dim, (j + 1) * head_dim)
+            mix = layer.head_mix[j] if config.attention_head_combine == "mix" else 1.0
+            scores = scores + mix * (keys[:, part] @ q[part]) / math.sqrt(head_dim)
+        return scores
+
+    def layer_scores(layer, z, r):
+        keys, values, keys2 = layer_tables(layer)
         if config.logit_weighting == "softmax":  # step 4
             z_rms = torch.sqrt((z**2).mean() + config.rms_norm_eps)
             weights = torch.exp(z / z_rms) / torch.exp(z / z_rms).sum()
@@ -149,13 +172,16 @@ def reference_head_logits(head, logits, hidden, embeddings):
             u = u / vocab
         q = u @ layer.w_query
         if config.use_hidden_state:
-            q = q + h @ layer.w_hidden
-        scores = torch.zeros(vocab, dtype=z.dtype)  # step 6
-        for j in range(config.num_attention_heads):
-            part = slice(j * head_dim, (j + 1) * head_dim)
-            mix = layer.head_mix[j] if config.attention_head_combine == "mix" else 1.0
-            scores = scores + mix * (keys[:, part] @ q[part]) / math.sqrt(head_dim)
-        return scores
+            q = q + r @ layer.w_hidden
+        if config.score_maps == "single":
+            return score_map(layer, keys, q)
+        q2 = u @ layer.w_query2 + (r @ layer.w_hidden2 if config.use_hidden_state else 0.0)
+        lam = (
+            math.exp(sum(a * b for a, b in zip(layer.lambda_q1.tolist(), layer.lambda_k1.tolist())))
+            - math.exp(sum(a * b for a, b in zip(layer.lambda_q2.tolist(), layer.lambda_k2.tolist())))
+            + 0.8
+        )
+        return (1 - 0.8) * (score_map(layer, keys, q) - lam * score_map(layer, keys2, q2))
 
     def merge(z, scores, gate):  # step 7
         if config.score_mode == "add":
@@ -166,16 +192,48 @@ def reference_head_logits(head, logits, hidden, embeddings):
 
     out = torch.empty_like(logits)
     for t in range(logits.shape[0]):
+        r = reference_query_state(head, hidden[t], None if layer_states is None else layer_states[t])
         if config.layer_mode == "sequential":
             z = logits[t]
             for index, layer in enumerate(head.layers):
                 gate = head.gate[index] if head.gate is not None else None
-                z = merge(z, layer_scores(layer, z, hidden[t]), gate)
+                z = merge(z, layer_scores(layer, z, r), gate)
             out[t] = z
         else:
             mixes = head.layer_mix if head.layer_mix is not None else [1.0]
-            scores = sum(m * layer_scores(layer, logits[t], hidden[t]) for m, layer in zip(mixes, head.layers))
+            scores = sum(m * layer_scores(layer, logits[t], r) for m, layer in zip(mixes, head.layers))
             out[t] = merge(logits[t], scores, head.gate[0] if head.gate is not None else None)
+    return out
+
+
+def reference_sequence_logits(head, logits, hidden, embeddings, input_ids, attention_mask, layer_states=None):
+    """Steps 1-8 for one sequence (T positions): steps 1-7 by ``reference_head_logits``, then See et al.'s
+    pointer-generator mixture written out, p = (1 - lambda) softmax(z) + lambda c over the earlier positions
+    j < t that the mask keeps (c adds a_j to the token x_{j+1}), entering as z + g_c (log p - log softmax(z))."""
+    config = head.config
+    z = reference_head_logits(head, logits, hidden, embeddings, layer_states)
+    if not config.copy_attention:
+        return z
+    states = [
+        reference_query_state(head, hidden[t], None if layer_states is None else layer_states[t])
+        for t in range(len(input_ids))
+    ]
+    out = z.clone()
+    for t in range(len(input_ids)):
+        earlier = [j for j in range(t) if attention_mask[j]]
+        if not earlier:
+            continue
+        query = states[t] @ head.copy_query
+        scores = torch.stack([query @ (states[j] @ head.copy_key) / math.sqrt(config.out_dim) for j in earlier])
+        attention = torch.exp(scores - scores.max()) / torch.exp(scores - scores.max()).sum()
+        copied = torch.zeros(z.shape[-1], dtype=z.dtype)
+        for a, j in zip(attention, earlier):
+            copied[input_ids[j + 1]] += a
+        lam = 1 / (1 + torch.exp(-(states[t] @ head.copy_gate_weight + head.copy_gate_bias[0])))
+        p = torch.exp(z[t] - z[t].max()) / torch.exp(z[t] - z[t].max()).sum()
+        mixture = (1 - lam) * p + lam * copied
+        gate = head.copy_gate[0] if config.score_mode == "gate" else 1.0
+        out[t] = z[t] + gate * (torch.log(mixture) - torch.log(p))
     return out
 
 
@@ -192,6 +250,16 @@ OPTION_CASES = {
     "sequential-layers-gated": {"num_layers": 2, "layer_mode": "sequential", "score_mode": "gate"},
     "sequential-raw": {"num_layers": 2, "layer_mode": "sequential", "logit_weighting": "raw", "num_attention_heads": 2},
     "hidden-state": {"use_hidden_state": True, "score_mode": "gate", "divide_by_vocab": False},
+    "differential": {"score_maps": "differential"},
+    "differential-raw-sequential": {
+        "score_maps": "differential",
+        "logit_weighting": "raw",
+        "num_layers": 2,
+        "layer_mode": "sequential",
+        "num_attention_heads": 2,
+        "use_hidden_state": True,
+        "score_mode": "gate",
+    },  # fmt: skip
     "everything": {
         "num_attention_heads": 5,
         "attention_head_combine": "mix",
@@ -202,6 +270,39 @@ OPTION_CASES = {
         "score_mode": "gate",
         "vocab_chunk_size": 13,
     },
+}
+
+
+#: Cases of the options that read the sequence around each position (query_layers, copy_attention), alone and
+#: with the others; their inputs come from ``random_sequence``.
+SEQUENCE_CASES = {
+    "query-layers": {"query_layers": [2, 0], "use_hidden_state": True, "score_mode": "gate"},
+    "query-layers-differential": {
+        "query_layers": [1],
+        "use_hidden_state": True,
+        "score_maps": "differential",
+        "num_attention_heads": 2,
+    },  # fmt: skip
+    "copy": {"copy_attention": True},
+    "copy-gate": {"copy_attention": True, "score_mode": "gate", "use_hidden_state": True, "divide_by_vocab": False},
+    "copy-replace": {"copy_attention": True, "score_mode": "replace", "num_layers": 2},
+    "copy-query-layers-sequential": {
+        "copy_attention": True,
+        "query_layers": [0, 1, 2],
+        "num_layers": 2,
+        "layer_mode": "sequential",
+        "score_mode": "gate",
+    },  # fmt: skip
+    "all-three": {
+        "query_layers": [0, 2],
+        "score_maps": "differential",
+        "copy_attention": True,
+        "use_hidden_state": True,
+        "score_mode": "gate",
+        "num_attention_heads": 3,
+        "attention_head_combine": "mix",
+        "out_dim": 12,
+    },  # fmt: skip
 }
 
 
@@ -216,6 +317,24 @@ def random_inputs(shape=(5,), seed=2):
     hidden = torch.randn(*shape, HIDDEN, generator=generator, dtype=torch.float64)
     embeddings = torch.randn(VOCAB, HIDDEN, generator=generator, dtype=torch.float64)
     return logits, hidden, embeddings
+
+
+def random_sequence(rows=2, length=6, blocks=3, seed=4):
+    """Random ids, a mask with left padding in row 1 (and a padded position inside row 0), and the states of
+    ``blocks`` decoder blocks (block -> rows x length x HIDDEN), in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, length), generator=generator)
+    mask = torch.ones(rows, length, dtype=torch.bool)
+    mask[1, :2] = False
+    mask[0, 3] = False
+    states = {k: torch.randn(rows, length, HIDDEN, generator=generator, dtype=torch.float64) * 4 for k in range(blocks)}
+    return ids, mask, states
+
+
+def stacked_states(head, states):
+    """The head's query_layers states, rows x length x len(query_layers) x HIDDEN (None without query_layers)."""
+    layers = head.config.query_layers
+    return None if layers is None else torch.stack([states[k] for k in layers], dim=-2)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -48,6 +48,14 @@ def test_presets_and_overrides():
         ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
         ({"divide_by_vocab": "yes"}, "divide_by_vocab must be True or False"),
         ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number"),
+        ({"score_maps": "triple"}, "score_maps must be one of 'single', 'differential', got 'triple'"),
+        ({"copy_attention": 1}, "copy_attention must be True or False"),
+        ({"query_layers": [], "use_hidden_state": True}, "query_layers must be None or a non-empty list"),
+        ({"query_layers": 3, "use_hidden_state": True}, "query_layers must be None or a non-empty list"),
+        ({"query_layers": [1, -1], "use_hidden_state": True}, r"query_layers must hold decoder block indices"),
+        ({"query_layers": [True], "copy_attention": True}, r"query_layers must hold decoder block indices"),
+        ({"query_layers": [2, 2], "copy_attention": True}, "query_layers must name each decoder block once"),
+        ({"query_layers": [2]}, "query_layers feeds the query state r_t, which only use_hidden_state"),
     ],
 )
 def test_bad_options_name_the_problem(options, message):
@@ -115,9 +123,30 @@ def test_every_option_is_typed_and_documented():
     types = typing.get_type_hints(BackwardAttentionConfig)
     for option in dataclasses.fields(BackwardAttentionConfig):
         assert option.metadata.get("help"), option.name
-    for name in ("attention_head_combine", "logit_weighting", "score_mode", "layer_mode"):
+    for name in ("attention_head_combine", "logit_weighting", "score_mode", "layer_mode", "score_maps"):
         assert typing.get_origin(types[name]) is typing.Literal, name
     assert typing.get_args(types["score_mode"]) == ("add", "gate", "replace")
+    assert typing.get_args(types["score_maps"]) == ("single", "differential")
+    assert types["copy_attention"] is bool and types["query_layers"] == list[int] | None
+    for name in ("query_layers", "score_maps", "copy_attention"):  # each in the steps of the docstring
+        assert f"``{name}" in BackwardAttentionConfig.__doc__, name
+    for formula in (
+        "2410.05258",
+        "0.8 - 0.6 exp(-0.3 depth)",
+        "z_t + g_c log(1 - lambda_t + lambda_t c_t / softmax(z_t))",
+    ):
+        assert formula in BackwardAttentionConfig.__doc__
+
+
+def test_the_new_options_default_off_and_round_trip_through_json():
+    config = BackwardAttentionConfig()
+    assert (config.query_layers, config.score_maps, config.copy_attention) == (None, "single", False)
+    for preset in PRESETS.values():  # the presets are unchanged
+        assert not {"query_layers", "score_maps", "copy_attention"} & set(preset)
+    options = {"query_layers": (3, 1), "use_hidden_state": True, "score_maps": "differential", "copy_attention": True}
+    config = BackwardAttentionConfig(**options)
+    assert config.query_layers == [3, 1]  # a tuple is kept as the list JSON gives back
+    assert BackwardAttentionConfig.from_dict(json.loads(config.to_json_string())) == config
 
 
 def test_option_names_of_version_0_1_0_are_read_as_the_new_ones():

@@ -5,10 +5,20 @@ import math
 
 import pytest
 import torch
-from conftest import HIDDEN, OPTION_CASES, VOCAB, random_head, random_inputs, reference_head_logits
+from conftest import (
+    HIDDEN,
+    OPTION_CASES,
+    SEQUENCE_CASES,
+    VOCAB,
+    random_head,
+    random_inputs,
+    random_sequence,
+    reference_head_logits,
+)
 
 from backattn import head_kernels
 from backattn.head_kernels import head_logits
+from backattn.modeling_backattn import SequenceContext
 
 
 @pytest.mark.parametrize("options", OPTION_CASES.values(), ids=OPTION_CASES.keys())
@@ -277,3 +287,61 @@ def test_the_plain_forward_serves_what_no_fast_path_can(dispatched):
     torch.manual_seed(0)
     assert dispatched[-1].steps == "plain" and not dispatched[-1].paths
     assert torch.equal(fast, head(logits, hidden, embeddings))  # the same random masks
+
+
+# --------------------------------------------------------------------------------------------------------
+# query_layers, differential score maps and the copy term through every fast path
+
+ALL_THREE = SEQUENCE_CASES["all-three"]
+SEQUENCE_FAST_PATHS = {
+    "fused_gate-all-three": ("fused_gate", ALL_THREE, {}),
+    "fused_gate-copy-sequential": ("fused_gate", SEQUENCE_CASES["copy-query-layers-sequential"], {}),
+    "fused_gate-differential-parallel": ("fused_gate", {**ALL_THREE, "num_layers": 2}, {}),
+    "raw_shortcut-all-three": ("raw_shortcut", {**ALL_THREE, "logit_weighting": "raw"}, {"output_weight": True}),
+    "top_k-all-three": ("top_k", {**ALL_THREE, "num_layers": 2}, {"rerank_top_k": VOCAB}),
+    "vocab_slices-all-three": ("vocab_slices", {**ALL_THREE, "vocab_chunk_size": 10}, {}),
+    "vocab_slices-replace-copy": (
+        "vocab_slices",
+        {"copy_attention": True, "score_mode": "replace", "score_maps": "differential", "vocab_chunk_size": 10},
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("path, options, call", SEQUENCE_FAST_PATHS.values(), ids=SEQUENCE_FAST_PATHS.keys())
+def test_each_fast_path_honours_the_sequence_options_and_equals_the_plain_forward(path, options, call, dispatched):
+    head = random_head(options)
+    ids, mask, states = random_sequence()
+    _, hidden, embeddings = random_inputs(shape=(2, 6))
+    hidden.requires_grad_(True)
+    weight = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    kwargs = {**call, "output_weight": weight if call.get("output_weight") else None}
+
+    def inputs():  # with the gradients the copy attention sends to h_j and to the head
+        context = SequenceContext(hidden, states, ids, mask, torch.arange(6).expand(2, -1))
+        layer_states, copy = head.context_inputs(context)
+        return {"layer_states": layer_states, "copy": copy}
+
+    plain = output_and_gradients(lambda: head(hidden @ weight.T, hidden, embeddings, **inputs()), head, hidden)
+    fast = output_and_gradients(
+        lambda: head_logits(head, hidden @ weight.T, hidden, embeddings, **kwargs, **inputs()), head, hidden
+    )
+    assert path in dispatched[-1].paths, dispatched[-1]
+    for a, b in zip(plain, fast):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_the_tables_cache_serves_the_sequence_options(dispatched):
+    head = random_head({**ALL_THREE, "vocab_chunk_size": 20})
+    ids, mask, states = random_sequence()
+    logits, hidden, embeddings = random_inputs(shape=(2, 6))
+    context = SequenceContext(hidden, states, ids, mask, torch.arange(6).expand(2, -1))
+    with torch.no_grad():
+        layer_states, copy = head.context_inputs(context)
+        first, second = (
+            head_logits(head, logits, hidden, embeddings, None, None, None, layer_states, copy) for _ in "ab"
+        )
+        assert all("tables_cache" in kernel.paths for kernel in dispatched)
+        assert torch.equal(first, second)
+        plain = head(logits, hidden, embeddings, layer_states=layer_states, copy=copy)
+        assert torch.allclose(second, plain, rtol=1e-12, atol=1e-12)

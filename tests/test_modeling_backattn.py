@@ -1,9 +1,26 @@
-"""The head's plain maths (modeling_backattn.py) against ``reference_head_logits`` (tests/conftest.py), a slow
-loop written from the formula of DESIGN.md section 2, never calling the code under test."""
+"""The head's plain maths (modeling_backattn.py) against ``reference_head_logits`` and ``reference_sequence_logits``
+(tests/conftest.py), slow float64 loops written from the formula of DESIGN.md section 2 and the config's docstring
+(query_layers, differential score maps, the copy term), never calling the code under test."""
+
+import math
 
 import pytest
 import torch
-from conftest import OPTION_CASES, VOCAB, random_head, random_inputs, reference_head_logits
+from conftest import (
+    HIDDEN,
+    OPTION_CASES,
+    SEQUENCE_CASES,
+    VOCAB,
+    random_head,
+    random_inputs,
+    random_sequence,
+    reference_head_logits,
+    reference_sequence_logits,
+    stacked_states,
+)
+
+from backattn import BackwardAttentionConfig, BackwardAttentionHead
+from backattn.modeling_backattn import DIFFERENTIAL_LAMBDA_INIT, SequenceContext
 
 
 @pytest.mark.parametrize("options", OPTION_CASES.values(), ids=OPTION_CASES.keys())
@@ -48,3 +65,124 @@ def test_head_refuses_a_base_of_another_size():
     logits, hidden, embeddings = random_inputs()
     with pytest.raises(ValueError, match="built for vocab_size=97, hidden_size=24"):
         head(logits[..., :-1], hidden, embeddings[:-1])
+
+
+# --------------------------------------------------------------------------------------------------------
+# query_layers, differential score maps and the copy term (steps 5, 6 and 8 of the config's docstring)
+
+
+def sequence_inputs(head, rows=2, length=6, seed=4):
+    """Random logits and final hidden states of a sequence, its ids, mask and block states, and the head's
+    per-position inputs of the context (what the models hand over)."""
+    ids, mask, states = random_sequence(rows, length, seed=seed)
+    logits, hidden, embeddings = random_inputs(shape=(rows, length), seed=seed + 1)
+    context = SequenceContext(hidden, states, ids, mask, torch.arange(length).expand(rows, -1))
+    return logits, hidden, embeddings, ids, mask, states, context
+
+
+@pytest.mark.parametrize("options", SEQUENCE_CASES.values(), ids=SEQUENCE_CASES.keys())
+def test_sequence_options_match_the_slow_reference(options):
+    head = random_head(options)
+    logits, hidden, embeddings, ids, mask, states, context = sequence_inputs(head)
+    with torch.no_grad():
+        layer_states, copy = head.context_inputs(context)
+        out = head(logits, hidden, embeddings, layer_states=layer_states, copy=copy)
+        stacked = stacked_states(head, states)
+        for b in range(logits.shape[0]):
+            expected = reference_sequence_logits(
+                head, logits[b], hidden[b], embeddings, ids[b], mask[b], None if stacked is None else stacked[b]
+            )
+            assert torch.allclose(out[b], expected, rtol=1e-10, atol=1e-10), b
+
+
+@pytest.mark.parametrize("options", SEQUENCE_CASES.values(), ids=SEQUENCE_CASES.keys())
+def test_context_inputs_of_some_positions_are_those_positions_of_all(options):
+    """Scoring only some positions (logits_to_keep, cached decoding) attends over the same earlier positions."""
+    head = random_head(options)
+    logits, hidden, embeddings, ids, mask, states, context = sequence_inputs(head)
+    with torch.no_grad():
+        every = head(logits, hidden, embeddings, None, *head.context_inputs(context))
+        some = torch.tensor([[5, 2], [4, 0]])
+        rows = torch.arange(2)[:, None]
+        chosen = head(
+            logits[rows, some],
+            hidden[rows, some],
+            embeddings,
+            None,
+            *head.context_inputs(context._replace(positions=some)),
+        )
+    assert torch.allclose(chosen, every[rows, some], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [o for o in SEQUENCE_CASES.values() if o.get("score_mode") == "gate"])
+def test_a_fresh_gated_head_with_the_new_options_gives_the_logits_exactly(options):
+    config = BackwardAttentionConfig(**options).for_base(VOCAB, HIDDEN)
+    head = BackwardAttentionHead(config).double().eval()
+    logits, hidden, embeddings, ids, mask, states, context = sequence_inputs(head)
+    with torch.no_grad():
+        assert torch.equal(head(logits, hidden, embeddings, None, *head.context_inputs(context)), logits)
+
+
+def test_fresh_parameters_of_the_new_options():
+    options = {"score_maps": "differential", "use_hidden_state": True, "query_layers": [0, 1, 2], "out_dim": 40}
+    head = BackwardAttentionHead(BackwardAttentionConfig(**options, copy_attention=True).for_base(VOCAB, HIDDEN))
+    layer = head.layers[0]
+    vectors = torch.cat([layer.lambda_q1, layer.lambda_k1, layer.lambda_q2, layer.lambda_k2]).detach()
+    assert vectors.shape == (160,) and 0.06 < vectors.std() < 0.14 and abs(vectors.mean()) < 0.05  # N(0, 0.1^2)
+    assert abs(layer.differential_lambda().item() - DIFFERENTIAL_LAMBDA_INIT) < 0.1 and DIFFERENTIAL_LAMBDA_INIT == 0.8
+    assert torch.count_nonzero(layer.w_hidden2) == 0 and layer.w_query2.shape == layer.w_query.shape
+    assert torch.equal(torch.softmax(head.query_mix, 0), torch.full((3,), 1 / 3))  # a uniform mix of layers
+    assert torch.equal(head.query_norm.weight, torch.ones(HIDDEN))
+    assert head.copy_gate is None and torch.equal(head.copy_gate_bias, torch.zeros(1))  # lambda_t near 1/2
+    gated = BackwardAttentionHead(
+        BackwardAttentionConfig(copy_attention=True, score_mode="gate").for_base(VOCAB, HIDDEN)
+    )
+    assert torch.equal(gated.copy_gate, torch.zeros(1))
+
+
+def test_the_copy_term_at_full_strength_is_the_pointer_generator_mixture():
+    """g_c = 1: softmax of the head's logits is (1 - lambda_t) softmax(z_t) + lambda_t c_t exactly; positions
+    with no earlier unmasked position keep z_t."""
+    head = random_head({"copy_attention": True, "score_mode": "replace", "num_layers": 1})
+    logits, hidden, embeddings, ids, mask, states, context = sequence_inputs(head)
+    with torch.no_grad():
+        _, copy = head.context_inputs(context)
+        nothing = copy._replace(log_weights=torch.full_like(copy.log_weights, -math.inf))
+        z = head(logits, hidden, embeddings, copy=nothing)  # no earlier position anywhere: steps 1-7 alone
+        out = head(logits, hidden, embeddings, copy=copy)
+        lam = torch.sigmoid(hidden @ head.copy_gate_weight + head.copy_gate_bias)[..., None]
+        c = torch.zeros_like(z).scatter_add(-1, copy.next_ids, copy.log_weights.exp())
+        mixture = (1 - lam) * torch.softmax(z, -1) + lam * c
+        attended = torch.isfinite(copy.log_weights).any(-1)
+        assert not attended[0, 0] and not attended[1, :3].any() and attended[1, 3]  # left padding: none before
+        assert torch.allclose(torch.softmax(out, -1)[attended], mixture[attended], rtol=1e-10, atol=1e-12)
+        assert torch.equal(out[~attended], z[~attended])
+        for b, t, j in [(0, 4, 3), (0, 5, 3), (1, 4, 1)]:  # padded positions are never attended, nor j >= t
+            assert copy.log_weights[b, t, j] == -math.inf
+        assert (copy.log_weights[0, 2, 2:] == -math.inf).all()
+
+
+def test_the_copy_term_has_finite_gradients_with_padding_and_saturated_gates():
+    head = random_head({"copy_attention": True, "score_mode": "gate"})
+    with torch.no_grad():
+        head.copy_gate_bias.fill_(60.0)  # lambda_t = 1 in float: log(1 - lambda) must not be -inf
+    logits, hidden, embeddings, ids, mask, states, context = sequence_inputs(head)
+    logits.requires_grad_(True)
+    out = head(logits, hidden, embeddings, copy=head.context_inputs(context)[1])
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(logits.grad).all() and all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_the_inputs_the_new_options_need_are_asked_for():
+    logits, hidden, embeddings = random_inputs()
+    with pytest.raises(ValueError, match=r"decoder blocks \[1\] \(query_layers\), but their states were not given"):
+        random_head({"query_layers": [1], "use_hidden_state": True})(logits, hidden, embeddings)
+    with pytest.raises(ValueError, match="copy_attention.*no copy inputs were given"):
+        random_head({"copy_attention": True})(logits, hidden, embeddings)
+    head = random_head({"copy_attention": True, "query_layers": [5]})
+    *_, context = sequence_inputs(head)
+    with pytest.raises(ValueError, match=r"the states of block\(s\) \[5\] were not given"):
+        head.context_inputs(context)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        random_head({"copy_attention": True}).context_inputs(context._replace(input_ids=None))
