@@ -829,7 +829,7 @@ def plot(rows: dict, output: Path) -> None:
     for metric, filename in (("target_ce", "pareto_target_ce.png"), ("mc_after_solution", "pareto_mc.png")):
         if metric not in base:
             continue
-        figure, axis = plt.subplots(figsize=(8, 5))
+        figure, axis = plt.subplots(figsize=(11, 5))
         axis.axhspan(base[metric]["low"], base[metric]["high"], color="black", alpha=0.1, label="frozen base (95% CI)")
         axis.axhline(base[metric]["value"], color="black", linewidth=1)
         for budget, unit in {(r["budget"], r["T_seconds"]) for r in rows.values() if "T_seconds" in r}:
@@ -850,10 +850,13 @@ def plot(rows: dict, output: Path) -> None:
         axis.set_xlabel("training seconds (steps x step time + feature cache); dotted: the budgets T, 2T, 4T")
         axis.set_ylabel(METRICS[metric][3] + " (on the scored templates)")
         axis.set_title(f"{METRICS[metric][3]} against training time, 95% intervals")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         figure.tight_layout()
         figure.savefig(output / filename, dpi=120)
         plt.close(figure)
+    rated = [r for r in rows.values() if "learning_rate" in r and "target_ce" in r["metrics"]]
+    if len({r["budget"] for r in rated}) == 1 and len(rated) > len({r["method"] for r in rated}):
+        plot_learning_rates(rated, base["target_ce"], colours, output / "learning_rates.png")
     greedy = [(n, r) for n, r in rows.items() if "greedy_accuracy" in r["metrics"]]
     if greedy:
         keys = ["greedy_accuracy", "parse_rate", "repetition_rate"]
@@ -870,6 +873,29 @@ def plot(rows: dict, output: Path) -> None:
         figure.tight_layout()
         figure.savefig(output / "greedy.png", dpi=120)
         plt.close(figure)
+
+
+def plot_learning_rates(rated: list[dict], base: dict, colours: dict, path: Path) -> None:
+    """A sweep at one budget: each method's target CE against its learning rate (log scale)."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    axis.axhspan(base["low"], base["high"], color="black", alpha=0.1, label="frozen base (95% CI)")
+    axis.axhline(base["value"], color="black", linewidth=1)
+    for method in sorted({r["method"] for r in rated}):
+        points = sorted((r["learning_rate"], r["metrics"]["target_ce"]) for r in rated if r["method"] == method)
+        x = [rate for rate, _ in points]
+        y = [metric["value"] for _, metric in points]
+        error = [[m["value"] - m["low"] for _, m in points], [m["high"] - m["value"] for _, m in points]]
+        axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=method, color=colours[method])
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate (constant after warm-up)")
+    axis.set_ylabel("target CE (on the scored templates)")
+    axis.set_title(f"Learning rates at {rated[0]['budget']:g}T each, 95% intervals")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
