@@ -13,6 +13,10 @@ layer), so nothing vocabulary-sized outlives its chunk and nothing is recomputed
 4. the loss is the sum over chunks divided by ``num_items_in_batch`` (when the Trainer passes it, as for
    gradient accumulation) or by ``N``, as ``transformers``' own causal-LM loss divides it.
 
+A head that reads the sequence around each position (``query_layers``, ``copy_attention``) gets its per-position
+inputs once for the whole batch (:meth:`~backattn.modeling_backattn.BackwardAttentionHead.context_inputs`; the
+copy attention's ``log a_tj`` with autograd, as the tables) and each chunk takes its positions' rows of them.
+
 Results and gradients equal the straightforward computation's to float rounding (tested). A batch with
 no labelled position is refused (:class:`~backattn.errors.BackattnValueError`: the mean over no tokens is
 0/0) unless ``num_items_in_batch`` counts the labelled tokens of a larger accumulated batch, which this part
@@ -34,7 +38,7 @@ from transformers.utils import ModelOutput
 
 from .errors import BackattnValueError
 from .head_kernels import head_logits, weight_tables
-from .modeling_backattn import LayerTables
+from .modeling_backattn import CopyInputs, LayerTables, SequenceContext
 
 
 class _EagerChunkedLoss(torch.autograd.Function):
@@ -76,8 +80,10 @@ class _HeadLogits(nn.Module):
         super().__init__()
         self.head = head
 
-    def forward(self, logits, hidden, embeddings, output_weight, tables) -> torch.Tensor:
-        return head_logits(self.head, logits, hidden, embeddings, output_weight, tables=tables)
+    def forward(self, logits, hidden, embeddings, output_weight, tables, layer_states=None, copy=None):
+        return head_logits(
+            self.head, logits, hidden, embeddings, output_weight, tables=tables, layer_states=layer_states, copy=copy
+        )
 
 
 def labelled_positions(
@@ -91,11 +97,16 @@ def labelled_positions(
     ``labels`` are aligned with the inputs (as for every ``...ForCausalLM``); ``shift_labels`` already
     hold the next token of each position.
     """
+    keep, shift_labels = _labelled(hidden, labels, shift_labels, ignore_index)
+    return hidden[keep], shift_labels[keep]
+
+
+def _labelled(hidden, labels, shift_labels, ignore_index) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions carry a next-token label (``batch x sequence``), and every position's next-token label."""
     if shift_labels is None:
         shift_labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
     shift_labels = shift_labels.to(hidden.device)
-    keep = shift_labels != ignore_index
-    return hidden[keep], shift_labels[keep]
+    return shift_labels != ignore_index, shift_labels
 
 
 def head_cross_entropy(
@@ -108,13 +119,23 @@ def head_cross_entropy(
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
+    context: SequenceContext | None = None,
 ) -> torch.Tensor:
     """Steps 1-4: the causal-LM cross-entropy of ``head``'s logits over ``l_t = h_t W^T``, chunk by chunk.
 
     ``hidden`` (``batch x sequence x d``) are the base's final hidden states and ``output_weight`` its output
-    layer ``W`` (``V x d``, no bias); only the head's weights receive gradients.
+    layer ``W`` (``V x d``, no bias); only the head's weights receive gradients. ``context`` is the sequence
+    (its ``positions`` every one of ``hidden``'s), for a head with ``query_layers`` or ``copy_attention``.
     """
-    positions, targets = labelled_positions(hidden, labels, shift_labels, ignore_index)
+    keep, shift_targets = _labelled(hidden, labels, shift_labels, ignore_index)
+    positions, targets = hidden[keep], shift_targets[keep]
+    layer_states = copy = None
+    if head.config.query_layers is not None or head.config.copy_attention:
+        if context is None:
+            raise BackattnValueError("This head reads the sequence around each position: pass context=.")
+        layer_states, copy = head.context_inputs(context)
+        layer_states = None if layer_states is None else layer_states[keep]
+        copy = None if copy is None else CopyInputs(copy.log_weights[keep], copy.next_ids[keep])
     if not positions.shape[0] and (num_items_in_batch is None or int(num_items_in_batch) == 0):
         raise BackattnValueError(
             f"No target tokens in this batch: every label the loss reads is {ignore_index}, so the loss is "
@@ -125,21 +146,24 @@ def head_cross_entropy(
     dtype = head.layers[0].w_key.dtype
     positions, output_weight = positions.to(dtype), output_weight.to(dtype)
     flat_tables = [t for layer in tables for t in layer if t is not None]
+    copy_weights = () if copy is None else (copy.log_weights,)  # N x S, made with autograd: an input as the tables
     scorer = _HeadLogits(head)
     names, parameters = zip(*scorer.named_parameters())
     num_chunks = -(-positions.shape[0] // chunk_size)
 
     def chunk_loss(chunk: int, *tensors: torch.Tensor) -> torch.Tensor:
-        weights, table_tensors = tensors[: len(names)], iter(tensors[len(names) :])
+        weights = tensors[: len(names)]
+        table_tensors = iter(tensors[len(names) : len(tensors) - len(copy_weights)])
         chunk_tables = [LayerTables(*(None if t is None else next(table_tensors) for t in layer)) for layer in tables]
         rows = slice(chunk * chunk_size, (chunk + 1) * chunk_size)
         h = positions[rows]
-        z = functional_call(
-            scorer, dict(zip(names, weights)), (h @ output_weight.T, h, embeddings, output_weight, chunk_tables)
-        )
+        chunk_states = None if layer_states is None else layer_states[rows]
+        chunk_copy = None if copy is None else CopyInputs(tensors[-1][rows], copy.next_ids[rows])
+        arguments = (h @ output_weight.T, h, embeddings, output_weight, chunk_tables, chunk_states, chunk_copy)
+        z = functional_call(scorer, dict(zip(names, weights)), arguments)
         return F.cross_entropy(z.float(), targets[rows], reduction="sum")
 
-    total = _EagerChunkedLoss.apply(chunk_loss, num_chunks, *parameters, *flat_tables)
+    total = _EagerChunkedLoss.apply(chunk_loss, num_chunks, *parameters, *flat_tables, *copy_weights)
     if num_items_in_batch is None:
         return total / positions.shape[0]
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -171,8 +195,8 @@ class FusedHeadOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
-def _token_statistics(score: Callable, inputs: torch.Tensor, targets: torch.Tensor, temperature: float):
-    z = score(inputs).float() / temperature
+def _token_statistics(score: Callable, inputs: torch.Tensor, targets: torch.Tensor, temperature: float, *extras):
+    z = score(inputs, *extras).float() / temperature
     log_probs = torch.log_softmax(z, dim=-1)
     chosen = log_probs.gather(-1, targets[:, None])[:, 0]
     with torch.no_grad():
@@ -193,6 +217,7 @@ def head_token_log_probs(
     ignore_index: int = -100,
     temperature: float = 1.0,
     num_items_in_batch: int | torch.Tensor | None = None,
+    extras: tuple[torch.Tensor, ...] = (),
 ) -> FusedHeadOutput:
     """The log-probability (and entropy, top-1 hit, ...) of each next-token label under ``score``'s logits.
 
@@ -200,25 +225,29 @@ def head_token_log_probs(
     (``n x d``) and batch rows ``rows``. Only the labelled positions are scored, ``chunk_size`` at a time,
     and with gradients each chunk is recomputed in the backward pass (``torch.utils.checkpoint``) instead
     of keeping its logits: nothing vocabulary-sized outlives its chunk. ``loss`` is the mean negative
-    log-likelihood (over ``num_items_in_batch`` when given), as the model's own loss.
+    log-likelihood (over ``num_items_in_batch`` when given), as the model's own loss. ``extras`` are further
+    per-position inputs (``batch x sequence x ...``, as ``hidden``), taken position by position as ``hidden`` is and
+    passed on: ``score(h, rows, *extras)``.
     """
     if shift_labels is None:
         hidden, targets = hidden[:, :-1], labels[:, 1:]
+        extras = tuple(extra[:, :-1] for extra in extras)
     else:
         targets = shift_labels
     targets = targets.to(hidden.device)
     mask = targets != ignore_index
     rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
     positions, goals = hidden[mask], targets[mask]
+    extras = tuple(extra[mask] for extra in extras)
     wants_grad = torch.is_grad_enabled()
     parts = []
     for start in range(0, positions.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
 
-        def chunk_score(h: torch.Tensor, chunk_rows: torch.Tensor = rows[chunk]) -> torch.Tensor:
-            return score(h, chunk_rows)
+        def chunk_score(h: torch.Tensor, *chunk_extras, chunk_rows: torch.Tensor = rows[chunk]) -> torch.Tensor:
+            return score(h, chunk_rows, *chunk_extras)
 
-        arguments = (chunk_score, positions[chunk], goals[chunk], temperature)
+        arguments = (chunk_score, positions[chunk], goals[chunk], temperature, *(extra[chunk] for extra in extras))
         if wants_grad:
             parts.append(checkpoint(_token_statistics, *arguments, use_reentrant=False))
         else:

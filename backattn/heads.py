@@ -17,7 +17,7 @@ from torch import nn
 from .configuration_backattn import BackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_kernels import head_logits
-from .modeling_backattn import BackwardAttentionHead
+from .modeling_backattn import BackwardAttentionHead, SequenceContext
 
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -280,16 +280,24 @@ class BackwardAttentionHeads(nn.ModuleDict):
         output_weight: torch.Tensor | None = None,
         heads: list | torch.Tensor | None = None,
         rerank_top_k: int | None = None,
+        context: SequenceContext | None = None,
     ) -> torch.Tensor:
         """The logits the active head gives (``heads=None``), or each row's own head's (``heads=`` one name, or
         ``None`` for the base, per row; or one name for every row); the base's logits while heads are disabled
-        (``heads=`` is then refused: it would be ignored)."""
+        (``heads=`` is then refused: it would be ignored). ``context`` is the sequence around the positions, for
+        heads with ``query_layers`` or ``copy_attention`` (see :class:`~backattn.modeling_backattn.SequenceContext`)."""
         self.check_enabled_for(heads)
         if not self.enabled:
             return logits
 
         def score(name: str, rows=slice(None)) -> torch.Tensor:
-            return head_logits(self[name], logits[rows], hidden[rows], embeddings, output_weight, rerank_top_k)
+            head, layer_states, copy = self[name], None, None
+            if context is not None and (head.config.query_layers is not None or head.config.copy_attention):
+                layer_states, copy = head.context_inputs(context.select_rows(rows))
+            return head_logits(
+                head, logits[rows], hidden[rows], embeddings, output_weight, rerank_top_k,
+                layer_states=layer_states, copy=copy,
+            )  # fmt: skip
 
         if heads is None:
             return logits if self.active is None else score(self.active)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from .head_files import embedding_fingerprint, load_head, push_head_to_hub, save
 from .head_kernels import head_logits, weight_tables
 from .head_loss import FusedHeadOutput, head_cross_entropy, head_token_log_probs
 from .heads import BackwardAttentionHeads, HeadsDisabled
-from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer
+from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer, CopyInputs, SequenceContext
 
 #: Where ``save_pretrained`` puts the heads beside a PEFT adapter: ``heads/<name>/`` and ``heads/heads.json``.
 HEADS_DIRNAME, HEADS_STATE_NAME = "heads", "heads.json"
@@ -167,9 +168,135 @@ class BackwardAttentionForCausalLMMixin:
         return self
 
     def build_head(self, head_config: BackwardAttentionConfig) -> BackwardAttentionHead:
-        """A fresh head for this base, beside its output layer; ``ValueError`` if made for another base."""
+        """A fresh head for this base, beside its output layer; ``ValueError`` if made for another base (or if
+        its ``query_layers`` name a decoder block this base does not have)."""
         head = BackwardAttentionHead(head_config.for_base(self.config.vocab_size, self.config.hidden_size))
+        depth = self.config.num_hidden_layers
+        beyond = [k for k in head_config.query_layers or () if k >= depth]
+        if beyond:
+            raise BackattnValueError(
+                f"query_layers {head_config.query_layers} name decoder block(s) {beyond}, but this base has "
+                f"{depth} blocks (0-{depth - 1})."
+            )
         return head.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+
+    # ----------------------------------------------------------------------------------------------------
+    # what heads read beyond each position's final hidden state: query_layers' states, copy_attention's context
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The base's decoder blocks, in order (``query_layers`` indexes them)."""
+        raise NotImplementedError
+
+    def feature_layers(self) -> list[int]:
+        """The decoder blocks whose outputs some resident head reads (``query_layers``), sorted; a feature cache
+        built for this model stores them beside the final hidden states."""
+        return sorted({k for head in self.heads.values() for k in head.config.query_layers or ()})
+
+    def _reads_context(self) -> bool:
+        return any(head.config.query_layers is not None or head.config.copy_attention for head in self.heads.values())
+
+    @contextlib.contextmanager
+    def capture_block_outputs(self, layers: list[int]):
+        """``with model.capture_block_outputs([k, ...]) as states:`` around a base forward: ``states[k]`` is then
+        the output of decoder block ``k`` (batch x sequence x hidden), taken by a forward hook, before the base's
+        final norm (which the base applies to its last block's output only). Exact, and costs no extra compute."""
+        states: dict[int, torch.Tensor] = {}
+        blocks = self.decoder_layers() if layers else []
+
+        def keeper(index: int):
+            def keep(module, inputs, output):
+                states[index] = output[0] if isinstance(output, tuple) else output
+
+            return keep
+
+        handles = [blocks[k].register_forward_hook(keeper(k)) for k in layers]
+        try:
+            yield states
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _given_layer_states(self, base_layer_states, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``base_layer_states`` checked (block index -> a tensor shaped as ``base_hidden_states``) and cast."""
+        if base_layer_states is None:
+            return {}
+        if not isinstance(base_layer_states, dict):
+            raise BackattnTypeError(
+                f"base_layer_states must map decoder block indices to their states (batch x sequence x hidden), "
+                f"got {_describe(base_layer_states)}."
+            )
+        states = {}
+        for k, value in base_layer_states.items():
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(hidden.shape):
+                raise BackattnValueError(
+                    f"base_layer_states[{k!r}] must be a tensor of shape {tuple(hidden.shape)} (as "
+                    f"base_hidden_states), got {_describe(value)}."
+                )
+            states[int(k)] = value.to(device=hidden.device, dtype=hidden.dtype)
+        return states
+
+    def _sequence_context(
+        self, hidden, layer_states, input_ids, attention_mask, cache, past_length, logits_to_keep, heads
+    ) -> SequenceContext | None:
+        """The :class:`SequenceContext` of this forward, for heads that read it (``None`` when none does).
+
+        ``hidden`` and ``layer_states`` are this call's (all its positions, before ``logits_to_keep``), ``cache``
+        the KV cache the base filled and ``past_length`` how many positions it held before this call. For copy
+        heads the context is every position so far: the cached ones come from the memory this model keeps on
+        the cache object (:func:`_keep_context`), and this call's are added to that memory.
+        """
+        if not self._reads_context():
+            return None
+        batch, length = hidden.shape[:2]
+        copying = any(head.config.copy_attention for head in self.heads.values())
+        kept = getattr(cache, "_backattn_context", None) if copying and past_length else None
+        if kept is not None and (kept.hidden.shape[1] < past_length or not set(layer_states) <= set(kept.layer_states)):
+            kept = None  # shorter than the cache, or without a block a head added since reads
+        if copying and past_length and kept is None:
+            if self._copy_serves(heads):
+                raise BackattnValueError(
+                    f"This head copies from earlier positions (copy_attention), but the KV cache holds {past_length} "
+                    "positions whose states this model did not keep: fill the cache through this model (generate, "
+                    "or forward with use_cache=True) with its heads resident, not through the base alone."
+                )
+            copying = False
+        start = past_length if kept is not None else 0
+        if attention_mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        else:
+            mask = attention_mask.to(device=hidden.device, dtype=torch.bool)
+            if mask.dim() != 2 or mask.shape[1] not in (past_length + length, length):
+                raise BackattnValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; a head that reads the sequence "
+                    f"(query_layers, copy_attention) needs a 2-D mask over the {past_length + length} positions so "
+                    "far (or over this call's positions)."
+                )
+            mask = mask[:, mask.shape[1] - length :]  # this call's positions
+        if kept is not None:
+            kept = kept.map(lambda t: t[:, :past_length])  # a cropped cache: drop what it no longer holds
+            hidden = torch.cat([kept.hidden.to(hidden.dtype), hidden], dim=1)
+            layer_states = {k: torch.cat([kept.layer_states[k].to(v.dtype), v], 1) for k, v in layer_states.items()}
+            mask = torch.cat([kept.attention_mask.to(mask.device), mask], dim=1)
+            if input_ids is not None:
+                input_ids = torch.cat([kept.input_ids.to(input_ids.device), input_ids], dim=1)
+        if copying and cache is not None and input_ids is not None and hasattr(cache, "get_seq_length"):
+            states = {k: v.detach() for k, v in layer_states.items()}
+            _keep_context(cache, _ContextMemory(hidden.detach(), states, input_ids, mask))
+        if isinstance(logits_to_keep, int):
+            kept_positions = torch.arange(length - logits_to_keep if logits_to_keep else 0, length)
+        else:
+            kept_positions = logits_to_keep.reshape(-1).to(torch.long) % length
+        positions = (start + kept_positions.to(hidden.device))[None].expand(batch, -1)
+        return SequenceContext(hidden, layer_states, input_ids, mask, positions)
+
+    def _copy_serves(self, heads) -> bool:
+        """Whether a copy head serves this call (the active one, or one that ``heads=`` names)."""
+        if not self.heads.enabled:
+            return False
+        names = self.heads.names()
+        serving = [self.active_head()] if heads is None else [names[i] for i in set(self.heads.route(heads).tolist())
+                                                               if i >= 0]  # fmt: skip
+        return any(name is not None and self.heads[name].config.copy_attention for name in serving)
 
     # ----------------------------------------------------------------------------------------------------
     # the head API: the heads container and the head files do the work
@@ -548,7 +675,7 @@ class BackwardAttentionForCausalLMMixin:
                 problem = self.heads.training_problem(heads) or "no parameter of the model requires grad"
                 raise BackattnValueError(f"Training with labels, but nothing trainable produces the loss: {problem}.")
 
-    def _fused_lm_head(self, hidden, labels, heads, rerank_top_k, kwargs) -> FusedHeadOutput:
+    def _fused_lm_head(self, hidden, labels, heads, rerank_top_k, kwargs, context=None) -> FusedHeadOutput:
         """``forward(..., fused_lm_head=True)``: per-token log-probabilities of the labels through the head."""
         shift_labels = kwargs.get("shift_labels")
         if labels is None and shift_labels is None:
@@ -559,15 +686,30 @@ class BackwardAttentionForCausalLMMixin:
         embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
         rerank_top_k = self._rerank_top_k(rerank_top_k)
         active = self.active_head()
-        if heads is None and active is not None and not rerank_top_k:
+        extras: tuple[torch.Tensor, ...] = ()
+        reads_context = active is not None and self.heads[active].config.copy_attention
+        reads_context = reads_context or (active is not None and self.heads[active].config.query_layers is not None)
+        if heads is None and active is not None and (not rerank_top_k or reads_context):
             head = self.heads[active]
             tables = weight_tables(head, embeddings, weight)  # once per batch, with autograd
+            layer_states, copy = head.context_inputs(context) if reads_context else (None, None)
+            extras = tuple(t for t in (layer_states, *(copy or ())) if t is not None)
 
-            def score(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-                return head_logits(head, self.lm_head(h), h, embeddings, weight, tables=tables)
+            def score(h: torch.Tensor, rows: torch.Tensor, *chunk_extras: torch.Tensor) -> torch.Tensor:
+                given = iter(chunk_extras)
+                states = next(given) if layer_states is not None else None
+                copied = CopyInputs(next(given), next(given)) if copy is not None else None
+                return head_logits(
+                    head, self.lm_head(h), h, embeddings, weight, rerank_top_k, tables, layer_states=states, copy=copied
+                )
 
         else:
             self.heads.check_enabled_for(heads)
+            if heads is not None and self._reads_context():
+                raise BackattnValueError(
+                    "fused_lm_head=True with heads= (one head per row) is not supported when a head reads the sequence "
+                    "around each position (query_layers, copy_attention): serve one active head instead."
+                )
             row_heads = None if heads is None else self.heads.route(heads, rows=hidden.shape[0]).to(hidden.device)
 
             def score(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -577,7 +719,7 @@ class BackwardAttentionForCausalLMMixin:
 
         return head_token_log_probs(
             score, hidden, labels, self.config.loss_chunk_size or 256, shift_labels, kwargs.get("ignore_index", -100),
-            self._fused_lm_head_options["temperature"], kwargs.get("num_items_in_batch"),
+            self._fused_lm_head_options["temperature"], kwargs.get("num_items_in_batch"), extras,
         )  # fmt: skip
 
     @can_return_tuple
@@ -595,6 +737,7 @@ class BackwardAttentionForCausalLMMixin:
         base_hidden_states: torch.Tensor | None = None,
         rerank_top_k: int | None = None,
         fused_lm_head: bool = False,
+        base_layer_states: dict[int, torch.Tensor] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | FusedHeadOutput:
         r"""The base model's forward, then the active head on the positions kept.
@@ -607,7 +750,15 @@ class BackwardAttentionForCausalLMMixin:
         (for example by :mod:`backattn.data.feature_cache`): the base is then not run at all. ``rerank_top_k``
         lets the head re-rank only the base's ``k`` most likely tokens per position, leaving the other
         logits as they are (cheaper, and an approximation; ``generate`` passes it through too); it overrides
-        ``config.rerank_top_k`` for this call, and ``0`` scores the whole vocabulary.
+        ``config.rerank_top_k`` for this call, and ``0`` scores the whole vocabulary. ``base_layer_states``
+        (decoder block index -> batch x sequence x hidden) go with ``base_hidden_states`` for heads with
+        ``query_layers``: the outputs of those blocks (before the base's final norm), as a feature cache stores them.
+
+        Heads with ``query_layers`` or ``copy_attention`` read more of the base than the final hidden state: the
+        model takes the outputs of the named decoder blocks by forward hooks while the base runs, and for
+        ``copy_attention`` the states and ids of every earlier position. While decoding with a KV cache it keeps
+        those of the cached positions on the cache object (reordered with it for beam search), so a copy head
+        gives the same tokens with or without ``use_cache``.
 
         While training a head with ``labels`` (``model.train()``, gradients on, one active head), the loss
         is computed chunk by chunk over the labelled positions (``config.loss_chunk_size``, see
@@ -633,35 +784,44 @@ class BackwardAttentionForCausalLMMixin:
         self._check_forward_inputs(
             input_ids, inputs_embeds, labels, base_hidden_states, past_key_values, position_ids, rerank_top_k, kwargs
         )
+        past_length = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
         if base_hidden_states is not None:
             outputs, hidden = None, base_hidden_states.to(self.lm_head.weight.dtype)
+            layer_states = self._given_layer_states(base_layer_states, hidden)
         else:
-            outputs = self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                **kwargs,
-            )
+            with self.capture_block_outputs(self.feature_layers()) as layer_states:
+                outputs = self.base_model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    inputs_embeds=inputs_embeds,
+                    use_cache=use_cache,
+                    **kwargs,
+                )
             hidden = outputs.last_hidden_state
+        cache = getattr(outputs, "past_key_values", None)
+        cache = past_key_values if cache is None else cache
+        context = self._sequence_context(
+            hidden, layer_states, input_ids, attention_mask, cache, past_length, logits_to_keep, heads
+        )
         hidden = slice_logits_to_keep(hidden, logits_to_keep)
         self._check_finite_head_inputs(hidden, inputs_embeds, base_hidden_states, heads)
         embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
         loss = logits = None
         if fused_lm_head:
-            fused = self._fused_lm_head(hidden, labels, heads, rerank_top_k, kwargs)
+            fused = self._fused_lm_head(hidden, labels, heads, rerank_top_k, kwargs, context)
             self._check_loss_trains(fused.loss, heads)
             return fused
         if self._chunked_loss_applies(labels, heads, logits_to_keep, hidden, rerank_top_k):
             loss = head_cross_entropy(
                 self.heads[self.config.active_head], hidden, labels, weight, embeddings, self.config.loss_chunk_size,
                 kwargs.get("num_items_in_batch"), kwargs.get("ignore_index", -100), kwargs.get("shift_labels"),
+                context,
             )  # fmt: skip
         else:
             logits = self.heads(
-                self.lm_head(hidden), hidden, embeddings, weight, heads, self._rerank_top_k(rerank_top_k)
+                self.lm_head(hidden), hidden, embeddings, weight, heads, self._rerank_top_k(rerank_top_k), context
             )
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
@@ -713,16 +873,70 @@ class _PlainBaseCheckpointFilter(logging.Filter):
 transformers_logging.get_logger("transformers.configuration_utils").addFilter(_PlainBaseCheckpointFilter())
 
 
+class _ContextMemory(NamedTuple):
+    """What a model keeps on a KV cache object for copy heads: the cached positions' states and ids."""
+
+    hidden: torch.Tensor  # B x P x d
+    layer_states: dict[int, torch.Tensor]  # block -> B x P x d
+    input_ids: torch.Tensor  # B x P
+    attention_mask: torch.Tensor  # B x P (bool)
+
+    def map(self, fn) -> _ContextMemory:
+        """The memory with ``fn`` applied to each of its tensors (all batch-first)."""
+        states = {k: fn(v) for k, v in self.layer_states.items()}
+        return _ContextMemory(fn(self.hidden), states, fn(self.input_ids), fn(self.attention_mask))
+
+
+def _select(t: torch.Tensor, indices) -> torch.Tensor:
+    return t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices]
+
+
+#: The cache methods that change the batch dimension (beam search, contrastive search), and what each does to it.
+_BATCH_METHODS = {
+    "reorder_cache": lambda t, beam_idx: t.index_select(0, beam_idx.to(t.device)),
+    "batch_repeat_interleave": lambda t, repeats: t.repeat_interleave(repeats, dim=0),
+    "batch_select_indices": lambda t, indices: t[
+        indices.to(t.device) if isinstance(indices, torch.Tensor) else indices
+    ],
+}
+
+
+def _keep_context(cache, memory: _ContextMemory) -> None:
+    """Keep ``memory`` on a KV cache object (``cache._backattn_context``); the first time, wrap the cache's own
+    methods that reorder or resize its batch so that they do the same to the memory. Positions it holds beyond
+    the cache's length (a cache cropped by assisted decoding) are dropped when it is read."""
+    if not hasattr(cache, "_backattn_context"):
+        for name, apply in _BATCH_METHODS.items():
+            original = getattr(cache, name, None)
+            if original is None:
+                continue
+
+            def wrapped(argument, _original=original, _apply=apply):
+                _original(argument)
+                kept = getattr(cache, "_backattn_context", None)
+                if kept is not None:
+                    cache._backattn_context = kept.map(lambda t: _apply(t, argument))
+
+            setattr(cache, name, wrapped)
+    cache._backattn_context = memory
+
+
 class GPT2BackwardAttentionForCausalLM(BackwardAttentionForCausalLMMixin, GPT2LMHeadModel):
     """GPT-2 (frozen) with backward-attention heads on its logits."""
 
     config_class = GPT2BackwardAttentionConfig
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.transformer.h
 
 
 class LlamaBackwardAttentionForCausalLM(BackwardAttentionForCausalLMMixin, LlamaForCausalLM):
     """A Llama-family model such as SmolLM2 (frozen) with backward-attention heads on its logits."""
 
     config_class = LlamaBackwardAttentionConfig
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
 
 
 GPT2BackwardAttentionForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -7,6 +7,7 @@ from conftest import VOCAB, randomise
 from backattn import GPT2BackwardAttentionForCausalLM
 from backattn.errors import BackattnValueError
 from backattn.head_loss import head_cross_entropy
+from backattn.modeling_backattn import SequenceContext
 
 CASES = {
     "seed": {},
@@ -19,6 +20,19 @@ CASES = {
         "attention_head_combine": "mix",
         "vocab_chunk_size": 20,
     },
+    "query-layers": {"query_layers": [1, 0], "use_hidden_state": True, "score_mode": "gate"},
+    "differential-raw": {"score_maps": "differential", "logit_weighting": "raw", "score_mode": "gate"},
+    "copy": {"copy_attention": True, "score_mode": "gate"},
+    "all-three-sequential": {
+        "query_layers": [1, 0],
+        "score_maps": "differential",
+        "copy_attention": True,
+        "use_hidden_state": True,
+        "num_layers": 2,
+        "layer_mode": "sequential",
+        "score_mode": "gate",
+        "vocab_chunk_size": 30,
+    },  # fmt: skip
 }
 
 
@@ -175,8 +189,14 @@ def test_chunked_loss_is_dispatched_and_equals_the_plain_forward(gpt2_base_dir, 
     assert calls == [1] and chunked.logits is None
 
     model.zero_grad()
-    hidden = model.base_model(ids).last_hidden_state
-    plain = head(model.lm_head(hidden), hidden, model.get_input_embeddings().weight)
+    with model.capture_block_outputs(model.feature_layers()) as blocks:
+        hidden = model.base_model(ids).last_hidden_state
+    inputs = {}
+    if head.config.query_layers is not None or head.config.copy_attention:  # the sequence, as the model gives it
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        context = SequenceContext(hidden, blocks, ids, torch.ones_like(ids, dtype=torch.bool), positions)
+        inputs = dict(zip(("layer_states", "copy"), head.context_inputs(context)))
+    plain = head(model.lm_head(hidden), hidden, model.get_input_embeddings().weight, **inputs)
     loss = model.loss_function(logits=plain, labels=labels, vocab_size=VOCAB)
     loss.backward()
     assert torch.allclose(chunked.loss, loss, rtol=1e-6, atol=0)

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, head_model, randomise, reference_head_logits, tiny_gpt2_config
+from conftest import (
+    HIDDEN,
+    VOCAB,
+    head_model,
+    randomise,
+    reference_head_logits,
+    reference_sequence_logits,
+    tiny_gpt2_config,
+)
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, pipeline
 
@@ -380,3 +388,189 @@ def test_torch_compile_fullgraph_with_the_active_head(llama_base_dir):
     assert model.heads["default"].gate.grad is not None
     torch.testing.assert_close(loss, model(ids, labels=ids).loss)
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------------------
+# query_layers, differential score maps and the copy term on a whole model
+
+NEW_OPTIONS = {
+    "query-layers": {"query_layers": [0, 1], "use_hidden_state": True, "score_mode": "gate"},
+    "differential": {"score_maps": "differential", "use_hidden_state": True, "score_mode": "gate"},
+    "copy": {"copy_attention": True, "score_mode": "gate"},
+    "all-three": {
+        "query_layers": [1, 0],
+        "score_maps": "differential",
+        "copy_attention": True,
+        "use_hidden_state": True,
+        "score_mode": "gate",
+        "num_attention_heads": 2,
+        "divide_by_vocab": False,
+    },  # fmt: skip
+}
+FAMILY_CLASSES = {"gpt2": GPT2BackwardAttentionForCausalLM, "llama": LlamaBackwardAttentionForCausalLM}
+
+
+def block_outputs(base, ids, attention_mask=None):
+    """Each decoder block's output (before the final norm), taken here by the test's own hooks."""
+    blocks = base.transformer.h if hasattr(base, "transformer") else base.model.layers
+    outputs = {}
+    handles = [
+        block.register_forward_hook(lambda m, i, o, k=k: outputs.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+        for k, block in enumerate(blocks)
+    ]
+    try:
+        final = base.base_model(ids, attention_mask=attention_mask).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return final, outputs
+
+
+@pytest.mark.parametrize("options", NEW_OPTIONS.values(), ids=NEW_OPTIONS.keys())
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_fresh_gated_head_with_the_new_options_gives_the_base_exactly(family, options, gpt2_base_dir, llama_base_dir):
+    base_dir = gpt2_base_dir if family == "gpt2" else llama_base_dir
+    plain = (GPT2LMHeadModel if family == "gpt2" else LlamaForCausalLM).from_pretrained(base_dir).eval()
+    model = head_model(base_dir, options, FAMILY_CLASSES[family])
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+        assert torch.equal(model(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
+        prompt = ids[:, :4]
+        generated = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(generated, plain.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                                     eos_token_id=None))  # fmt: skip
+
+
+@pytest.mark.parametrize("options", NEW_OPTIONS.values(), ids=NEW_OPTIONS.keys())
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_model_logits_are_the_reference_head_on_the_base_features(family, options, gpt2_base_dir, llama_base_dir):
+    base_dir = gpt2_base_dir if family == "gpt2" else llama_base_dir
+    model = head_model(base_dir, options, FAMILY_CLASSES[family])
+    randomise(model.heads)
+    head = model.heads.default
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+        hidden, blocks = block_outputs(model, ids, mask)
+        layers = head.config.query_layers
+        stacked = None if layers is None else torch.stack([blocks[k] for k in layers], dim=-2)
+        embeddings = model.get_input_embeddings().weight
+        for b in range(2):
+            expected = reference_sequence_logits(
+                head, model.lm_head(hidden[b]), hidden[b], embeddings, ids[b], mask[b].bool(),
+                None if stacked is None else stacked[b],
+            )  # fmt: skip
+            assert torch.allclose(out[b], expected, atol=1e-4), b
+        kept = model(ids, attention_mask=mask, logits_to_keep=2).logits
+        assert torch.allclose(kept, out[:, -2:], atol=1e-5)
+
+
+@pytest.mark.parametrize("options", NEW_OPTIONS.values(), ids=NEW_OPTIONS.keys())
+def test_heads_with_the_new_options_round_trip_through_head_files_and_checkpoints(options, gpt2_base_dir, tmp_path):
+    model = head_model(gpt2_base_dir, options)
+    randomise(model.heads)
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_head(tmp_path / "head")
+    fresh = GPT2BackwardAttentionForCausalLM.from_pretrained(gpt2_base_dir).eval()
+    fresh.load_head(tmp_path / "head")
+    assert fresh.heads.default.config == model.heads.default.config
+    model.save_pretrained(tmp_path / "checkpoint")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").eval()
+    saved = json.loads((tmp_path / "checkpoint" / "config.json").read_text())["heads"]["default"]
+    assert {k: saved[k] for k in options} == options
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+        assert torch.equal(reloaded(ids).logits, expected)
+    fresh.load_head(tmp_path / "head", hotswap=True)  # same options: the weights swap in place
+
+
+@pytest.mark.parametrize("options", [NEW_OPTIONS["copy"], NEW_OPTIONS["all-three"]], ids=["copy", "all-three"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_copy_heads_generate_the_same_tokens_with_and_without_the_kv_cache(family, options, gpt2_base_dir,
+                                                                            llama_base_dir):  # fmt: skip
+    base_dir = gpt2_base_dir if family == "gpt2" else llama_base_dir
+    model = head_model(base_dir, options, FAMILY_CLASSES[family])
+    randomise(model.heads)
+    with torch.no_grad():
+        model.heads.default.copy_gate.fill_(3.0)  # copying dominates: the cached context matters
+    prompt = torch.randint(1, VOCAB, (3, 6), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0  # a left-padded row
+    common = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0, eos_token_id=None)
+    cached = model.generate(prompt, do_sample=False, use_cache=True, **common)
+    assert torch.equal(cached, model.generate(prompt, do_sample=False, use_cache=False, **common))
+    ids, full_mask = prompt, mask
+    with torch.no_grad():  # greedy follows the head's own argmax over the whole sequence, step by step
+        for _ in range(8):
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # as generate makes them for left padding
+            logits = model(ids, attention_mask=full_mask, position_ids=positions).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+    assert torch.equal(cached, ids)
+    beams = model.generate(prompt, num_beams=3, do_sample=False, use_cache=True, **common)
+    assert torch.equal(beams, model.generate(prompt, num_beams=3, do_sample=False, use_cache=False, **common))
+
+
+def test_cached_decoding_keeps_the_context_on_the_cache_and_follows_its_reorders(gpt2_base_dir):
+    model = head_model(gpt2_base_dir, NEW_OPTIONS["all-three"])
+    randomise(model.heads)
+    ids = torch.randint(1, VOCAB, (3, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(ids).logits
+        prefix = model(ids[:, :5], use_cache=True)
+        cache = prefix.past_key_values
+        assert cache._backattn_context.hidden.shape == (3, 5, HIDDEN)
+        step = model(ids[:, 5:], past_key_values=cache, use_cache=True).logits
+        assert torch.allclose(step, full[:, 5:], atol=1e-5)
+        assert cache._backattn_context.input_ids.shape == (3, 8) and torch.equal(cache._backattn_context.input_ids, ids)
+        order = torch.tensor([2, 0, 0])
+        cache.reorder_cache(order)  # as beam search does: the kept context follows
+        assert torch.equal(cache._backattn_context.input_ids, ids[order])
+        nxt = torch.randint(1, VOCAB, (3, 1), generator=torch.Generator().manual_seed(7))
+        following = model(nxt, past_key_values=cache, use_cache=True).logits
+        assert torch.allclose(following, model(torch.cat([ids[order], nxt], 1)).logits[:, -1:], atol=1e-5)
+        base_only = model.base_model(ids[:, :5], use_cache=True).past_key_values  # filled without the model
+        with pytest.raises(ValueError, match="KV cache holds 5 positions whose states this model did not keep"):
+            model(ids[:, 5:6], past_key_values=base_only)
+
+
+def test_query_layers_beyond_the_base_and_missing_inputs_are_refused(gpt2_base_dir):
+    with pytest.raises(ValueError, match=r"query_layers \[0, 2\] name decoder block\(s\) \[2\], but this base has 2"):
+        head_model(gpt2_base_dir, {"query_layers": [0, 2], "use_hidden_state": True})
+    model = head_model(gpt2_base_dir, NEW_OPTIONS["all-three"])
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        hidden, blocks = block_outputs(model, ids)
+        with pytest.raises(ValueError, match=r"states of block\(s\) \[1\] were not given"):
+            model(ids, base_hidden_states=hidden, base_layer_states={0: blocks[0]})
+        with pytest.raises(ValueError, match=r"base_layer_states\[1\] must be a tensor of shape \(2, 5, 24\)"):
+            model(ids, base_hidden_states=hidden, base_layer_states={0: blocks[0], 1: blocks[1][:, :3]})
+        with pytest.raises(ValueError, match="needs input_ids"):
+            model(inputs_embeds=model.get_input_embeddings()(ids))
+
+
+@pytest.mark.parametrize("options", NEW_OPTIONS.values(), ids=NEW_OPTIONS.keys())
+def test_fused_lm_head_and_mixed_batches_serve_the_new_options(options, gpt2_base_dir):
+    model = head_model(gpt2_base_dir, options)
+    model.add_head("seed", head_name="plain", freeze_others=False)
+    randomise(model.heads)
+    model.set_head("default")
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        logits = model(ids).logits
+        fused = model(ids, labels=labels, fused_lm_head=True)
+        expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        assert torch.allclose(fused.log_probs[fused.label_mask], expected[fused.label_mask], atol=1e-5)
+        mixed = model(ids, heads=["plain", "default"]).logits
+        model.set_head("plain")
+        assert torch.allclose(mixed[0], model(ids[:1]).logits[0], atol=1e-6)
+        assert torch.allclose(mixed[1], logits[1], atol=1e-6)

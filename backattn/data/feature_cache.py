@@ -5,13 +5,20 @@ feature cache stores them once (half precision by default) and every epoch train
 (``forward(base_hidden_states=...)``) without running the base again: each step then costs the output layer
 ``l_t = h_t W_out`` and the head only.
 
+A head with ``query_layers`` also reads the outputs of some of the base's decoder blocks (before its final
+norm): the cache then stores those blocks' states too (``layers``, by default the blocks the model's resident
+heads read, :meth:`~backattn.modeling_families.BackwardAttentionForCausalLMMixin.feature_layers`), and
+:class:`CachedFeaturesDataset` hands them over as ``base_layer_states``.
+
 A cache lives in ``<cache_dir>/features/<key>/`` where the key hashes the base's weights and config, the exact
-token ids of every example (so data, prompt template, tokenizer and ``max_length`` are all in it) and the
-storage dtype: a stale cache is never used. It is built once, atomically (:mod:`backattn.data.cache_dirs`).
+token ids of every example (so data, prompt template, tokenizer and ``max_length`` are all in it), the
+storage dtype and the stored blocks: a stale cache is never used. It is built once, atomically
+(:mod:`backattn.data.cache_dirs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +31,7 @@ from tqdm.auto import tqdm
 from .cache_dirs import build_once
 
 FEATURES_NAME = "features.npy"
+LAYER_FEATURES_NAME = "layer_features.npy"
 OFFSETS_NAME = "offsets.npy"
 META_NAME = "meta.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -53,13 +61,18 @@ def data_fingerprint(input_ids: list[list[int]]) -> str:
 
 
 class FeatureCache:
-    """Read-only view of a built cache: ``cache[i]`` is example ``i``'s ``(length, hidden)`` tensor."""
+    """Read-only view of a built cache: ``cache[i]`` is example ``i``'s ``(length, hidden)`` tensor of final hidden
+    states, ``cache.layer_states(i)`` its ``{block: (length, hidden)}`` states of the stored ``cache.layers``."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.meta = json.loads((self.directory / META_NAME).read_text())
         self.offsets = np.load(self.directory / OFFSETS_NAME)
         self.features = np.load(self.directory / FEATURES_NAME, mmap_mode="r")
+        self.layers: list[int] = list(self.meta.get("layers", []))
+        self.layer_features = (
+            np.load(self.directory / LAYER_FEATURES_NAME, mmap_mode="r") if self.layers else None
+        )  # tokens x len(layers) x hidden
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -67,6 +80,13 @@ class FeatureCache:
     def __getitem__(self, index: int) -> torch.Tensor:
         rows = np.array(self.features[self.offsets[index] : self.offsets[index + 1]])  # a writable copy
         return torch.from_numpy(rows)
+
+    def layer_states(self, index: int) -> dict[int, torch.Tensor]:
+        """Example ``index``'s states of the stored decoder blocks, ``{block: (length, hidden)}`` (empty if none)."""
+        if self.layer_features is None:
+            return {}
+        rows = np.array(self.layer_features[self.offsets[index] : self.offsets[index + 1]])
+        return {k: torch.from_numpy(rows[:, i]) for i, k in enumerate(self.layers)}
 
     @classmethod
     def build_or_load(
@@ -77,17 +97,28 @@ class FeatureCache:
         dtype: str = "float16",
         batch_size: int = 8,
         progress: bool = True,
+        layers: list[int] | None = None,
     ) -> FeatureCache:
-        """The cache for ``model``'s base and these token ids: loaded if built before, else built now."""
+        """The cache for ``model``'s base and these token ids: loaded if built before, else built now.
+
+        ``layers``: the decoder blocks whose outputs to store as well (for heads with ``query_layers``); ``None``:
+        those the model's resident heads read (``model.feature_layers()``), none for other heads."""
         if dtype not in DTYPES:
             raise ValueError(f"Feature cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+        if layers is None:
+            layers = model.feature_layers() if hasattr(model, "feature_layers") else []
+        layers = sorted(set(layers))
         fingerprints = f"{base_fingerprint(model)}:{data_fingerprint(input_ids)}:{dtype}"
+        if layers:  # caches of the final states alone keep the keys they always had
+            fingerprints += ":layers=" + ",".join(map(str, layers))
         key = hashlib.sha256(fingerprints.encode()).hexdigest()[:24]
         final = Path(cache_dir) / "features" / key
 
         def build(directory: Path) -> None:
-            _compute(model, input_ids, directory, DTYPES[dtype], batch_size, progress)
+            _compute(model, input_ids, directory, DTYPES[dtype], batch_size, progress, layers)
             meta = {"key": key, "dtype": dtype, "examples": len(input_ids), "hidden_size": model.config.hidden_size}
+            if layers:
+                meta["layers"] = layers
             (directory / META_NAME).write_text(json.dumps(meta))  # last: marks the cache finished
 
         build_once(final, build, lambda path: (path / META_NAME).is_file())
@@ -95,12 +126,18 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def _compute(model, input_ids: list[list[int]], directory: Path, dtype, batch_size: int, progress: bool) -> None:
+def _compute(
+    model, input_ids: list[list[int]], directory: Path, dtype, batch_size: int, progress: bool, layers=()
+) -> None:
     lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     features = np.lib.format.open_memmap(
         directory / FEATURES_NAME, mode="w+", dtype=dtype, shape=(int(offsets[-1]), model.config.hidden_size)
     )
+    layer_features = None
+    if layers:
+        shape = (int(offsets[-1]), len(layers), model.config.hidden_size)
+        layer_features = np.lib.format.open_memmap(directory / LAYER_FEATURES_NAME, mode="w+", dtype=dtype, shape=shape)
     order = np.argsort(-lengths, kind="stable")  # similar lengths share a batch: little padding
     was_training = model.training
     model.eval()
@@ -114,19 +151,28 @@ def _compute(model, input_ids: list[list[int]], directory: Path, dtype, batch_si
             for row, index in enumerate(batch):
                 ids[row, : lengths[index]] = torch.tensor(input_ids[index])
                 mask[row, : lengths[index]] = 1
-            hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            capture = model.capture_block_outputs(layers) if layers else contextlib.nullcontext({})
+            with capture as states:
+                hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
             hidden = hidden.float().cpu().numpy()
+            blocks = np.stack([states[k].float().cpu().numpy() for k in layers], axis=2) if layers else None
             for row, index in enumerate(batch):
                 features[offsets[index] : offsets[index + 1]] = hidden[row, : lengths[index]]
+                if blocks is not None:
+                    layer_features[offsets[index] : offsets[index + 1]] = blocks[row, : lengths[index]]
     finally:
         model.train(was_training)
     features.flush()
     del features
+    if layer_features is not None:
+        layer_features.flush()
+        del layer_features
     np.save(directory / OFFSETS_NAME, offsets)
 
 
 class CachedFeaturesDataset(torch.utils.data.Dataset):
-    """A tokenized data set whose examples also carry the base's cached hidden states (``base_hidden_states``)."""
+    """A tokenized data set whose examples also carry the base's cached hidden states (``base_hidden_states``), and
+    the cached states of decoder blocks (``base_layer_states``, ``{block: (length, hidden)}``) when it holds some."""
 
     def __init__(self, examples, cache: FeatureCache):
         if len(examples) != len(cache):
@@ -139,4 +185,7 @@ class CachedFeaturesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
         item = {key: example[key] for key in ("input_ids", "labels", "answer_labels") if key in example}
-        return {**item, "base_hidden_states": self.cache[index]}
+        item["base_hidden_states"] = self.cache[index]
+        if self.cache.layers:
+            item["base_layer_states"] = self.cache.layer_states(index)
+        return item

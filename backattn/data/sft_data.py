@@ -286,7 +286,8 @@ def sft_tokenizer(model_name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 class SFTCollator:
     """Pads ``input_ids`` (pad token), ``labels`` (-100) and ``attention_mask`` with the Transformers
-    collator, and pads precomputed ``base_hidden_states`` (from a feature cache) with zeros alongside."""
+    collator, and pads precomputed ``base_hidden_states`` (from a feature cache) with zeros alongside, and each
+    decoder block's ``base_layer_states`` the same way (for heads with ``query_layers``)."""
 
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, answer_labels: bool = False
@@ -302,12 +303,18 @@ class SFTCollator:
         if self.answer_labels:
             answers = self.pad([{"input_ids": f["input_ids"], "labels": f["answer_labels"]} for f in features])
             batch["answer_labels"] = answers["labels"]
-        if hidden[0] is not None:
-            length, width = batch["input_ids"].shape[1], hidden[0].shape[-1]
-            padded = torch.zeros(len(hidden), length, width, dtype=hidden[0].dtype)
-            left = self.pad.tokenizer.padding_side == "left"
-            for row, states in enumerate(hidden):
+        length, left = batch["input_ids"].shape[1], self.pad.tokenizer.padding_side == "left"
+
+        def padded(rows: list) -> torch.Tensor:
+            out = torch.zeros(len(rows), length, rows[0].shape[-1], dtype=torch.as_tensor(rows[0]).dtype)
+            for row, states in enumerate(rows):
                 positions = slice(length - len(states), length) if left else slice(0, len(states))
-                padded[row, positions] = torch.as_tensor(states)
-            batch["base_hidden_states"] = padded
+                out[row, positions] = torch.as_tensor(states)
+            return out
+
+        if hidden[0] is not None:
+            batch["base_hidden_states"] = padded(hidden)
+        if features[0].get("base_layer_states"):
+            blocks = features[0]["base_layer_states"]
+            batch["base_layer_states"] = {k: padded([f["base_layer_states"][k] for f in features]) for k in blocks}
         return batch
