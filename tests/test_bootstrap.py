@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from backattn.bootstrap import bootstrap_interval
+from backattn.bootstrap import bootstrap_interval, bootstrap_statistic
 
 REPETITIONS = 400  # coverage is a proportion of 400 simulated studies: its standard error is about 1.1%
 
@@ -76,3 +76,15 @@ def test_ratio_statistic_and_paired_estimate_are_exact():
 def test_bad_input_is_refused_clearly(values, options, message):
     with pytest.raises(ValueError, match=message):
         bootstrap_interval(values, **options)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_any_statistic_draws_the_same_resamples_as_the_mean(grouped):
+    rng = np.random.default_rng(3)
+    values = rng.random(120)
+    groups = np.repeat(np.arange(30), 4) if grouped else None
+    mean = bootstrap_interval(values, groups=groups, n_resamples=300, seed=5)
+    same = bootstrap_statistic(lambda w: (w @ values) / w.sum(1), 120, groups=groups, n_resamples=300, seed=5)
+    assert same == pytest.approx(mean)
+    with pytest.raises(ValueError, match="n must be a positive number"):
+        bootstrap_statistic(lambda w: w.sum(1), 0)
