@@ -15,11 +15,9 @@ functions live in ``backattn.evaluation``; this file is the command line.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +25,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set
 
 from backattn import FAMILIES, family_for
 from backattn.data.sft_data import PromptTemplate, load_math_dataset, sft_tokenizer, tokenize_examples
-from backattn.errors import BackattnTypeError, BackattnValueError
+from backattn.errors import BackattnValueError
 from backattn.evaluation import evaluate_model, results_table
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_model
-from backattn.run_files import check_context_window, read_arguments_file, writable_directory, write_text_atomically
+from backattn.run_files import (
+    check_argument_values,
+    check_context_window,
+    read_arguments_file,
+    writable_directory,
+    write_text_atomically,
+)
 
 
 @dataclass
@@ -74,37 +78,11 @@ ARGUMENT_RANGES = {
     "temperature": ("a finite positive number", lambda v: math.isfinite(v) and v > 0),
 }
 
-_TYPE_WORDS = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
-
 
 def check_arguments(args: EvaluationArguments) -> None:
     """``BackattnTypeError`` / ``BackattnValueError`` naming the first argument of the wrong type or out of range
     (a YAML or JSON file's values are not converted, so their types are checked here too)."""
-    hints = typing.get_type_hints(EvaluationArguments)
-    for option in dataclasses.fields(EvaluationArguments):
-        name, value = option.name, getattr(args, option.name)
-        choices = typing.get_args(hints[name])
-        optional = type(None) in choices
-        kind = next(c for c in choices if c is not type(None)) if optional else hints[name]
-        if value is None and optional:
-            continue
-        if kind is bool:
-            right_type = isinstance(value, bool)
-        elif kind is float:
-            right_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            right_type = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if not right_type:
-            raise BackattnTypeError(
-                f"--{name} must be {_TYPE_WORDS[kind]}{' (or None)' if optional else ''}, got "
-                f"{type(value).__name__} {value!r}; the default is {option.default!r}."
-            )
-        if name in ARGUMENT_RANGES:
-            description, allowed = ARGUMENT_RANGES[name]
-            if not allowed(value):
-                raise BackattnValueError(
-                    f"--{name} must be {description}, got {value!r}; the default is {option.default!r}."
-                )
+    check_argument_values(args, ARGUMENT_RANGES)
 
 
 def parse_arguments(argv: list[str]) -> EvaluationArguments:

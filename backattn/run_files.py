@@ -1,6 +1,6 @@
-"""What a script run reads, writes and checks before its work: its arguments file, a writable output directory,
-files written atomically, and settings the base model's context window cannot hold (``train_sft.py``,
-``evaluate_math.py``)."""
+"""What a script run reads, writes and checks before its work: its arguments file, its arguments' types and ranges,
+a writable output directory, files written atomically, and settings the base model's context window cannot hold
+(``train_sft.py``, ``evaluate_math.py``, ``evaluate_sentiment.py``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,45 @@ import difflib
 import json
 import os
 import tempfile
+import typing
 from pathlib import Path
 
 import yaml
 
-from .errors import BackattnValueError, RunDirectoryError
+from .errors import BackattnTypeError, BackattnValueError, RunDirectoryError
+
+_TYPE_WORDS = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
+
+
+def check_argument_values(args, ranges: dict) -> None:
+    """``BackattnTypeError`` / ``BackattnValueError`` naming the first field of the dataclass ``args`` of the wrong
+    type or out of range (a YAML or JSON file's values are not converted, so their types are checked here too).
+    ``ranges``: field name -> (a description, a test of the value), for values that are not ``None``."""
+    hints = typing.get_type_hints(type(args))
+    for option in dataclasses.fields(args):
+        name, value = option.name, getattr(args, option.name)
+        choices = typing.get_args(hints[name])
+        optional = type(None) in choices
+        kind = next(c for c in choices if c is not type(None)) if optional else hints[name]
+        if value is None and optional:
+            continue
+        if kind is bool:
+            right_type = isinstance(value, bool)
+        elif kind is float:
+            right_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            right_type = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not right_type:
+            raise BackattnTypeError(
+                f"--{name} must be {_TYPE_WORDS[kind]}{' (or None)' if optional else ''}, got "
+                f"{type(value).__name__} {value!r}; the default is {option.default!r}."
+            )
+        if name in ranges:
+            description, allowed = ranges[name]
+            if not allowed(value):
+                raise BackattnValueError(
+                    f"--{name} must be {description}, got {value!r}; the default is {option.default!r}."
+                )
 
 
 def writable_directory(path: str | os.PathLike, option: str = "--output_dir") -> Path:
