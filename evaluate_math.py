@@ -38,7 +38,9 @@ from backattn.run_files import (
 
 
 @dataclass
-class EvaluationArguments:
+class ScoredModelArguments:
+    """The model to score: a base, with or without a head (shared with ``evaluate_sentiment.py``)."""
+
     model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={"help": "A causal LM, or 'embedded' (SmolLM2)."})
     head: str | None = field(default=None, metadata={"help": "A saved head (directory or Hub repo id) to load."})
     heads_off: bool = field(default=False, metadata={"help": "Score with heads disabled: the base model's own logits."})
@@ -46,6 +48,10 @@ class EvaluationArguments:
         default=None, metadata={"help": "The head re-ranks only the base's k most likely tokens (top-k mode)."}
     )
     name: str | None = field(default=None, metadata={"help": "Row name in the results table."})
+
+
+@dataclass
+class EvaluationArguments(ScoredModelArguments):
     dataset: str = field(
         default=EMBEDDED_DATASET, metadata={"help": "'gsm_symbolic' (its held-out split), a file or Hub id."}
     )

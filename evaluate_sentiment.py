@@ -32,7 +32,7 @@ from backattn.data.classification_data import (
     tokenize_classification,
 )
 from backattn.data.sft_data import sft_tokenizer
-from backattn.offline import EMBEDDED_MODEL, resolve_base_model
+from backattn.offline import resolve_base_model
 from backattn.run_files import (
     check_argument_values,
     check_context_window,
@@ -40,18 +40,11 @@ from backattn.run_files import (
     writable_directory,
     write_text_atomically,
 )
-from evaluate_math import load_model
+from evaluate_math import ScoredModelArguments, load_model
 
 
 @dataclass
-class SentimentEvaluationArguments:
-    model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={"help": "A causal LM, or 'embedded' (SmolLM2)."})
-    head: str | None = field(default=None, metadata={"help": "A saved head (directory or Hub repo id) to load."})
-    heads_off: bool = field(default=False, metadata={"help": "Score with heads disabled: the base model's own logits."})
-    rerank_top_k: int | None = field(
-        default=None, metadata={"help": "The head re-ranks only the base's k most likely tokens (top-k mode)."}
-    )
-    name: str | None = field(default=None, metadata={"help": "Row name in the results table."})
+class SentimentEvaluationArguments(ScoredModelArguments):
     dataset: str = field(
         default=ROTTEN_TOMATOES,
         metadata={"help": "'rotten_tomatoes' (offline, split by movie), a Hub id (stanfordnlp/sst2, "

@@ -26,14 +26,13 @@ import dataclasses
 import json
 import string
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import BackattnTypeError, BackattnValueError
-from .sft_data import IGNORE_INDEX, LOCAL_FORMATS
+from .sft_data import IGNORE_INDEX, check_max_samples, first_rows, load_rows
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
 # Chosen on 200 validation snippets of rotten_tomatoes (frozen SmolLM2-135M-Instruct, zero-shot macro-F1): 0.803
@@ -225,45 +224,18 @@ def load_classification_dataset(
     ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv`` file (``split`` ignored), or a Hub id through
     ``datasets.load_dataset`` (with ``streaming``, the first ``max_samples`` rows). With ``template``, its
     columns must be there (a ``BackattnValueError`` naming the source's columns otherwise)."""
-    if max_samples is not None and (
-        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-    ):
-        raise BackattnValueError(f"max_samples must be a positive integer (or None: every row), got {max_samples!r}.")
-    path = Path(name_or_path)
     if name_or_path == ROTTEN_TOMATOES:
         from .rotten_tomatoes import SPLITS, build_rotten_tomatoes
 
         if split not in SPLITS:
             raise BackattnValueError(f"{ROTTEN_TOMATOES} has the splits {', '.join(SPLITS)}; got {split!r}.")
-        dataset = build_rotten_tomatoes(cache_dir=cache_dir)[split]
-    elif path.suffix in LOCAL_FORMATS:
-        if not path.is_file():
-            raise FileNotFoundError(f"No data file at {path}.")
-        if path.stat().st_size == 0:
-            raise BackattnValueError(f"{path} is empty: a classification data set needs rows with text and a label.")
-        try:
-            dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-        except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, OSError) as error:
-            cause = error.__cause__ or error
-            raise BackattnValueError(
-                f"{path} could not be read as {LOCAL_FORMATS[path.suffix]} ({type(cause).__name__}: {cause}); check "
-                "that it is a valid file of that format, or convert it to .jsonl."
-            ) from error
-    elif path.exists():
-        raise BackattnValueError(f"{path}: use a .json, .jsonl, .parquet or .csv file, or a Hub data set id.")
-    elif streaming:
-        if max_samples is None:
-            raise BackattnValueError(
-                "Streaming keeps the first max_samples rows: set max_samples (--max_train_samples)."
-            )
-        stream = datasets.load_dataset(name_or_path, split=split, streaming=True)
-        dataset = datasets.Dataset.from_list(list(stream.take(max_samples)))
+        check_max_samples(max_samples)
+        dataset = first_rows(build_rotten_tomatoes(cache_dir=cache_dir)[split], max_samples)
     else:
-        dataset = datasets.load_dataset(name_or_path, split=split)
+        needs = "a classification data set needs rows with text and a label"
+        dataset = load_rows(name_or_path, split, streaming, max_samples, needs)
     if template is not None:
         check_columns(dataset.column_names, template, name_or_path)
-    if max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
     return dataset
 
 

@@ -79,15 +79,34 @@ def load_math_dataset(
     ``train_2M``, ``train_5M``). With ``streaming`` (for the 14M-row set), the first ``max_samples`` rows
     are streamed and kept; ``max_samples`` is then required.
     """
-    if max_samples is not None and (
-        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-    ):
-        raise BackattnValueError(f"max_samples must be a positive integer (or None: every row), got {max_samples!r}.")
+    if name_or_path == OPENMATHINSTRUCT2 and not streaming and split not in OPENMATHINSTRUCT2_SPLITS:
+        raise BackattnValueError(
+            f"{OPENMATHINSTRUCT2} has the splits {', '.join(OPENMATHINSTRUCT2_SPLITS)}; got {split!r}."
+        )
+    needs = f"a math data set needs rows with the columns {', '.join(REQUIRED_COLUMNS)}"
+    dataset = load_rows(name_or_path, split, streaming, max_samples, needs,
+                        check=lambda columns: check_columns(columns or REQUIRED_COLUMNS, name_or_path))  # fmt: skip
+    check_columns(dataset.column_names, name_or_path)
+    return dataset
+
+
+def load_rows(
+    name_or_path: str,
+    split: str = "train",
+    streaming: bool = False,
+    max_samples: int | None = None,
+    needs: str = "a data set needs rows",
+    check=None,
+) -> datasets.Dataset:
+    """Rows of a local ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv`` file (``split`` ignored) or of a Hub data set
+    (``datasets.load_dataset``; with ``streaming``, the first ``max_samples`` rows, whose column names go to
+    ``check`` before any row is read). ``needs`` says what the rows must hold, in the errors."""
+    check_max_samples(max_samples)
     path = Path(name_or_path)
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise FileNotFoundError(f"No data file at {path}.")
-        dataset = _load_local_file(path)
+        dataset = _load_local_file(path, needs)
     elif path.exists():
         raise BackattnValueError(f"{path}: use a .json, .jsonl, .parquet or .csv file, or a Hub data set id.")
     elif streaming:
@@ -96,38 +115,40 @@ def load_math_dataset(
                 "Streaming keeps the first max_samples rows: set max_samples (--max_train_samples)."
             )
         stream = datasets.load_dataset(name_or_path, split=split, streaming=True)
-        check_columns(stream.column_names or REQUIRED_COLUMNS, name_or_path)
+        if check is not None:
+            check(stream.column_names)
         return datasets.Dataset.from_list(list(stream.take(max_samples)))
     else:
-        if name_or_path == OPENMATHINSTRUCT2 and split not in OPENMATHINSTRUCT2_SPLITS:
-            raise BackattnValueError(
-                f"{OPENMATHINSTRUCT2} has the splits {', '.join(OPENMATHINSTRUCT2_SPLITS)}; got {split!r}."
-            )
         dataset = datasets.load_dataset(name_or_path, split=split)
-    check_columns(dataset.column_names, name_or_path)
-    if max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    return dataset
+    return first_rows(dataset, max_samples)
 
 
-def _load_local_file(path: Path) -> datasets.Dataset:
+def check_max_samples(max_samples: int | None) -> None:
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise BackattnValueError(f"max_samples must be a positive integer (or None: every row), got {max_samples!r}.")
+
+
+def first_rows(dataset: datasets.Dataset, max_samples: int | None) -> datasets.Dataset:
+    """The first ``max_samples`` rows (all of them with None)."""
+    return dataset if max_samples is None else dataset.select(range(min(max_samples, len(dataset))))
+
+
+def _load_local_file(path: Path, needs: str) -> datasets.Dataset:
     """A local data file as a data set; ``BackattnValueError`` naming the file (and the line, where there is
     one) when it is empty, not UTF-8 text, or not readable in its format."""
     file_format = LOCAL_FORMATS[path.suffix]
     if file_format != "parquet":
         _check_utf8(path)
     if path.stat().st_size == 0 or (file_format != "parquet" and not _has_text(path)):
-        raise BackattnValueError(
-            f"{path} is empty: a math data set needs rows with the columns {', '.join(REQUIRED_COLUMNS)}."
-        )
+        raise BackattnValueError(f"{path} is empty: {needs}.")
     try:
         dataset = datasets.load_dataset(file_format, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, OSError) as error:
         raise BackattnValueError(_unreadable(path, error)) from error
     if len(dataset) == 0:
-        raise BackattnValueError(
-            f"{path} holds no rows: a math data set needs rows with the columns {', '.join(REQUIRED_COLUMNS)}."
-        )
+        raise BackattnValueError(f"{path} holds no rows: {needs}.")
     return dataset
 
 
