@@ -161,20 +161,26 @@ def _recover(directory: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def is_backattn_card(directory: Path) -> bool:
+    """Whether ``directory/README.md`` is the head card that ``save_head`` last wrote there (its SHA-256 is the
+    one recorded in ``head_config.json``)."""
+    card, config = directory / MODEL_CARD_NAME, directory / HEAD_CONFIG_NAME
+    try:
+        recorded = json.loads(config.read_text()).get("model_card_sha256")
+        return recorded is not None and recorded == hashlib.sha256(card.read_bytes()).hexdigest()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_model_card(directory: Path, overwrite_model_card: bool) -> None:
     """Refuse to replace a ``README.md`` that the previous save into ``directory`` did not write."""
     card = directory / MODEL_CARD_NAME
-    if overwrite_model_card or not card.is_file():
+    if overwrite_model_card or not card.is_file() or is_backattn_card(directory):
         return
-    try:
-        recorded = json.loads((directory / HEAD_CONFIG_NAME).read_text()).get("model_card_sha256")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if recorded != hashlib.sha256(card.read_bytes()).hexdigest():
-        raise HeadFileError(
-            f"{card} was not written by backattn (or was edited since): saving the head would replace it. Save "
-            "into another directory, move the file, pass model_card=False to keep it, or overwrite_model_card=True."
-        )
+    raise HeadFileError(
+        f"{card} was not written by backattn (or was edited since): saving the head would replace it. Save "
+        "into another directory, move the file, pass model_card=False to keep it, or overwrite_model_card=True."
+    )
 
 
 def write_head(

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 from transformers import Trainer
 
 from .errors import BackattnValueError
-from .head_files import HEAD_CONFIG_NAME, MODEL_CARD_NAME
+from .head_files import MODEL_CARD_NAME, is_backattn_card
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +81,3 @@ class HeadTrainer(Trainer):
     def _load_best_model(self) -> None:
         logger.info("Loading the best head from %s", self.state.best_model_checkpoint)
         self._load_head_from(self.state.best_model_checkpoint)
-
-
-def is_backattn_card(directory: Path) -> bool:
-    """Whether ``directory/README.md`` is the head card that ``save_head`` last wrote there (its SHA-256 is the
-    one recorded in ``head_config.json``)."""
-    card, config = directory / MODEL_CARD_NAME, directory / HEAD_CONFIG_NAME
-    try:
-        recorded = json.loads(config.read_text()).get("model_card_sha256")
-        return recorded is not None and recorded == hashlib.sha256(card.read_bytes()).hexdigest()
-    except (OSError, ValueError, AttributeError):
-        return False
