@@ -146,6 +146,13 @@ class ComparisonArguments:
     report_only: bool = field(
         default=False, metadata={"help": "Only write the report of the results so far (while a run goes on)."}
     )
+    calibrate_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Only time every method's step and the feature cache's build, then stop: run it on a quiet "
+            "machine, and the rest (whose charges are those timings) may share the machine afterwards."
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -610,7 +617,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(options.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
-    learning_rates = chosen_learning_rates(options)  # before anything slow: a missing choice fails now
+    # before anything slow: a missing choice fails now
+    learning_rates = {} if options.calibrate_only else chosen_learning_rates(options)
     logging.set_verbosity_error()
     run = Run(options)
     base = options.model_name_or_path or str(smollm2_path())
@@ -633,11 +641,10 @@ def main(argv: list[str] | None = None) -> dict:
     base_path = run.result_path("frozen base", None)
     if options.report_only:
         return report(run, options, run.read(base_path)["scores"], groups, time.perf_counter() - started)
-    if run.read(base_path) is None:
+    if run.read(base_path) is None and not options.calibrate_only:
         model = AutoModelForCausalLM.from_pretrained(base).eval()
         run.write(base_path, {"scores": score(model, tokenizer, eval_examples, options, generate=True)})
         del model
-    base_scores = run.read(base_path)["scores"]
 
     features: dict[str, object] = {}
     held_out = HeldOutStates(base, tokenizer, eval_examples, options, run.work / "held_out_states")
@@ -682,6 +689,10 @@ def main(argv: list[str] | None = None) -> dict:
                 run.calibrate(step_key(name), step_seconds(trainer, options.calibration_steps))
                 run.calibrate(f"load_average_after:{name}", os.getloadavg()[0])
             del trainer
+    if options.calibrate_only:
+        print(json.dumps(run.calibration(), indent=1))
+        return run.calibration()
+    base_scores = run.read(base_path)["scores"]
     # T: one LoRA-on-attention epoch over budget_problems problems, at LoRA's calibrated step time.
     unit = math.ceil(options.budget_problems / options.batch_size) * run.calibration()[step_key("LoRA attention")]
 
