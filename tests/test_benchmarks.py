@@ -173,6 +173,29 @@ def test_compare_heads_runs_every_method_resumes_and_splits_by_template(tiny_lla
         script.load_rows(script.ComparisonArguments(dataset=rows_file, train_templates="0-4", eval_templates="4-5"))
 
 
+def test_compare_heads_calibrates_alone_first_and_the_run_reuses_those_timings(tiny_llama_and_rows, tmp_path, monkeypatch):
+    script = load_script("compare_heads")
+    argv = ["--model_name_or_path", str(tiny_llama_and_rows / "model"), "--dataset", str(tiny_llama_and_rows / "rows.jsonl"),
+            "--train_templates", "0-3", "--eval_templates", "4-5", "--budgets", "1", "--budget_problems", "8",
+            "--batch_size", "4", "--calibration_steps", "1", "--metrics", "teacher_forced", "--n_resamples", "50",
+            "--max_eval_problems", "4", "--output_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"),
+            "--methods", "head hidden", "IA3", "--validation_results", str(tmp_path / "none.json")]  # fmt: skip
+    # No validation choice is needed to time steps, and nothing is scored or trained.
+    monkeypatch.setattr(script, "score", lambda *a, **k: pytest.fail("scored while calibrating"))
+    calibration = script.main([*argv, "--calibrate_only", "true"])
+    assert {key.split(":")[1] for key in calibration if key.startswith("step_seconds")} == {
+        "LoRA attention", "head hidden", "IA3"}  # fmt: skip
+    assert "feature_cache_seconds:test:16" in calibration
+    assert not (tmp_path / "out" / "runs").exists()
+    # The run proper reads those timings and times nothing again.
+    monkeypatch.undo()
+    monkeypatch.setattr(script, "step_seconds", lambda *a, **k: pytest.fail("timed again"))
+    summary = script.main([*argv, "--learning_rates", "0.003"])
+    row = summary["rows"]["IA3 lr=0.003 @1T"]
+    assert row["step_seconds"] == calibration["step_seconds:IA3:4"]
+    assert row["T_seconds"] == 2 * calibration["step_seconds:LoRA attention:4"]  # ceil(8 / 4) LoRA steps
+
+
 @pytest.mark.parametrize("method", ["head hidden", "LM-Steer", "LoRA output layer"])
 def test_compare_heads_scores_output_side_methods_from_cached_states_exactly(method, tiny_llama_and_rows, tmp_path):
     import torch
