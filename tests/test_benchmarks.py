@@ -173,9 +173,10 @@ def test_compare_heads_runs_every_method_resumes_and_splits_by_template(tiny_lla
         script.load_rows(script.ComparisonArguments(dataset=rows_file, train_templates="0-4", eval_templates="4-5"))
 
 
-def test_compare_heads_calibrates_alone_first_and_the_run_reuses_those_timings(tiny_llama_and_rows, tmp_path, monkeypatch):
+def test_compare_heads_calibrates_alone_and_the_run_reuses_its_timings(tiny_llama_and_rows, tmp_path, monkeypatch):
     script = load_script("compare_heads")
-    argv = ["--model_name_or_path", str(tiny_llama_and_rows / "model"), "--dataset", str(tiny_llama_and_rows / "rows.jsonl"),
+    rows_file = str(tiny_llama_and_rows / "rows.jsonl")
+    argv = ["--model_name_or_path", str(tiny_llama_and_rows / "model"), "--dataset", rows_file,
             "--train_templates", "0-3", "--eval_templates", "4-5", "--budgets", "1", "--budget_problems", "8",
             "--batch_size", "4", "--calibration_steps", "1", "--metrics", "teacher_forced", "--n_resamples", "50",
             "--max_eval_problems", "4", "--output_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"),
