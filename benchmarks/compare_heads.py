@@ -91,19 +91,18 @@ TRAINABLE_NAME = "trainable.safetensors"
 REFERENCE = "head hidden"  # the parameter budget every sizable method is matched to
 #: Settings that change every result: a sitting with other values must not resume this comparison's results.
 SETUP_FIELDS = ("model_name_or_path", "budget_problems", "batch_size", "warmup_steps", "charge_feature_cache",
-                "calibration_steps", "max_new_tokens", "generation_problems", "seed")  # fmt: skip
+                "calibration_steps", "seed")  # fmt: skip
 
 
 @dataclass
-class ComparisonArguments:
+class ComparisonOptions:
+    """The options every task's comparison shares (the math task's are :class:`ComparisonArguments`)."""
+
     model_name_or_path: str | None = field(default=None, metadata={"help": "Base model; default: embedded SmolLM2."})
     dataset: str = field(
         default="gsm_symbolic",
         metadata={"help": "'gsm_symbolic' (generated offline) or a .jsonl/.parquet/.csv file with a template_id."},
     )
-    variants_per_template: int = field(default=16, metadata={"help": "GSM-Symbolic variants per template."})
-    train_templates: str = field(default="0-79", metadata={"help": "Training templates, e.g. '0-79'."})
-    eval_templates: str = field(default="80-99", metadata={"help": "Held-out templates, e.g. '80-99'."})
     split_name: str = field(default="test", metadata={"help": "Name of this run's results ('test', 'validation')."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "Methods to run."})
     learning_rates: list[float] | None = field(
@@ -133,8 +132,6 @@ class ComparisonArguments:
     max_eval_problems: int | None = field(
         default=None, metadata={"help": "Score only the first N held-out (a quick look)."}
     )
-    generation_problems: int = field(default=100, metadata={"help": "Held-out problems solved greedily."})
-    max_new_tokens: int = field(default=256)
     n_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples per interval."})
     output_dir: str = field(default="benchmarks/results/compare_heads", metadata={"help": "Results (committed)."})
     work_dir: str = field(default="outputs/compare_heads", metadata={"help": "Checkpoints and caches (not committed)."})
@@ -153,6 +150,17 @@ class ComparisonArguments:
             "machine, and the rest (whose charges are those timings) may share the machine afterwards."
         },
     )
+
+
+@dataclass
+class ComparisonArguments(ComparisonOptions):
+    """The math comparison: GSM-Symbolic problems split by template."""
+
+    variants_per_template: int = field(default=16, metadata={"help": "GSM-Symbolic variants per template."})
+    train_templates: str = field(default="0-79", metadata={"help": "Training templates, e.g. '0-79'."})
+    eval_templates: str = field(default="80-99", metadata={"help": "Held-out templates, e.g. '80-99'."})
+    generation_problems: int = field(default=100, metadata={"help": "Held-out problems solved greedily."})
+    max_new_tokens: int = field(default=256)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -517,10 +525,10 @@ METRICS = {
 }
 
 
-def summarise(scores: dict, base: dict | None, groups: list[int], n_resamples: int) -> dict:
+def summarise(scores: dict, base: dict | None, groups: list, n_resamples: int, metrics: dict = METRICS) -> dict:
     """Every metric with its interval, and its paired difference to the base on the same problems."""
     out = {}
-    for metric, (numerator, denominator, transform, _) in METRICS.items():
+    for metric, (numerator, denominator, transform, _) in metrics.items():
         if numerator not in scores:
             continue
         rows = scores.get("generation_index") if numerator.startswith("greedy") else None
@@ -536,6 +544,53 @@ def summarise(scores: dict, base: dict | None, groups: list[int], n_resamples: i
                                         n_resamples=n_resamples)  # fmt: skip
             out[metric]["minus_base"] = {"value": paired.estimate, "low": paired.low, "high": paired.high}
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# the task: what is trained on, scored and reported (math here; benchmarks/compare_sentiment.py adds another)
+
+
+class MathTask:
+    """GSM-Symbolic word problems split by template: teacher-forced, multiple-choice and greedy metrics."""
+
+    arguments = ComparisonArguments
+    setup_fields = (*SETUP_FIELDS, "max_new_tokens", "generation_problems")
+    metrics = METRICS
+    #: The metric whose lowest value on the validation split chooses a method's learning rate.
+    selection = "target_ce"
+    #: The held-out rows' unit of resampling (a bootstrap draws these first), and its name in the results.
+    group_name = "templates"
+    #: The report's tables: (title, metrics, format).
+    sections = (
+        ("Teacher-forced and multiple-choice", ["target_ce", "perplexity", "answer_ce", "answer_accuracy", "mc_direct",
+         "mc_after_solution", "mc_direct_normalised", "mc_after_solution_normalised"], ".3f"),
+        ("Greedy", ["greedy_accuracy", "parse_rate", "repetition_rate"], ".2f"),
+    )  # fmt: skip
+    #: Metrics plotted against training seconds, and their files.
+    pareto = (("target_ce", "pareto_target_ce.png"), ("mc_after_solution", "pareto_mc.png"))
+
+    def examples(self, options, tokenizer) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """Tokenized training and held-out rows (the held-out keep their template and the text to score)."""
+        train_rows, eval_rows = load_rows(options)
+        keep = ("template_id", "problem", "generated_solution")
+        train, _ = tokenize_examples(train_rows, tokenizer, PromptTemplate(), options.max_length)
+        held_out, _ = tokenize_examples(eval_rows, tokenizer, PromptTemplate(), options.max_length, keep)
+        return train.remove_columns(["prompt", "expected_answer"]), held_out
+
+    def groups(self, held_out: datasets.Dataset) -> list:
+        return held_out["template_id"]
+
+    def describe(self, options) -> str:
+        return f"Held-out: templates {options.eval_templates}; 95% intervals resample templates, then problems."
+
+    def held_out_states(self, base: str, tokenizer, held_out, options, directory: Path) -> HeldOutStates:
+        return HeldOutStates(base, tokenizer, held_out, options, directory)
+
+    def score(self, model, tokenizer, held_out, options, last_budget: bool, states=None) -> dict[str, list]:
+        return score(model, tokenizer, held_out, options, last_budget, states)
+
+    def summarise(self, scores: dict, base: dict | None, groups: list, n_resamples: int) -> dict:
+        return summarise(scores, base, groups, n_resamples, self.metrics)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -568,12 +623,12 @@ class Run:
     def calibrate(self, key: str, value: float) -> None:
         self.write(self.calibration_path, {**self.calibration(), key: value})
 
-    def check_same_setup(self, options, train_examples, eval_examples) -> None:
+    def check_same_setup(self, options, train_examples, eval_examples, fields=SETUP_FIELDS) -> None:
         """Results of earlier sittings are kept only if they came from the same data and training settings."""
         digest = hashlib.sha256()
         for ids in (*train_examples["input_ids"], b"|", *eval_examples["input_ids"]):
             digest.update(bytes(ids) if isinstance(ids, bytes) else json.dumps(ids).encode())
-        settings = {name: getattr(options, name) for name in SETUP_FIELDS}
+        settings = {name: getattr(options, name) for name in fields}
         setup = {"data_sha256": digest.hexdigest(), **settings}
         recorded = self.read(self.output / "setup.json")
         if recorded is None:
@@ -606,9 +661,10 @@ def chosen_learning_rates(options) -> dict[str, float]:
     return chosen
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, task=None) -> dict:
     started = time.perf_counter()
-    parser = HfArgumentParser(ComparisonArguments)
+    task = task or MathTask()
+    parser = HfArgumentParser(task.arguments)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         (options,) = parser.parse_yaml_file(Path(argv[0]).resolve(), allow_extra_keys=False)
@@ -623,31 +679,27 @@ def main(argv: list[str] | None = None) -> dict:
     run = Run(options)
     base = options.model_name_or_path or str(smollm2_path())
     tokenizer = sft_tokenizer(base)
-    train_rows, eval_rows = load_rows(options)
-    keep = ("template_id", "problem", "generated_solution")
-    train_examples, _ = tokenize_examples(train_rows, tokenizer, PromptTemplate(), options.max_length)
-    eval_examples, _ = tokenize_examples(eval_rows, tokenizer, PromptTemplate(), options.max_length, keep)
+    train_examples, eval_examples = task.examples(options, tokenizer)
     if options.max_eval_problems is not None:
         eval_examples = eval_examples.select(range(min(options.max_eval_problems, len(eval_examples))))
-    train_examples = train_examples.remove_columns(["prompt", "expected_answer"])
-    groups = eval_examples["template_id"]
-    print(f"{len(train_examples)} training problems ({options.train_templates}), {len(eval_examples)} held-out "
-          f"({options.eval_templates}, {len(set(groups))} templates)", file=sys.stderr)  # fmt: skip
-    run.check_same_setup(options, train_examples, eval_examples)
+    groups = task.groups(eval_examples)
+    print(f"{len(train_examples)} training rows, {len(eval_examples)} held-out ({len(set(groups))} "
+          f"{task.group_name}); {task.describe(options)}", file=sys.stderr)  # fmt: skip
+    run.check_same_setup(options, train_examples, eval_examples, task.setup_fields)
     budget_parameters = reference_parameters(base)
     collator = SFTCollator(tokenizer)
 
     # The frozen base: scored once, the reference of every paired difference.
     base_path = run.result_path("frozen base", None)
     if options.report_only:
-        return report(run, options, run.read(base_path)["scores"], groups, time.perf_counter() - started)
+        return report(run, options, run.read(base_path)["scores"], groups, time.perf_counter() - started, task)
     if run.read(base_path) is None and not options.calibrate_only:
         model = AutoModelForCausalLM.from_pretrained(base).eval()
-        run.write(base_path, {"scores": score(model, tokenizer, eval_examples, options, generate=True)})
+        run.write(base_path, {"scores": task.score(model, tokenizer, eval_examples, options, True)})
         del model
 
     features: dict[str, object] = {}
-    held_out = HeldOutStates(base, tokenizer, eval_examples, options, run.work / "held_out_states")
+    held_out = task.held_out_states(base, tokenizer, eval_examples, options, run.work / "held_out_states")
 
     def feature_dataset(model):
         """The cached-features training set; its build time is recorded once and charged to every user."""
@@ -727,7 +779,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:  # the budget is spent before the first step: the untrained method
                 load_trainable(model, initial)
             last_budget, states = budget == max(options.budgets), held_out if METHODS[name].output_side else None
-            scores = score(model.eval(), tokenizer, eval_examples, options, last_budget, states)
+            scores = task.score(model.eval(), tokenizer, eval_examples, options, last_budget, states)
             run.write(path, {
                 "method": name, "learning_rate": learning_rate, "budget": budget, "steps": steps[budget],
                 "training_seconds": charged_seconds(steps[budget], seconds_per_step, cache, problems,
@@ -736,38 +788,41 @@ def main(argv: list[str] | None = None) -> dict:
                 "trainable_parameters": trainable_parameters(model), "scores": scores,
             })  # fmt: skip
 
-    def validation_target_ce(name: str, learning_rate: float) -> float:
+    def validation_loss(name: str, learning_rate: float) -> float:
         result = run.read(run.result_path(f"{name} lr={learning_rate:g}", max(options.budgets)))
-        return _finite(sum(result["scores"]["target_loss"]) / sum(result["scores"]["target_tokens"]))
+        numerator, denominator = task.metrics[task.selection][:2]
+        total = sum(result["scores"][denominator]) if denominator else len(result["scores"][numerator])
+        return _finite(sum(result["scores"][numerator]) / total)
 
     for name in options.methods:
         rates = list(options.learning_rates or [learning_rates[name]])
         for learning_rate in rates:
             train_and_score(name, learning_rate)
         while options.learning_rates and options.extend_learning_rates and len(rates) < len(options.learning_rates) + 2:
-            beyond = rate_beyond_edge({rate: validation_target_ce(name, rate) for rate in rates})
+            beyond = rate_beyond_edge({rate: validation_loss(name, rate) for rate in rates})
             if beyond is None:
                 break
             print(f"\n{name}: the best rate is at the grid's edge; trying {beyond:g}", file=sys.stderr)
             rates.append(beyond)
             train_and_score(name, beyond)
-    return report(run, options, base_scores, groups, time.perf_counter() - started)
+    return report(run, options, base_scores, groups, time.perf_counter() - started, task)
 
 
 # --------------------------------------------------------------------------------------------------------
 # the report
 
 
-def report(run: Run, options, base_scores: dict, groups: list[int], seconds: float) -> dict:
+def report(run: Run, options, base_scores: dict, groups: list, seconds: float, task=None) -> dict:
     """results.json, results.md and the plots from every result written so far (finished or not)."""
+    task = task or MathTask()
     rows = {"frozen base": {"method": "frozen base", "budget": 0, "training_seconds": 0.0, "trainable_parameters": 0,
-                            "metrics": summarise(base_scores, None, groups, options.n_resamples)}}  # fmt: skip
+                            "metrics": task.summarise(base_scores, None, groups, options.n_resamples)}}  # fmt: skip
     order = {name: index for index, name in enumerate(METHODS)}
     results = [json.loads(path.read_text()) for path in (run.output / "runs").glob("*/budget-*.json")]
     for result in results:  # rates written by an earlier sitting as 0.00030000000000000003 read as 0.0003
         result["learning_rate"] = float(f"{result['learning_rate']:.12g}")
     for result in sorted(results, key=lambda r: (order[r["method"]], r["learning_rate"], r["budget"])):
-        metrics = summarise(result.pop("scores"), base_scores, groups, options.n_resamples)
+        metrics = task.summarise(result.pop("scores"), base_scores, groups, options.n_resamples)
         rows[f"{result['method']} lr={result['learning_rate']:g} @{result['budget']:g}T"] = {
             **result,
             "metrics": metrics,
@@ -775,15 +830,16 @@ def report(run: Run, options, base_scores: dict, groups: list[int], seconds: flo
     chosen = {}
     for name in METHODS:
         candidates = [r for r in rows.values() if r["method"] == name and r["budget"] == max(options.budgets)]
-        if candidates and all("target_ce" in r["metrics"] for r in candidates):
-            chosen[name] = min(candidates, key=lambda r: _finite(r["metrics"]["target_ce"]["value"]))["learning_rate"]
+        if candidates and all(task.selection in r["metrics"] for r in candidates):
+            best = min(candidates, key=lambda r: _finite(r["metrics"][task.selection]["value"]))
+            chosen[name] = best["learning_rate"]
     summary = {"options": asdict(options), "rows": rows, "chosen_learning_rates": chosen,
-               "held_out_problems": len(groups), "held_out_templates": len(set(groups)),
+               "held_out_problems": len(groups), f"held_out_{task.group_name}": len(set(groups)),
                "wall_seconds_this_sitting": seconds}  # fmt: skip
     run.write(run.output / "results.json", summary)
-    (run.output / "results.md").write_text(markdown(rows, options))
-    plot(rows, run.output)
-    print(markdown(rows, options))
+    (run.output / "results.md").write_text(markdown(rows, options, task))
+    plot(rows, run.output, task)
+    print(markdown(rows, options, task))
     return summary
 
 
@@ -794,18 +850,17 @@ def _cell(metric: dict | None, spec: str) -> str:
     return text
 
 
-def markdown(rows: dict, options) -> str:
+def markdown(rows: dict, options, task=None) -> str:
+    task = task or MathTask()
     reference = next((r["trainable_parameters"] for r in rows.values() if r["method"] == REFERENCE), None)
-    teacher = ["target_ce", "perplexity", "answer_ce", "answer_accuracy", "mc_direct", "mc_after_solution",
-               "mc_direct_normalised", "mc_after_solution_normalised"]  # fmt: skip
-    greedy = ["greedy_accuracy", "parse_rate", "repetition_rate"]
-    lines = [f"Held-out: {options.eval_templates}; 95% intervals resample templates, then problems.\n"]
-    for title, keys, spec in (("Teacher-forced and multiple-choice", teacher, ".3f"), ("Greedy", greedy, ".2f")):
+    lines = [task.describe(options) + "\n"]
+    for title, keys, spec in task.sections:
         present = [k for k in keys if any(k in r["metrics"] for r in rows.values())]
         if not present:
             continue
-        lines += [f"### {title}\n", "| method | params | x ref | budget | train s | "
-                  + " | ".join(METRICS[k][3] for k in present) + " |", "|" + " --- |" * (5 + len(present))]  # fmt: skip
+        labels = " | ".join(task.metrics[k][3] for k in present)
+        lines += [f"### {title}\n", f"| method | params | x ref | budget | train s | {labels} |",
+                  "|" + " --- |" * (5 + len(present))]  # fmt: skip
         for name, r in rows.items():
             if not any(k in r["metrics"] for k in present):
                 continue
@@ -814,12 +869,13 @@ def markdown(rows: dict, options) -> str:
             lines.append(f"| {name} | {r['trainable_parameters']:,} | {ratio} | {r['budget']:g}T | "
                          f"{r['training_seconds']:.0f} | " + " | ".join(cells) + " |")  # fmt: skip
         lines.append("")
+    every = [key for _, keys, _ in task.sections for key in keys]
     differences = [(n, r) for n, r in rows.items() if any("minus_base" in m for m in r["metrics"].values())]
     if differences:
-        present = [k for k in teacher + greedy if any("minus_base" in r["metrics"].get(k, {}) for _, r in differences)]
+        present = [k for k in every if any("minus_base" in r["metrics"].get(k, {}) for _, r in differences)]
         lines += [
             "### Paired difference to the frozen base (same problems)\n",
-            "| method | " + " | ".join(METRICS[k][3] for k in present) + " |",
+            "| method | " + " | ".join(task.metrics[k][3] for k in present) + " |",
             "|" + " --- |" * (1 + len(present)),
         ]
         for name, r in differences:
@@ -828,7 +884,8 @@ def markdown(rows: dict, options) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: dict, output: Path) -> None:
+def plot(rows: dict, output: Path, task=None) -> None:
+    task = task or MathTask()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -837,7 +894,7 @@ def plot(rows: dict, output: Path) -> None:
     methods = sorted({r["method"] for r in rows.values()} - {"frozen base"})
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     base = rows["frozen base"]["metrics"]
-    for metric, filename in (("target_ce", "pareto_target_ce.png"), ("mc_after_solution", "pareto_mc.png")):
+    for metric, filename in task.pareto:
         if metric not in base:
             continue
         figure, axis = plt.subplots(figsize=(11, 5))
@@ -859,15 +916,15 @@ def plot(rows: dict, output: Path) -> None:
             label = f"{method}, lr {rate:g}" if several_rates else method
             axis.errorbar(x, y, yerr=error, marker=marker, capsize=3, label=label, color=colours[method])
         axis.set_xlabel("training seconds (steps x step time + feature cache); dotted: the budgets T, 2T, 4T")
-        axis.set_ylabel(METRICS[metric][3] + " (on the scored templates)")
-        axis.set_title(f"{METRICS[metric][3]} against training time, 95% intervals")
+        axis.set_ylabel(f"{task.metrics[metric][3]} (held out)")
+        axis.set_title(f"{task.metrics[metric][3]} against training time, 95% intervals")
         axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         figure.tight_layout()
         figure.savefig(output / filename, dpi=120)
         plt.close(figure)
-    rated = [r for r in rows.values() if "learning_rate" in r and "target_ce" in r["metrics"]]
+    rated = [r for r in rows.values() if "learning_rate" in r and task.selection in r["metrics"]]
     if len({r["budget"] for r in rated}) == 1 and len(rated) > len({r["method"] for r in rated}):
-        plot_learning_rates(rated, base["target_ce"], colours, output / "learning_rates.png")
+        plot_learning_rates(rated, base, task, colours, output / "learning_rates.png")
     greedy = [(n, r) for n, r in rows.items() if "greedy_accuracy" in r["metrics"]]
     if greedy:
         keys = ["greedy_accuracy", "parse_rate", "repetition_rate"]
@@ -878,7 +935,7 @@ def plot(rows: dict, output: Path) -> None:
                       xerr=[[v["value"] - v["low"] for v in values], [v["high"] - v["value"] for v in values]],
                       color=[colours.get(r["method"], "grey") for _, r in greedy], capsize=3)  # fmt: skip
             axis.set_yticks(range(len(greedy)), [n for n, _ in greedy], fontsize=8)
-            axis.set_xlabel(METRICS[key][3])
+            axis.set_xlabel(task.metrics[key][3])
             axis.set_xlim(0, 1)
         figure.suptitle("Greedy solutions of held-out problems, 95% intervals")
         figure.tight_layout()
@@ -886,22 +943,23 @@ def plot(rows: dict, output: Path) -> None:
         plt.close(figure)
 
 
-def plot_learning_rates(rated: list[dict], base: dict, colours: dict, path: Path) -> None:
-    """A sweep at one budget: each method's target CE against its learning rate (log scale)."""
+def plot_learning_rates(rated: list[dict], base: dict, task, colours: dict, path: Path) -> None:
+    """A sweep at one budget: each method's selection metric (target CE) against its learning rate (log scale)."""
     import matplotlib.pyplot as plt
 
+    metric = task.selection
     figure, axis = plt.subplots(figsize=(8, 5))
-    axis.axhspan(base["low"], base["high"], color="black", alpha=0.1, label="frozen base (95% CI)")
-    axis.axhline(base["value"], color="black", linewidth=1)
+    axis.axhspan(base[metric]["low"], base[metric]["high"], color="black", alpha=0.1, label="frozen base (95% CI)")
+    axis.axhline(base[metric]["value"], color="black", linewidth=1)
     for method in sorted({r["method"] for r in rated}):
-        points = sorted((r["learning_rate"], r["metrics"]["target_ce"]) for r in rated if r["method"] == method)
+        points = sorted((r["learning_rate"], r["metrics"][metric]) for r in rated if r["method"] == method)
         x = [rate for rate, _ in points]
         y = [metric["value"] for _, metric in points]
         error = [[m["value"] - m["low"] for _, m in points], [m["high"] - m["value"] for _, m in points]]
         axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=method, color=colours[method])
     axis.set_xscale("log")
     axis.set_xlabel("learning rate (constant after warm-up)")
-    axis.set_ylabel("target CE (on the scored templates)")
+    axis.set_ylabel(f"{task.metrics[metric][3]} (validation)")
     axis.set_title(f"Learning rates at {rated[0]['budget']:g}T each, 95% intervals")
     axis.legend(fontsize=8)
     figure.tight_layout()
