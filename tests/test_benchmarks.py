@@ -252,3 +252,56 @@ def test_compare_heads_extends_the_learning_rate_grid_only_past_a_winning_edge()
     assert beyond({0.1: 1.0, 0.3: 0.9}) is None  # the scale ends at 0.3
     # A diverged run (NaN) ranks last.
     assert script._finite(float("nan")) == float("inf") and script._finite(1.5) == 1.5
+
+
+def test_compare_sentiment_reuses_the_comparison_and_scores_label_words(tiny_llama_and_rows, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from backattn.classification import classify
+    from backattn.data.classification_data import ClassificationTemplate, tokenize_classification
+    from backattn.data.sft_data import sft_tokenizer
+
+    script = load_script("compare_sentiment")
+    words = ["great", "awful", "fine", "dull", "superb", "boring"]
+    for name, count in (("train", 16), ("held_out", 10)):
+        with open(tmp_path / f"{name}.jsonl", "w") as handle:
+            for i in range(count):
+                row = {"text": f"A {words[i % 6]} film, part {i}.", "label": "fresh" if i % 2 else "rotten",
+                       "group": f"movie {i % 4}"}  # fmt: skip
+                handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps({"text": "", "label": "fresh", "group": "movie 0"}) + "\n")  # skipped, counted
+            handle.write(json.dumps({"text": "Odd.", "label": "meh", "group": "movie 0"}) + "\n")
+    model_dir = str(tiny_llama_and_rows / "model")
+    argv = ["--model_name_or_path", model_dir, "--dataset", str(tmp_path / "train.jsonl"),
+            "--eval_dataset", str(tmp_path / "held_out.jsonl"), "--label_words", '{"fresh": "positive", "rotten": '
+            '"negative"}', "--methods", "head hidden", "LoRA attention", "--learning_rates", "0.003", "--budgets",
+            "1", "--budget_problems", "8", "--batch_size", "4", "--calibration_steps", "1", "--n_resamples", "50",
+            "--output_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work")]  # fmt: skip
+    summary = script.main(argv)
+    assert "skipped {'missing_or_empty_text': 1, 'unknown_label': 1}" in capsys.readouterr().err
+    rows = summary["rows"]
+    assert set(rows) == {"frozen base", "head hidden lr=0.003 @1T", "LoRA attention lr=0.003 @1T"}
+    assert summary["held_out_problems"] == 10 and summary["held_out_movies"] == 4
+
+    # The base's accuracy is that of label-word classification, computed here independently.
+    template = ClassificationTemplate(label_words={"fresh": "positive", "rotten": "negative"})
+    tokenizer = sft_tokenizer(model_dir)
+    rows_file = script.load_classification_dataset(str(tmp_path / "held_out.jsonl"), template=template)
+    held_out, _ = tokenize_classification(rows_file, tokenizer, template, 128, ("positive", "negative"), ("group",))
+    scored = classify(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, held_out, template,
+                      ("positive", "negative"))  # fmt: skip
+    expected = sum(p == r for p, r in zip(scored["predictions"], scored["references"])) / 10
+    base = rows["frozen base"]["metrics"]
+    assert base["accuracy"]["value"] == pytest.approx(expected)
+    assert base["label_ce"]["value"] == pytest.approx(sum(scored["label_loss"]) / sum(scored["label_tokens"]))
+    for name in ("head hidden lr=0.003 @1T", "LoRA attention lr=0.003 @1T"):
+        metrics = rows[name]["metrics"]
+        assert {"accuracy", "macro_f1", "label_ce"} <= set(metrics)
+        assert metrics["macro_f1"]["low"] <= metrics["macro_f1"]["value"] <= metrics["macro_f1"]["high"]
+        assert "minus_base" in metrics["macro_f1"] and "minus_base" in metrics["accuracy"]
+    assert summary["chosen_learning_rates"] == {"head hidden": 0.003, "LoRA attention": 0.003}
+    for name in ("results.md", "pareto_accuracy.png", "pareto_label_ce.png"):
+        assert (tmp_path / "out" / name).is_file()
+    assert "| macro-F1 |" in (tmp_path / "out" / "results.md").read_text()
