@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from transformers import GPT2Config, LlamaConfig
 
+from .attention_rebalancing import rebalancing_options
 from .errors import BackattnValueError
 
 #: Option names of version 0.1.0 and the names that replaced them; old head files and configs still load.
@@ -421,8 +422,19 @@ class BackwardAttentionModelFields:
             "if_none": "or None (the whole vocabulary)",
         },
     )
+    attention_rebalancing: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Seed 002's attention re-balancing of the frozen base (backattn.attention_rebalancing), e.g. "
+            "{'alpha': 0.2, 'threshold': 0.01}: each decoder layer l >= 1 multiplies its attention weights, where "
+            "layer 0's exceed the threshold (each query's own position excluded), by 1 + alpha (1 - l / (L-1)), "
+            "without renormalising; the model then runs attn_implementation='backattn_rebalanced' (eager "
+            "semantics). None: off.",
+        },
+    )
 
     def __post_init__(self, **kwargs):
+        self.attention_rebalancing = rebalancing_options(self.attention_rebalancing)
         self.normalise_heads()
         super().__post_init__(**kwargs)
 

@@ -29,6 +29,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging as transformers_logging
 from transformers.utils.generic import TransformersKwargs, can_return_tuple
 
+from .attention_rebalancing import resolve_attn_implementation
 from .configuration_backattn import BackwardAttentionConfig, GPT2BackwardAttentionConfig, LlamaBackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_files import embedding_fingerprint, load_head, push_head_to_hub, save_head  # the methods' namesakes
@@ -166,6 +167,15 @@ class BackwardAttentionForCausalLMMixin:
         super().train(mode)
         self.base_model.eval()
         return self
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, allow_all_kernels=False):
+        """Transformers' check of the attention implementation, after ``config.attention_rebalancing`` had its say:
+        with re-balancing options set the model runs the re-balanced eager attention (``attention_rebalancing.py``),
+        and asking for another implementation is refused rather than silently running the plain base."""
+        attn_implementation = resolve_attn_implementation(self.config, attn_implementation)
+        return super()._check_and_adjust_attn_implementation(
+            attn_implementation, is_init_check=is_init_check, allow_all_kernels=allow_all_kernels
+        )
 
     def build_head(self, head_config: BackwardAttentionConfig) -> BackwardAttentionHead:
         """A fresh head for this base, beside its output layer; ``ValueError`` if made for another base (or if

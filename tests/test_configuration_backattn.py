@@ -165,7 +165,7 @@ def test_the_families_share_one_declaration_of_their_added_fields(tmp_path):
     shared = {option.name for option in dataclasses.fields(BackwardAttentionModelFields)}
     assert shared == {
         "heads", "active_head", "head_order", "heads_enabled", "frozen_heads", "loss_chunk_size", "check_finite_inputs",
-        "rerank_top_k",
+        "rerank_top_k", "attention_rebalancing",
     }  # fmt: skip
     for config_class, base_class in (
         (GPT2BackwardAttentionConfig, GPT2Config),

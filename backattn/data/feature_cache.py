@@ -12,8 +12,9 @@ heads read, :meth:`~backattn.modeling_families.BackwardAttentionForCausalLMMixin
 
 A cache lives in ``<cache_dir>/features/<key>/`` where the key hashes the base's weights and config, the exact
 token ids of every example (so data, prompt template, tokenizer and ``max_length`` are all in it), the
-storage dtype and the stored blocks: a stale cache is never used. It is built once, atomically
-(:mod:`backattn.data.cache_dirs`).
+storage dtype, the stored blocks and the base's attention re-balancing options
+(:mod:`backattn.attention_rebalancing`; none for a plain base): a stale cache is never used. It is built once,
+atomically (:mod:`backattn.data.cache_dirs`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..attention_rebalancing import active_rebalancing
 from .cache_dirs import build_once
 
 FEATURES_NAME = "features.npy"
@@ -111,6 +113,9 @@ class FeatureCache:
         fingerprints = f"{base_fingerprint(model)}:{data_fingerprint(input_ids)}:{dtype}"
         if layers:  # caches of the final states alone keep the keys they always had
             fingerprints += ":layers=" + ",".join(map(str, layers))
+        rebalancing = active_rebalancing(model)  # a re-balanced base's features are never the plain base's
+        if rebalancing is not None:
+            fingerprints += ":attention_rebalancing=" + json.dumps(rebalancing, sort_keys=True)
         key = hashlib.sha256(fingerprints.encode()).hexdigest()[:24]
         final = Path(cache_dir) / "features" / key
 
@@ -119,6 +124,8 @@ class FeatureCache:
             meta = {"key": key, "dtype": dtype, "examples": len(input_ids), "hidden_size": model.config.hidden_size}
             if layers:
                 meta["layers"] = layers
+            if rebalancing is not None:
+                meta["attention_rebalancing"] = rebalancing
             (directory / META_NAME).write_text(json.dumps(meta))  # last: marks the cache finished
 
         build_once(final, build, lambda path: (path / META_NAME).is_file())
