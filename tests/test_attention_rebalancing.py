@@ -3,7 +3,7 @@
 The boosted weights are checked against a reference written here from the formula (queries and keys projected
 and rotated by hand, softmax, the layer-0 mask, the boost), never calling the code under test. ``alpha = 0`` is
 checked to equal the base's eager attention exactly, and the default SDPA base within 1e-5 (float32, tiny
-random bases) or 2e-3 (SmolLM2's logits, which span about +-30).
+random bases) or 1e-4 (SmolLM2, whose logits span about -8..33).
 """
 
 import math
@@ -450,7 +450,7 @@ def test_smollm2_alpha_zero_is_eager_exactly_and_a_boost_generates_the_same_with
     eager = logits(model, ids)
     enable_attention_rebalancing(model, alpha=0.0)
     assert torch.equal(logits(model, ids), eager)
-    assert (logits(model, ids) - sdpa).abs().max().item() <= 2e-3
+    assert (logits(model, ids) - sdpa).abs().max().item() <= 1e-4  # 4.6e-5 measured here
     enable_attention_rebalancing(model, alpha=0.2, threshold=0.01)
     boosted = logits(model, ids)
     assert torch.isfinite(boosted).all() and (boosted - eager).abs().max() > 1e-2
