@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import SaveStrategy, SchedulerType
@@ -80,18 +81,38 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[SweepArguments, Swee
 
 
 def cached_features(base, examples, dtype: str, batch_size: int, directories: list[Path]) -> FeatureCache:
-    """The frozen base's features for ``examples``: from the first of ``directories`` that holds a cache for this
-    base and these token ids (``FeatureCache``'s own key), else built into the last one. The key is taken from a
-    plain copy of the base (no heads), so caches built by the comparison's plain runs are found."""
+    """The frozen base's features for ``examples``: a cache already built in one of ``directories`` (searched in
+    order) if one holds them, else the cache of this plain base in the last directory (built there if needed).
+
+    A cache elsewhere may have been keyed from a model carrying heads or adapters (its key hashes the whole
+    model), so it is recognised by its contents: the same dtype, no stored blocks, the same length for every
+    example, and, for three examples spread over the data, rows equal to the base's final hidden states for these
+    token ids (to the storage dtype's rounding)."""
     ids = examples["input_ids"]
     plain = AutoModelForCausalLM.from_pretrained(base).eval()
-    key_parts = f"{base_fingerprint(plain)}:{data_fingerprint(ids)}:{dtype}"
-
-    key = hashlib.sha256(key_parts.encode()).hexdigest()[:24]
-    found = next((d for d in directories if (d / "features" / key / "meta.json").is_file()), directories[-1])
-    cache = FeatureCache.build_or_load(plain, ids, found, dtype, batch_size)
+    key = hashlib.sha256(f"{base_fingerprint(plain)}:{data_fingerprint(ids)}:{dtype}".encode()).hexdigest()[:24]
+    lengths = np.array([0, *np.cumsum([len(row) for row in ids])])
+    for directory in directories:
+        for meta in sorted((directory / "features").glob("*/meta.json")):
+            found = FeatureCache(meta.parent)
+            if meta.parent.name == key or _holds(found, plain, ids, dtype, lengths):
+                del plain
+                return found
+    cache = FeatureCache.build_or_load(plain, ids, directories[-1], dtype, batch_size)
     del plain
     return cache
+
+
+def _holds(cache: FeatureCache, plain, ids, dtype: str, offsets) -> bool:
+    if cache.meta.get("dtype") != dtype or cache.layers or not np.array_equal(cache.offsets, offsets):
+        return False
+    tolerance = 1e-2 if dtype == "float16" else 1e-5
+    with torch.no_grad():
+        for index in sorted({0, len(ids) // 2, len(ids) - 1}):
+            states = plain.base_model(input_ids=torch.tensor([ids[index]])).last_hidden_state[0]
+            if not torch.allclose(cache[index].float(), states, rtol=tolerance, atol=tolerance):
+                return False
+    return True
 
 
 def load_protocol(options) -> tuple:

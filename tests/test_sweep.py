@@ -87,14 +87,13 @@ def arguments(directory, **overrides):
     return TrainingArguments(**{**options, **overrides})
 
 
-def train_alone(base_dir, spec, initial, dataset, directory, chunk=None):
+def train_alone(base_dir, spec, initial, dataset, directory, chunk=None, **options):
     """One head trained on its own by HeadTrainer (the ordinary path), from the given initial weights."""
     model = GPT2BackwardAttentionForCausalLM.from_pretrained(base_dir, head_config=spec.head_config())
     if chunk:
         model.config.loss_chunk_size = chunk
     model.heads["default"].load_state_dict(initial)
-    rate = spec.learning_rate
-    args = arguments(directory, learning_rate=rate, weight_decay=spec.weight_decay or 0.0)
+    args = arguments(directory, learning_rate=spec.learning_rate, weight_decay=spec.weight_decay or 0.0, **options)
     HeadTrainer(model=model, args=args, train_dataset=dataset, data_collator=pad_collator).train()
     return model.heads["default"].state_dict()
 
@@ -120,6 +119,20 @@ def test_heads_trained_together_end_as_each_trained_alone(gpt2_base_dir, cached,
         assert any(not torch.equal(alone[k], initial[spec.name][k]) for k in alone)  # it did train
         for key, value in alone.items():  # the same operations on the same numbers: equal to the bit
             assert torch.equal(together[key], value), (spec.name, key, (together[key] - value).abs().max())
+
+
+def test_with_gradient_accumulation_too(gpt2_base_dir, cached, tmp_path):
+    """Accumulated batches (the Trainer's num_items_in_batch divides every head's summed loss) change nothing."""
+    heads = [HEADS[0], HEADS[2]]
+    sweep = make_sweep(gpt2_base_dir, heads, chunk=16)
+    initial = {name: {k: v.clone() for k, v in head.state_dict().items()} for name, head in sweep.heads.items()}
+    options = dict(max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    SweepTrainer(model=sweep, args=arguments(tmp_path / "sweep", **options), train_dataset=cached,
+                 data_collator=pad_collator).train()  # fmt: skip
+    for spec in heads:
+        alone = train_alone(gpt2_base_dir, spec, initial[spec.name], cached, tmp_path / spec.name, 16, **options)
+        for key, value in alone.items():
+            assert torch.equal(sweep.heads[spec.name].state_dict()[key], value), (spec.name, key)
 
 
 def test_global_clipping_would_couple_the_heads(gpt2_base_dir, cached, tmp_path):
