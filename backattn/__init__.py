@@ -1,6 +1,8 @@
 """backattn: trainable backward-attention heads on a frozen Transformers causal LM.
 
-Importing the package registers the model families with ``AutoConfig`` and ``AutoModelForCausalLM``.
+Importing the package registers the GPT-2 and Llama families with ``AutoConfig`` and ``AutoModelForCausalLM``; the
+family of any other causal-LM architecture is made and registered the first time ``family_for`` (or
+``backward_attention_class``) is asked for it (``modeling_auto.py``).
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -13,8 +15,9 @@ from .configuration_backattn import (
     LlamaBackwardAttentionConfig,
 )
 from .heads import BackwardAttentionHeads
+from .modeling_auto import FAMILIES, backward_attention_class, family_for
 from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer
-from .modeling_families import FAMILIES, GPT2BackwardAttentionForCausalLM, LlamaBackwardAttentionForCausalLM, family_for
+from .modeling_families import GPT2BackwardAttentionForCausalLM, LlamaBackwardAttentionForCausalLM
 
 __version__ = "0.1.0"
 
@@ -38,5 +41,6 @@ __all__ = [
     "LlamaBackwardAttentionConfig",
     "LlamaBackwardAttentionForCausalLM",
     "__version__",
+    "backward_attention_class",
     "family_for",
 ]

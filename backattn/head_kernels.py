@@ -173,7 +173,9 @@ def weight_tables(
         torch.is_inference_mode_enabled(),
         dtype,
         embeddings.device,
-        tuple((t.data_ptr(), t._version) for t in (*inputs, *head.parameters())),
+        # each tensor's dtype and device too: a base cast (model.to(torch.bfloat16)) or moved makes new tensors,
+        # whose freed storage a later tensor may reuse at the same address and version
+        tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (*inputs, *head.parameters())),
     )
     if head not in _TABLES_CACHE or _TABLES_CACHE[head][0] != key:
         _TABLES_CACHE[head] = (key, compute())

@@ -120,12 +120,18 @@ def head_cross_entropy(
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
     context: SequenceContext | None = None,
+    output_bias: torch.Tensor | None = None,
+    transform_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Steps 1-4: the causal-LM cross-entropy of ``head``'s logits over ``l_t = h_t W^T``, chunk by chunk.
+    """Steps 1-4: the causal-LM cross-entropy of ``head``'s logits over the base logits, chunk by chunk.
 
     ``hidden`` (``batch x sequence x d``) are the base's final hidden states and ``output_weight`` its output
-    layer ``W`` (``V x d``, no bias); only the head's weights receive gradients. ``context`` is the sequence
-    (its ``positions`` every one of ``hidden``'s), for a head with ``query_layers`` or ``copy_attention``.
+    layer ``W`` (``V x d``); the base logits are ``l_t = f(h_t W^T + b)``, with the output layer's bias ``b``
+    (``output_bias``, ``None``: none) and the base's own post-processing ``f`` (``transform_logits``, e.g. Gemma's
+    soft-capping ``c tanh(l / c)`` or a logit scale; ``None``: the identity), both applied inside each chunk, so
+    nothing vocabulary-sized is made for the whole batch. The ``W^T Vv`` shortcut of raw weighting is taken only
+    when ``l_t = h_t W^T`` exactly (no bias, no ``f``). Only the head's weights receive gradients. ``context`` is
+    the sequence (its ``positions`` every one of ``hidden``'s), for a head with ``query_layers`` or ``copy_attention``.
     """
     keep, shift_targets = _labelled(hidden, labels, shift_labels, ignore_index)
     positions, targets = hidden[keep], shift_targets[keep]
@@ -142,9 +148,11 @@ def head_cross_entropy(
             "undefined (0/0). Drop the batch, or check the collator and max_length (prompts may fill the whole "
             "sequence); with gradient accumulation pass num_items_in_batch, the labelled tokens of the whole batch."
         )
-    tables = weight_tables(head, embeddings, output_weight)
+    linear = output_bias is None and transform_logits is None  # l_t = h_t W^T: the W^T Vv shortcut holds
+    tables = weight_tables(head, embeddings, output_weight if linear else None)
     dtype = head.layers[0].w_key.dtype
     positions, output_weight = positions.to(dtype), output_weight.to(dtype)
+    output_bias = None if output_bias is None else output_bias.to(dtype)
     flat_tables = [t for layer in tables for t in layer if t is not None]
     copy_weights = () if copy is None else (copy.log_weights,)  # N x S, made with autograd: an input as the tables
     scorer = _HeadLogits(head)
@@ -159,7 +167,10 @@ def head_cross_entropy(
         h = positions[rows]
         chunk_states = None if layer_states is None else layer_states[rows]
         chunk_copy = None if copy is None else CopyInputs(tensors[-1][rows], copy.next_ids[rows])
-        arguments = (h @ output_weight.T, h, embeddings, output_weight, chunk_tables, chunk_states, chunk_copy)
+        logits = h @ output_weight.T if output_bias is None else F.linear(h, output_weight, output_bias)  # h W^T + b
+        logits = logits if transform_logits is None else transform_logits(logits)
+        shortcut = output_weight if linear else None
+        arguments = (logits, h, embeddings, shortcut, chunk_tables, chunk_states, chunk_copy)
         z = functional_call(scorer, dict(zip(names, weights)), arguments)
         return F.cross_entropy(z.float(), targets[rows], reduction="sum")
 

@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -179,7 +180,13 @@ class BackwardAttentionForCausalLMMixin:
 
     def build_head(self, head_config: BackwardAttentionConfig) -> BackwardAttentionHead:
         """A fresh head for this base, beside its output layer; ``ValueError`` if made for another base (or if
-        its ``query_layers`` name a decoder block this base does not have)."""
+        its ``query_layers`` name a decoder block this base does not have).
+
+        On a bfloat16 or float16 base the head's weights are float32 (as PEFT's ``autocast_adapter_dtype`` keeps
+        adapters): the head then computes in float32 from the base's half-precision logits and states, so its
+        softmax over the vocabulary, its norms and the loss accumulate in float32, and an optimiser's updates are
+        not lost to half-precision rounding (Adam's ``eps`` of 1e-8 is 0 in float16). ``model.to(dtype)`` still
+        casts the heads too, as it casts every parameter."""
         head = BackwardAttentionHead(head_config.for_base(self.config.vocab_size, self.config.hidden_size))
         depth = self.config.num_hidden_layers
         beyond = [k for k in head_config.query_layers or () if k >= depth]
@@ -188,14 +195,25 @@ class BackwardAttentionForCausalLMMixin:
                 f"query_layers {head_config.query_layers} name decoder block(s) {beyond}, but this base has "
                 f"{depth} blocks (0-{depth - 1})."
             )
-        return head.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        dtype = self.lm_head.weight.dtype
+        dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        return head.to(device=self.lm_head.weight.device, dtype=dtype)
 
     # ----------------------------------------------------------------------------------------------------
     # what heads read beyond each position's final hidden state: query_layers' states, copy_attention's context
 
     def decoder_layers(self) -> nn.ModuleList:
-        """The base's decoder blocks, in order (``query_layers`` indexes them)."""
-        raise NotImplementedError
+        """The base's decoder blocks, in order (``query_layers`` indexes them): the first ``nn.ModuleList`` of the
+        decoder (``self.base_model``) holding ``config.num_hidden_layers`` modules (GPT-2's ``transformer.h``,
+        Llama's ``model.layers``, GPT-NeoX's ``gpt_neox.layers``, ...)."""
+        depth = self.config.num_hidden_layers
+        for module in self.base_model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == depth:
+                return module
+        raise BackattnValueError(
+            f"{type(self).__name__}: no list of {depth} decoder blocks (config.num_hidden_layers) found in the base "
+            "model, so query_layers cannot name its blocks: use a head without query_layers on this architecture."
+        )
 
     def feature_layers(self) -> list[int]:
         """The decoder blocks whose outputs some resident head reads (``query_layers``), sorted; a feature cache
@@ -476,10 +494,46 @@ class BackwardAttentionForCausalLMMixin:
     # ----------------------------------------------------------------------------------------------------
     # forward
 
+    #: The base's post-processing of its output layer's result, read from the stock class's forward
+    #: (``modeling_auto.logit_steps``): ``(operation, config attribute)`` pairs; empty for GPT-2 and Llama.
+    logit_steps: tuple[tuple[str, str], ...] = ()
+
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The stock model's logits for final hidden states ``h_t``: ``self.lm_head(h_t)``, then the base's own
+        post-processing (:meth:`transform_logits`)."""
+        return self.transform_logits(self.lm_head(hidden))
+
+    def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The stock forward's steps after its output layer, in its order and with its operations (so the result is
+        the stock ``.logits`` bit for bit): soft-capping ``c tanh(l / c)`` (Gemma's ``final_logit_softcapping``),
+        ``l * s`` (Cohere's ``logit_scale``), ``l / s`` (Granite's ``logits_scaling``); a step whose config value is
+        ``None`` is skipped, as the stock forward skips it."""
+        for operation, attribute in self.logit_steps:
+            value = getattr(self.config, attribute, None)
+            if value is None:
+                continue
+            if operation == "softcap":
+                logits = torch.tanh(logits / value) * value
+            elif operation == "multiply":
+                logits = logits * value
+            else:
+                logits = logits / value
+        return logits
+
+    def _transforms_logits(self) -> bool:
+        return any(getattr(self.config, attribute, None) is not None for _, attribute in self.logit_steps)
+
+    def _linear_output_layer(self) -> nn.Linear | None:
+        """The output layer when it is exactly ``nn.Linear`` (a PEFT- or quantisation-wrapped layer exposes a
+        ``.weight`` that is not what it applies), else ``None``."""
+        return self.lm_head if type(self.lm_head) is nn.Linear else None
+
     def _output_weight(self) -> torch.Tensor | None:
-        """The output layer ``W`` when the logits are exactly ``h_t W^T`` (no bias), else ``None``."""
-        # Exactly nn.Linear: a PEFT- or quantisation-wrapped layer exposes a .weight that is not what it applies.
-        return self.lm_head.weight if type(self.lm_head) is nn.Linear and self.lm_head.bias is None else None
+        """The output layer ``W`` when the logits are exactly ``h_t W^T`` (no bias, no post-processing), else
+        ``None``: the head then takes its exact path (no ``W^T Vv`` shortcut)."""
+        layer = self._linear_output_layer()
+        plain = layer is not None and layer.bias is None and not self._transforms_logits()
+        return layer.weight if plain else None
 
     def _rerank_top_k(self, rerank_top_k: int | None) -> int | None:
         """The ``k`` of top-k re-ranking for one call: the argument, else ``config.rerank_top_k``; 0 means off."""
@@ -492,7 +546,8 @@ class BackwardAttentionForCausalLMMixin:
         must be frozen (no LoRA on the base, no trainable output layer), as the chunked loss gives them none.
         Under ``torch.compile`` the straightforward loss is taken (the chunks' count depends on the labels).
         """
-        weight = self._output_weight()
+        layer = self._linear_output_layer()  # a bias and the base's post-processing are applied in each chunk
+        weight = None if layer is None else layer.weight
         return (
             labels is not None
             and not torch.compiler.is_compiling()  # its number of labelled positions is data-dependent
@@ -709,8 +764,9 @@ class BackwardAttentionForCausalLMMixin:
                 given = iter(chunk_extras)
                 states = next(given) if layer_states is not None else None
                 copied = CopyInputs(next(given), next(given)) if copy is not None else None
+                logits = self.base_logits(h)
                 return head_logits(
-                    head, self.lm_head(h), h, embeddings, weight, rerank_top_k, tables, layer_states=states, copy=copied
+                    head, logits, h, embeddings, weight, rerank_top_k, tables, layer_states=states, copy=copied
                 )
 
         else:
@@ -724,7 +780,7 @@ class BackwardAttentionForCausalLMMixin:
 
             def score(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
                 chosen = None if row_heads is None else row_heads[rows]  # each position as a row of its own
-                base = self.lm_head(h)[:, None]
+                base = self.base_logits(h)[:, None]
                 return self.heads(base, h[:, None], embeddings, weight, chosen, rerank_top_k)[:, 0]
 
         return head_token_log_probs(
@@ -825,13 +881,14 @@ class BackwardAttentionForCausalLMMixin:
             return fused
         if self._chunked_loss_applies(labels, heads, logits_to_keep, hidden, rerank_top_k):
             loss = head_cross_entropy(
-                self.heads[self.config.active_head], hidden, labels, weight, embeddings, self.config.loss_chunk_size,
-                kwargs.get("num_items_in_batch"), kwargs.get("ignore_index", -100), kwargs.get("shift_labels"),
-                context,
+                self.heads[self.config.active_head], hidden, labels, self.lm_head.weight, embeddings,
+                self.config.loss_chunk_size, kwargs.get("num_items_in_batch"), kwargs.get("ignore_index", -100),
+                kwargs.get("shift_labels"), context, output_bias=self.lm_head.bias,
+                transform_logits=self.transform_logits if self._transforms_logits() else None,
             )  # fmt: skip
         else:
             logits = self.heads(
-                self.lm_head(hidden), hidden, embeddings, weight, heads, self._rerank_top_k(rerank_top_k), context
+                self.base_logits(hidden), hidden, embeddings, weight, heads, self._rerank_top_k(rerank_top_k), context
             )
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
@@ -865,19 +922,14 @@ def _check_token_tensor(name: str, value) -> None:
         )
 
 
-_BASE_MODEL_TYPES = {"gpt2_backattn": "gpt2", "llama_backattn": "llama"}
-
-
 class _PlainBaseCheckpointFilter(logging.Filter):
-    """Drop Transformers' warning about loading a plain base checkpoint into our family: that is the point."""
+    """Drop Transformers' warning about loading a plain base checkpoint (model_type ``t``) into our family of it
+    (``t_backattn``): that is the point."""
 
-    EXPECTED = tuple(
-        f"You are using a model of type `{base}` to instantiate a model of type `{ours}`"
-        for ours, base in _BASE_MODEL_TYPES.items()
-    )
+    EXPECTED = re.compile(r"You are using a model of type `([\w-]+)` to instantiate a model of type `\1_backattn`")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.EXPECTED)
+        return not self.EXPECTED.match(record.getMessage())
 
 
 transformers_logging.get_logger("transformers.configuration_utils").addFilter(_PlainBaseCheckpointFilter())
@@ -936,44 +988,37 @@ class GPT2BackwardAttentionForCausalLM(BackwardAttentionForCausalLMMixin, GPT2LM
 
     config_class = GPT2BackwardAttentionConfig
 
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.transformer.h
-
 
 class LlamaBackwardAttentionForCausalLM(BackwardAttentionForCausalLMMixin, LlamaForCausalLM):
     """A Llama-family model such as SmolLM2 (frozen) with backward-attention heads on its logits."""
 
     config_class = LlamaBackwardAttentionConfig
 
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.layers
-
 
 GPT2BackwardAttentionForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 LlamaBackwardAttentionForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
-#: The head-carrying class for a base model's ``model_type`` (plain or already carrying heads).
-FAMILIES = {
-    "gpt2": GPT2BackwardAttentionForCausalLM,
-    "gpt2_backattn": GPT2BackwardAttentionForCausalLM,
-    "llama": LlamaBackwardAttentionForCausalLM,
-    "llama_backattn": LlamaBackwardAttentionForCausalLM,
-}
-
-
 def family_for(model_type: str) -> type:
-    """The backattn model class for a base of this ``model_type``; ``ValueError`` for an unsupported family."""
-    if model_type not in FAMILIES:
-        supported = sorted(t for t in FAMILIES if not t.endswith("_backattn"))
-        raise BackattnValueError(
-            f"No backward-attention family for model_type {model_type!r}; supported: {', '.join(supported)}."
-        )
-    return FAMILIES[model_type]
+    """The backattn model class for a base of this ``model_type`` (plain, or ``"..._backattn"``): GPT-2's and
+    Llama's named classes, and for every other causal-LM architecture the class ``modeling_auto.py`` makes;
+    ``ValueError`` for an architecture that cannot carry a head."""
+    from .modeling_auto import backward_attention_class
+
+    return backward_attention_class(model_type)
+
+
+def __getattr__(name: str):
+    """``FAMILIES`` (model_type -> class, for every architecture) lives in ``modeling_auto.py``, which imports this
+    module."""
+    if name == "FAMILIES":
+        from .modeling_auto import FAMILIES
+
+        return FAMILIES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "FAMILIES",
     "BackwardAttentionForCausalLMMixin",
     "GPT2BackwardAttentionForCausalLM",
     "LlamaBackwardAttentionForCausalLM",
