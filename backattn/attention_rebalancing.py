@@ -27,10 +27,12 @@ needs ``attn_implementation="backattn_rebalanced"`` at ``from_pretrained`` (afte
 
 Supported: every model whose attention modules call ``ALL_ATTENTION_FUNCTIONS`` with a ``layer_idx`` and whose
 modeling file defines ``eager_attention_forward`` returning ``(output, weights)``: Llama (SmolLM2) and GPT-2
-in Transformers 5 (GPT-2's ``reorder_and_upcast_attn`` path included). The weights come from that eager
-function, so its semantics (scaling, soft-capping where a family has it) are kept. Refused with an error:
-sliding-window or other non-full layers (``config.layer_types``, a module's ``sliding_window``), cross-attention,
-and attention implementations that never form the weights (``sdpa``, flash, flex): the mask needs ``A_0``.
+in Transformers 5 (GPT2Attention calls the interface; its ``reorder_and_upcast_attn`` path included), and
+tested on Qwen2, Gemma, GPT-NeoX and OLMo-2 too. The weights come from that eager function, so its semantics
+(scaling, soft-capping where a family has it) are kept. Refused with an error: sliding-window or other non-full
+layers (``config.layer_types``, ``config.sliding_window``, a module's ``sliding_window``: Mistral, Gemma 2/3),
+cross-attention, and attention implementations that never form the weights (``sdpa``, flash, flex): the mask
+needs ``A_0``.
 
 The per-forward state: layer 0's mask is kept in a thread-local table under the identity of the model's
 config and of the causal-mask tensor that Transformers builds once per forward and hands to every layer; the
@@ -315,6 +317,12 @@ def check_supported(model) -> None:
         raise BackattnValueError(
             f"Attention re-balancing supports full causal attention in every layer; {name} has {', '.join(other)} "
             "layers (config.layer_types), whose keys differ from layer 0's."
+        )
+    if getattr(config, "sliding_window", None) is not None:
+        raise BackattnValueError(
+            f"Attention re-balancing does not support sliding-window attention, and {name} has "
+            f"config.sliding_window={config.sliding_window}: layer 0's mask spans keys that a windowed layer neither "
+            "sees nor caches. (config.sliding_window = None gives full attention, if the model allows it.)"
         )
     depth = getattr(config, "num_hidden_layers", None)
     attention = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config") and "Attention" in

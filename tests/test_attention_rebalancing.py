@@ -12,7 +12,14 @@ import threading
 import pytest
 import torch
 from conftest import VOCAB, randomise, tiny_gpt2_config, tiny_llama_config
-from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from backattn import GPT2BackwardAttentionForCausalLM, LlamaBackwardAttentionConfig, LlamaBackwardAttentionForCausalLM
 from backattn.attention_rebalancing import (
@@ -367,16 +374,66 @@ def test_sliding_window_and_cross_attention_are_refused():
         enable_attention_rebalancing(cross, alpha=0.2)
 
 
-def test_a_full_attention_qwen2_is_supported_too():
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+#: Other architectures whose attention goes through the interface (the bases the project's factory families wrap):
+#: small configs, full attention in every layer.
+SMALL = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2)
+OTHER_ARCHITECTURES = {
+    "qwen2": dict(num_key_value_heads=1),
+    "gemma": dict(num_key_value_heads=1, head_dim=8),
+    "gpt_neox": dict(),
+    "olmo2": dict(num_key_value_heads=1),
+}
+
+
+def tiny_other(model_type, **overrides):
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
+    config = AutoConfig.for_model(model_type, **SMALL, **OTHER_ARCHITECTURES.get(model_type, {}), **overrides)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", sorted(OTHER_ARCHITECTURES))
+def test_other_architectures_through_the_attention_interface(model_type):
+    model = tiny_other(model_type)
     model.set_attn_implementation("eager")
     ids = ids_batch()
     expected = logits(model, ids)
     enable_attention_rebalancing(model, alpha=0.0)
     assert torch.equal(logits(model, ids), expected)
+    enable_attention_rebalancing(model, alpha=0.5, threshold=0.05)
+    assert (logits(model, ids) - expected).abs().max() > 1e-4
+    options = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    cached, uncached = (model.generate(ids, use_cache=c, **options) for c in (True, False))
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, words",
+    [
+        ("mistral", dict(sliding_window=4), "sliding-window attention"),
+        ("gemma3_text", dict(head_dim=8, num_key_value_heads=1, sliding_window=4), "sliding_attention layers"),
+    ],
+)
+def test_windowed_architectures_are_refused(model_type, overrides, words):
+    model = tiny_other(model_type, **overrides)
+    with pytest.raises(BackattnValueError, match=words):
+        enable_attention_rebalancing(model, alpha=0.2)
+
+
+def test_a_factory_family_rebalances_and_keeps_its_options(tmp_path):
+    modeling_auto = pytest.importorskip("backattn.modeling_auto")  # the families made for any architecture
+    stock = tiny_other("qwen2")
+    family = modeling_auto.backward_attention_class("qwen2")
+    model = family(stock.config).eval()
+    model.load_state_dict(stock.state_dict(), strict=False)
+    enable_attention_rebalancing(stock, alpha=0.5, threshold=0.05)
+    enable_attention_rebalancing(model, alpha=0.5, threshold=0.05)
+    ids = ids_batch()
+    assert torch.equal(logits(model, ids), logits(stock, ids))
+    model.save_pretrained(tmp_path)
+    loaded = family.from_pretrained(tmp_path).eval()
+    assert loaded.config._attn_implementation == ATTENTION_REBALANCING
+    assert torch.equal(logits(loaded, ids), logits(stock, ids))
 
 
 def test_gradient_checkpointing_recomputation_is_refused_clearly():
