@@ -229,7 +229,8 @@ def rebalanced_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with the re-balancing boost (see the module docstring), registered as
     :data:`ATTENTION_REBALANCING`. ``query`` is batch x heads x Q x d, ``key``/``value`` batch x kv-heads x K x d;
-    returns the output (batch x Q x heads x d) and the weights that met the values (batch x heads x Q x K)."""
+    returns the output (batch x Q x heads x d) and the weights that met the values (batch x heads x Q x K; what
+    ``output_attentions=True`` returns, boosted in layers 1 .. L-2)."""
     options = options_of(module.config)
     if options is None:
         raise BackattnValueError(
@@ -265,7 +266,14 @@ def rebalanced_attention_forward(
         batch, _, keys, width = value.shape
         value = value[:, :, None].expand(batch, kv_heads, heads // kv_heads, keys, width)
         value = value.reshape(batch, heads, keys, width)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+    boosted = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    if boosted.shape != output.shape:
+        raise BackattnValueError(
+            f"Attention re-balancing: {type(module).__name__}'s eager attention returns an output of shape "
+            f"{tuple(output.shape)}, not batch x queries x heads x head_dim {tuple(boosted.shape)}: this family is "
+            "not supported."
+        )
+    return boosted, weights
 
 
 AttentionInterface.register(ATTENTION_REBALANCING, rebalanced_attention_forward)

@@ -198,6 +198,8 @@ def test_boosted_weights_equal_the_hand_reference():
             torch.testing.assert_close(records[layer]["output"], output, rtol=0, atol=1e-6)
         assert depth == 4 and not torch.equal(records[1]["weights"], reference_llama_attention(
             model.model.layers[1].self_attn, *records[1]["input"])[0])  # fmt: skip
+        attentions = model(ids, output_attentions=True).attentions  # what a user sees: the boosted weights
+        assert all(torch.equal(attentions[layer], records[layer]["weights"]) for layer in range(depth))
 
 
 def test_a_cached_decode_step_drops_the_newest_column_and_matches_the_full_forward():
