@@ -48,8 +48,8 @@ def main(argv=None) -> None:
 
     model = LlamaBackwardAttentionForCausalLM.from_pretrained(smollm2_path()).eval()
     generator = torch.Generator().manual_seed(0)
-    forward_ids = torch.randint(100, model.config.vocab_size, (1, options.forward_tokens), generator=generator)
-    prompt = torch.randint(100, model.config.vocab_size, (1, options.prompt_tokens), generator=generator)
+    forward_ids = torch.randint(0, model.config.vocab_size, (1, options.forward_tokens), generator=generator)
+    prompt = torch.randint(0, model.config.vocab_size, (1, options.prompt_tokens), generator=generator)
     new = options.new_tokens
     generate_options = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, use_cache=True)
 

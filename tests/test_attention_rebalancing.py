@@ -517,3 +517,32 @@ def test_smollm2_alpha_zero_is_eager_exactly_and_a_boost_generates_the_same_with
     cached, uncached = (model.generate(ids, use_cache=c, **options) for c in (True, False))
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=0, atol=1e-3)
+
+
+def test_the_cost_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # as when run as a script: `import measure`
+    spec = importlib.util.spec_from_file_location("bench_rebalancing", benchmarks / "bench_rebalancing.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_rebalancing", script)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3)).save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(script, "smollm2_path", lambda: tmp_path / "model")
+    threads = torch.get_num_threads()
+    try:
+        script.main(["--forward_tokens", "8", "--prompt_tokens", "4", "--new_tokens", "2", "--rounds", "1",
+                     "--output", str(tmp_path / "cost.json")])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for setting in ("base, SDPA", "base, eager", "re-balanced (alpha 0.2)"):
+        assert f"| {setting} | " in out
+    assert "| base, SDPA | " in out and "1.00x" in out
+    figures = json.loads((tmp_path / "cost.json").read_text())
+    assert set(figures["tokens_per_s"]) == set(script.SETTINGS)
