@@ -94,6 +94,7 @@ def head_logits(
     tables: list[LayerTables] | None = None,
     layer_states: torch.Tensor | None = None,
     copy: CopyInputs | None = None,
+    shared: dict | None = None,
 ) -> torch.Tensor:
     """``head(logits, hidden, embeddings, layer_states=..., copy=...)``, through the paths :func:`select_kernel` picks.
 
@@ -101,6 +102,9 @@ def head_logits(
     ``rerank_top_k`` re-ranks only the base's ``k`` most likely tokens per position (0 or ``None``: off);
     ``tables`` are :func:`weight_tables` computed beforehand (the chunked loss computes them once);
     ``layer_states`` and ``copy`` are what ``query_layers`` and ``copy_attention`` need (see the head's forward).
+    ``shared`` (a dict, empty at first) lets several heads scoring the same ``logits`` compute once what depends
+    on the base's logits alone: step 4's ``softmax(l_t / rms(l_t))`` (full_vocab), its top-k candidates and
+    normaliser (top_k); it must not outlive those ``logits`` (the heads container's ``fan_out`` makes one per call).
     """
     head.check_base(logits, embeddings)
     head.check_inputs(layer_states, copy)
@@ -111,15 +115,17 @@ def head_logits(
         return head(logits, hidden, embeddings, tables=tables, layer_states=layer_states, copy=copy)
     dtype = head.layers[0].w_key.dtype
     logits, hidden = logits.to(dtype), hidden.to(dtype)
+    base = logits  # what `shared` may hold results of (a sequential head's later layers read other logits)
     state = head.query_state(hidden, layer_states)  # r_t
-    candidates = _top_k_candidates(head, logits, rerank_top_k) if kernel.steps == "top_k" else None
+    candidates = _top_k_candidates(head, logits, rerank_top_k, shared) if kernel.steps == "top_k" else None
     gates = head.gate if head.gate is not None else [None] * len(head.layers)
 
     def query(layer: BackwardAttentionLayer, z: torch.Tensor, layer_tables: LayerTables) -> torch.Tensor:
         if kernel.raw_shortcut and layer_tables.hidden_to_values is not None:
             u = hidden @ layer_tables.hidden_to_values  # raw_shortcut: ... x d_out (l_t = h_t W^T, the final h_t)
         else:
-            u = WEIGHTED_VALUES[kernel.steps](layer, z, layer_tables.values, candidates)
+            memo = shared if z is base else None
+            u = WEIGHTED_VALUES[kernel.steps](layer, z, layer_tables.values, candidates, memo)
         return _scaled_query(layer, u, state, z.shape[-1])
 
     if head.config.layer_mode == "sequential":
@@ -195,27 +201,30 @@ def _layer_tables(layer: BackwardAttentionLayer, embeddings: torch.Tensor) -> La
 # steps 4-5: u_t = p_t Vv, three ways (the raw shortcut is in head_logits)
 
 
-def _full_vocab_values(layer, logits, values, candidates=None) -> torch.Tensor:
+def _full_vocab_values(layer, logits, values, candidates=None, shared=None) -> torch.Tensor:
     """``p_t Vv`` with one fused softmax over the whole vocabulary (full_vocab)."""
     if layer.config.logit_weighting == "raw":
         return _dropout(layer, logits) @ values
-    return (
-        _dropout(layer, torch.softmax(logits * _inverse_rms(logits, [slice(None)], layer.config.rms_norm_eps), -1))
-        @ values
-    )
+    eps = layer.config.rms_norm_eps
+    softmax = lambda: torch.softmax(logits * _inverse_rms(logits, [slice(None)], eps), -1)  # noqa: E731
+    weights = _memo(shared, ("softmax", eps, logits.dtype), softmax)
+    return _dropout(layer, weights) @ values
 
 
-def _top_k_values(layer, logits, values, candidates) -> torch.Tensor:
+def _top_k_values(layer, logits, values, candidates, shared=None) -> torch.Tensor:
     """``sum_i p_t[i] Vv[i]`` over the candidates only (top_k); softmax weights keep their full normaliser."""
     chosen = logits.gather(-1, candidates)  # ... x k
     if layer.config.logit_weighting == "softmax":
-        inv_rms, log_normaliser = _softmax_statistics(logits, [slice(None)], layer.config.rms_norm_eps)
+        eps = layer.config.rms_norm_eps
+        statistics = ("softmax_statistics", eps, logits.dtype)
+        inv_rms, log_normaliser = _memo(shared, statistics, lambda: _softmax_statistics(logits, [slice(None)], eps))
         chosen = torch.exp(chosen * inv_rms - log_normaliser)
     return torch.einsum("...k,...kd->...d", _dropout(layer, chosen), values[candidates])
 
 
-def _sliced_values(layer, logits, values, candidates=None) -> torch.Tensor:
-    """``p_t Vv`` summed over vocabulary slices (vocab_slices); the softmax normaliser is the whole vocabulary's."""
+def _sliced_values(layer, logits, values, candidates=None, shared=None) -> torch.Tensor:
+    """``p_t Vv`` summed over vocabulary slices (vocab_slices); the softmax normaliser is the whole vocabulary's.
+    Nothing is shared between heads here: slicing trades compute for memory, and a kept result would undo that."""
     slices = _vocab_slices(logits.shape[-1], layer.config.vocab_chunk_size)
     if layer.config.logit_weighting == "raw":
 
@@ -294,8 +303,8 @@ MEET = {"full_vocab": _meet_full_vocab, "top_k": _meet_top_k, "vocab_slices": _m
 # helpers
 
 
-def _top_k_candidates(head: BackwardAttentionHead, logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The ids of the base's ``k`` most likely tokens per position (... x k)."""
+def _top_k_candidates(head: BackwardAttentionHead, logits: torch.Tensor, k: int, shared=None) -> torch.Tensor:
+    """The ids of the base's ``k`` most likely tokens per position (... x k), once per ``shared``."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise BackattnValueError(f"rerank_top_k must be a positive integer (or 0 / None: off), got {k!r}.")
     if head.config.score_mode == "replace":
@@ -303,13 +312,24 @@ def _top_k_candidates(head: BackwardAttentionHead, logits: torch.Tensor, k: int)
             "rerank_top_k re-ranks the base's top tokens and keeps the other logits, which needs "
             "score_mode 'add' or 'gate'; this head replaces the logits (score_mode='replace')."
         )
-    return logits.topk(min(k, head.config.vocab_size), dim=-1, sorted=False).indices
+    return _memo(
+        shared, ("top_k", k, logits.dtype), lambda: logits.topk(min(k, logits.shape[-1]), -1, sorted=False).indices
+    )
 
 
 def _vocab_slices(vocab_size: int, chunk_size: int | None) -> list[slice]:
     """The vocabulary rows in slices of ``chunk_size`` (one slice for all of it when ``None``)."""
     step = chunk_size or vocab_size
     return [slice(start, min(start + step, vocab_size)) for start in range(0, vocab_size, step)]
+
+
+def _memo(shared: dict | None, key: tuple, compute):
+    """``compute()``, once per ``key`` in ``shared`` (every call when ``shared`` is ``None``)."""
+    if shared is None:
+        return compute()
+    if key not in shared:
+        shared[key] = compute()
+    return shared[key]
 
 
 def _checkpointed(fn, *args):

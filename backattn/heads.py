@@ -2,17 +2,20 @@
 
 :class:`BackwardAttentionHeads` plays the part of PEFT's adapter bookkeeping. It is itself the
 ``nn.ModuleDict`` of the heads (so a model's state-dict keys stay ``heads.<name>.layers.0.w_key`` ...), and
-it owns the active head, the enabled state and the per-row routing of a batch whose rows want different
-heads. It is the only code that writes the model config's ``heads`` and ``active_head``, so
-``save_pretrained`` / ``from_pretrained`` always see the heads that are resident.
+it owns the active head, the enabled state, the per-row routing of a batch whose rows want different
+heads (``heads=``) and the fan-out of one batch to several heads (``fan_out=``). It is the only code that
+writes the model config's ``heads`` and ``active_head``, so ``save_pretrained`` / ``from_pretrained`` always
+see the heads that are resident.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .configuration_backattn import BackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
@@ -20,6 +23,20 @@ from .head_kernels import head_logits
 from .modeling_backattn import BackwardAttentionHead, SequenceContext
 
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass
+class FanOutOutput(ModelOutput):
+    """What ``forward(..., fan_out=[...])`` returns: every named head's logits for the same rows, from one base
+    forward. ``logits`` and ``loss`` (with ``labels``) map each name of ``fan_out`` (``None``: the base's own
+    logits) to what ``forward`` gives with that head active; the rest is the base's, as in
+    ``CausalLMOutputWithPast``."""
+
+    loss: dict | None = None  # first: ModelOutput reads a lone dict-valued first field as its items
+    logits: dict | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class HeadsDisabled:
@@ -237,6 +254,46 @@ class BackwardAttentionHeads(nn.ModuleDict):
                 "heads, or drop heads= to get the base model's own logits."
             )
 
+    def check_fan_out(self, fan_out) -> list[str | None]:
+        """``fan_out`` as a list of distinct resident head names (``None``: the base), or a clear error."""
+        names = self.names()
+        example = f"fan_out={names[:2] or ['name']}"
+        if isinstance(fan_out, (str, torch.Tensor)) or not isinstance(fan_out, (list, tuple)):
+            hint = f" (for one head on every row: heads={fan_out!r})" if isinstance(fan_out, str) else ""
+            raise BackattnTypeError(
+                f"fan_out= takes a list of head names (None for the base), each scoring every row, e.g. {example}; "
+                f"got {_describe(fan_out)}{hint}."
+            )
+        if not fan_out:
+            raise BackattnValueError(
+                f"fan_out= is empty: name at least one head (one of {names or 'none'}), or drop fan_out= for the "
+                "active head's logits."
+            )
+        for name in fan_out:
+            if name is not None and not isinstance(name, str):
+                raise BackattnTypeError(
+                    f"fan_out= entries must be head names (str) or None (the base), got {_describe(name)}; the heads "
+                    f"are {names or 'none'}."
+                )
+        unknown = [name for name in fan_out if name is not None and name not in self]
+        if unknown:
+            raise BackattnValueError(
+                f"fan_out= names {', '.join(map(repr, unknown))}, which {'is' if len(unknown) == 1 else 'are'} not "
+                f"loaded; the heads are {names or 'none'}."
+            )
+        repeated = sorted({repr(name) for name in fan_out if list(fan_out).count(name) > 1})
+        if repeated:
+            raise BackattnValueError(
+                f"fan_out= names {', '.join(repeated)} more than once; each head is scored once, so name it once."
+            )
+        if not self.enabled:
+            raise BackattnValueError(
+                f"fan_out={list(fan_out)!r} was given while heads are disabled (model.disable_heads()): call "
+                "model.enable_heads() (or leave the `with model.disable_heads():` block), or drop fan_out= to get "
+                "the base model's own logits."
+            )
+        return list(fan_out)
+
     def training_problem(self, heads: str | list | tuple | torch.Tensor | None = None) -> str | None:
         """Why no head would receive gradients from a loss (with ``heads=`` as given to forward), or ``None``."""
         if not self.enabled:
@@ -324,5 +381,40 @@ class BackwardAttentionHeads(nn.ModuleDict):
             out[rows] = scored
         return logits if out is None else out
 
+    def fan_out(
+        self,
+        logits: torch.Tensor,
+        hidden: torch.Tensor,
+        embeddings: torch.Tensor,
+        output_weight: torch.Tensor | None,
+        fan_out: list | tuple,
+        rerank_top_k: int | None = None,
+        context: SequenceContext | None = None,
+    ) -> dict[str | None, torch.Tensor]:
+        """Head name -> the logits that head gives for every row (``None`` -> the base's ``logits``), each equal to
+        what ``forward`` gives with that head active. One call serves them all from the same base outputs: what
+        depends on the base alone is computed once (the base logits' softmax weights of step 4, or their top-k
+        candidates and normaliser with ``rerank_top_k``: see ``head_logits``' ``shared``), each head's tables
+        come from their cache, and ``context`` (``query_layers`` states, copy context) was made once by the model."""
+        names, shared, out = self.check_fan_out(fan_out), {}, {}
+        for name in names:
+            if name is None:
+                out[None] = logits
+                continue
+            head, layer_states, copy = self[name], None, None
+            if context is not None and (head.config.query_layers is not None or head.config.copy_attention):
+                layer_states, copy = head.context_inputs(context)
+            out[name] = head_logits(
+                head, logits, hidden, embeddings, output_weight, rerank_top_k,
+                layer_states=layer_states, copy=copy, shared=shared,
+            )  # fmt: skip
+        return out
 
-__all__ = ["BackwardAttentionHeads", "HeadsDisabled"]
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+__all__ = ["BackwardAttentionHeads", "FanOutOutput", "HeadsDisabled"]

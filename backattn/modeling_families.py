@@ -12,6 +12,7 @@ with ``trust_remote_code=True`` where ``backattn`` is not installed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -36,7 +37,7 @@ from .errors import BackattnTypeError, BackattnValueError
 from .head_files import embedding_fingerprint, load_head, push_head_to_hub, save_head  # the methods' namesakes
 from .head_kernels import head_logits, weight_tables
 from .head_loss import FusedHeadOutput, head_cross_entropy, head_token_log_probs
-from .heads import BackwardAttentionHeads, HeadsDisabled
+from .heads import BackwardAttentionHeads, FanOutOutput, HeadsDisabled
 from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer, CopyInputs, SequenceContext
 
 #: Where ``save_pretrained`` puts the heads beside a PEFT adapter: ``heads/<name>/`` and ``heads/heads.json``.
@@ -563,9 +564,21 @@ class BackwardAttentionForCausalLMMixin:
             and not (hidden.requires_grad or weight.requires_grad or self.get_input_embeddings().weight.requires_grad)
         )
 
-    def generate(self, *args, heads: str | list | torch.Tensor | None = None, **kwargs):
+    def generate(self, *args, heads: str | list | torch.Tensor | None = None, fan_out: list | None = None, **kwargs):
         """``GenerationMixin.generate``; ``heads=`` (one head name or ``None`` per row) mixes heads in a batch,
-        and one head name alone serves every row. Refused while heads are disabled (it would be ignored)."""
+        and one head name alone serves every row. Refused while heads are disabled (it would be ignored).
+
+        ``fan_out=[name, ...]`` (``None``: the base) decodes the same inputs under each of those heads and returns
+        a dict name -> what ``generate(..., heads=name)`` returns, equal to it token for token: the prompt's
+        prefill runs once, as one fan-out forward (every head's first-token logits from one base pass), and each
+        head then decodes from its own deep copy of that prefill's KV cache. The heads decode one after another
+        rather than as one batch of ``rows x heads``: each then gets exactly its own ``generate`` (same batch shape,
+        stopping when its own rows finish, its own output object), and holds one head's batch at a time; after the
+        first token the sequences differ, so every later step needs a base forward per head either way. Without a
+        KV cache (``use_cache=False``) the first step is still shared. Not with ``past_key_values`` or ``heads=``.
+        """
+        if fan_out is not None:
+            return self._generate_fan_out(args, heads, fan_out, kwargs)
         self.heads.check_enabled_for(heads)
         if isinstance(heads, str):
             self.heads.route(heads)  # the name is checked; forward gives it to every row (beams included)
@@ -574,6 +587,49 @@ class BackwardAttentionForCausalLMMixin:
             # As a tensor, generate repeats it along with the batch for beams and multiple return sequences.
             kwargs["heads"] = self.heads.route(heads)
         return super().generate(*args, **kwargs)
+
+    def _generate_fan_out(self, args, heads, fan_out, kwargs) -> dict:
+        """``generate(..., fan_out=[...])``: each head's ``generate``, its prefill served by :class:`_SharedPrefill`."""
+        names = self.heads.check_fan_out(fan_out)
+        if heads is not None:
+            raise BackattnValueError(
+                "generate() got both heads= (one head per row) and fan_out= (every row under each head): pass one."
+            )
+        if kwargs.get("past_key_values") is not None:
+            raise BackattnValueError(
+                "fan_out= shares generate's own prefill between the heads, so it cannot start from a past_key_values "
+                "you pass (every head would extend that one cache): drop past_key_values, or call generate once "
+                "per head with a copy of it (copy.deepcopy)."
+            )
+        given = (*args[:1], *map(kwargs.get, ("inputs", "input_ids", "inputs_embeds")))
+        prompt = next((x for x in given if x is not None), None)
+        if None in names and not isinstance(prompt, torch.Tensor):
+            raise BackattnValueError("fan_out= with None (the base) needs the prompt as a tensor (input_ids).")
+        state, results = _SharedPrefill(names), {}
+        self._shared_prefill = state
+        try:
+            for name in names:
+                state.serving = name
+                route = name if name is not None else torch.full((prompt.shape[0],), -1, dtype=torch.long)
+                results[name] = self.generate(*args, heads=route, **kwargs)
+        finally:
+            self._shared_prefill = None
+        return results
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        """``GenerationMixin._prefill`` (Transformers 5), served once for every head while ``generate(fan_out=...)``
+        runs: the first head's call runs it as a fan-out forward with generate's own inputs, the others take its
+        logits and a copy of its KV cache (see :class:`_SharedPrefill`)."""
+        state = getattr(self, "_shared_prefill", None)
+        if state is None:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        if state.outputs is None:
+            inputs = {key: value for key, value in model_kwargs.items() if key != "heads"}
+            inputs["fan_out"] = state.names
+            state.keep(super()._prefill(input_ids, generation_config, inputs, *args, **kwargs), input_ids)
+        elif not (state.input_ids.shape == input_ids.shape and torch.equal(state.input_ids, input_ids)):
+            raise BackattnValueError("generate(fan_out=...): the heads' prefills differ; this is a bug in backattn.")
+        return state.served()
 
     # ----------------------------------------------------------------------------------------------------
     # checks of forward's inputs: shapes and dtypes first (free), then value ranges in one device sync
@@ -804,8 +860,9 @@ class BackwardAttentionForCausalLMMixin:
         rerank_top_k: int | None = None,
         fused_lm_head: bool = False,
         base_layer_states: dict[int, torch.Tensor] | None = None,
+        fan_out: list | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | FusedHeadOutput:
+    ) -> CausalLMOutputWithPast | FusedHeadOutput | FanOutOutput:
         r"""The base model's forward, then the active head on the positions kept.
 
         ``logits`` are the active head's next-token logits (the base model's own when no head is active or
@@ -819,6 +876,12 @@ class BackwardAttentionForCausalLMMixin:
         ``config.rerank_top_k`` for this call, and ``0`` scores the whole vocabulary. ``base_layer_states``
         (decoder block index -> batch x sequence x hidden) go with ``base_hidden_states`` for heads with
         ``query_layers``: the outputs of those blocks (before the base's final norm), as a feature cache stores them.
+
+        ``fan_out`` (a list of distinct head names, ``None`` for the base) scores every row under each of those
+        heads from one base forward and returns a :class:`~backattn.heads.FanOutOutput` whose ``logits`` (and
+        ``loss``, with ``labels``) map each name to what this forward gives with that head active; the base, its
+        block hooks and the sequence context run once, and so does whatever the heads share (see
+        ``BackwardAttentionHeads.fan_out``). Not with ``heads=`` or ``fused_lm_head=True``.
 
         Heads with ``query_layers`` or ``copy_attention`` read more of the base than the final hidden state: the
         model takes the outputs of the named decoder blocks by forward hooks while the base runs, and for
@@ -851,6 +914,14 @@ class BackwardAttentionForCausalLMMixin:
             input_ids, inputs_embeds, labels, base_hidden_states, past_key_values, position_ids, rerank_top_k, kwargs
         )
         past_length = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
+        if fan_out is not None:
+            fan_out = self.heads.check_fan_out(fan_out)
+            if heads is not None or fused_lm_head:
+                given = "heads= (one head per row)" if heads is not None else "fused_lm_head=True"
+                raise BackattnValueError(
+                    f"forward() got both fan_out= (every row under each head) and {given}: pass one of them."
+                )
+        serving = heads if fan_out is None else fan_out
         if base_hidden_states is not None:
             outputs, hidden = None, base_hidden_states.to(self.lm_head.weight.dtype)
             layer_states = self._given_layer_states(base_layer_states, hidden)
@@ -869,12 +940,28 @@ class BackwardAttentionForCausalLMMixin:
         cache = getattr(outputs, "past_key_values", None)
         cache = past_key_values if cache is None else cache
         context = self._sequence_context(
-            hidden, layer_states, input_ids, attention_mask, cache, past_length, logits_to_keep, heads
+            hidden, layer_states, input_ids, attention_mask, cache, past_length, logits_to_keep, serving
         )
         hidden = slice_logits_to_keep(hidden, logits_to_keep)
-        self._check_finite_head_inputs(hidden, inputs_embeds, base_hidden_states, heads)
+        self._check_finite_head_inputs(hidden, inputs_embeds, base_hidden_states, serving)
         embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
         loss = logits = None
+        if fan_out is not None:
+            logits = self.heads.fan_out(
+                self.base_logits(hidden), hidden, embeddings, weight, fan_out, self._rerank_top_k(rerank_top_k), context
+            )
+            if labels is not None:
+                loss = {
+                    name: self.loss_function(logits=z, labels=labels, vocab_size=vocab_size, **kwargs)
+                    for name, z in logits.items()
+                }
+            return FanOutOutput(
+                loss=loss,
+                logits=logits,
+                past_key_values=getattr(outputs, "past_key_values", None),
+                hidden_states=getattr(outputs, "hidden_states", None),
+                attentions=getattr(outputs, "attentions", None),
+            )
         if fused_lm_head:
             fused = self._fused_lm_head(hidden, labels, heads, rerank_top_k, kwargs, context)
             self._check_loss_trains(fused.loss, heads)
@@ -981,6 +1068,44 @@ def _keep_context(cache, memory: _ContextMemory) -> None:
 
             setattr(cache, name, wrapped)
     cache._backattn_context = memory
+
+
+def _copied_cache(cache):
+    """A deep copy of a KV cache, independent of the original: the copy heads' memory on it is copied too, and
+    the batch methods :func:`_keep_context` wrapped on the original are wrapped afresh on the copy."""
+    clone = copy.deepcopy(cache)
+    for name in _BATCH_METHODS:
+        clone.__dict__.pop(name, None)  # the original's wrappers, which would reorder the original's memory
+    memory = clone.__dict__.pop("_backattn_context", None)
+    if memory is not None:
+        _keep_context(clone, memory)
+    return clone
+
+
+class _SharedPrefill:
+    """One ``generate(fan_out=names)``: the prefill the first head's ``generate`` ran (as a fan-out forward), served
+    to each head in turn (``serving``) with that head's logits and a KV cache of its own: the first head takes the
+    prefill's cache, the others deep copies of a copy kept before any head decoded."""
+
+    def __init__(self, names: list[str | None]):
+        self.names, self.serving = names, None
+        self.outputs = self.input_ids = self.pristine = None
+
+    def keep(self, outputs: FanOutOutput, input_ids: torch.Tensor) -> None:
+        self.outputs, self.input_ids = outputs, input_ids
+        cache = outputs.past_key_values
+        self.pristine = _copied_cache(cache) if cache is not None and len(self.names) > 1 else None
+
+    def served(self) -> CausalLMOutputWithPast:
+        index, cache = self.names.index(self.serving), self.outputs.past_key_values
+        if index and cache is not None:
+            cache = self.pristine if index == len(self.names) - 1 else _copied_cache(self.pristine)
+        return CausalLMOutputWithPast(
+            logits=self.outputs.logits[self.serving],
+            past_key_values=cache,
+            hidden_states=self.outputs.hidden_states,
+            attentions=self.outputs.attentions,
+        )
 
 
 class GPT2BackwardAttentionForCausalLM(BackwardAttentionForCausalLMMixin, GPT2LMHeadModel):
