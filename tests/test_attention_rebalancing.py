@@ -462,16 +462,18 @@ def test_concurrent_and_nested_forwards_keep_their_own_masks():
     inputs = [ids_batch(rows=2, length=9, seed=8), ids_batch(rows=3, length=5, seed=9)]
     solo = [logits(m, x) for m, x in zip(models, inputs)]
 
-    # Threads, each model many times at once.
-    failures, barrier = [], threading.Barrier(2)
+    # Threads, each model many times at once, and model 0 in a third thread on model 1's inputs.
+    jobs = [(models[0], inputs[0], solo[0]), (models[1], inputs[1], solo[1])]
+    jobs.append((models[0], inputs[1], logits(models[0], inputs[1])))
+    failures, barrier = [], threading.Barrier(len(jobs))
 
-    def run(index):
+    def run(model, ids, expected):
         barrier.wait()
         for _ in range(20):
-            if not torch.equal(logits(models[index], inputs[index]), solo[index]):
-                failures.append(index)
+            if not torch.equal(logits(model, ids), expected):
+                failures.append(ids.shape)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
     for thread in threads:
         thread.start()
     for thread in threads:
