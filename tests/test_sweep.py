@@ -333,4 +333,4 @@ def test_the_sweep_command_trains_every_head_and_saves_loadable_heads(tiny_gpt2_
     with pytest.raises(BackattnValueError, match="more than once"):
         sweep_heads.main([str(path)])
     shipped, training = sweep_heads.parse_arguments([str(root / "benchmarks" / "sweep_heads_validation.yaml")])
-    assert len(check_sweep_heads(shipped.heads)) == 6 and training.max_steps == 157  # the shipped sweep parses
+    assert len(check_sweep_heads(shipped.heads)) == 4 and training.max_steps == 157  # the shipped sweep parses
