@@ -305,3 +305,14 @@ def test_compare_sentiment_reuses_the_comparison_and_scores_label_words(tiny_lla
     for name in ("results.md", "pareto_accuracy.png", "pareto_label_ce.png"):
         assert (tmp_path / "out" / name).is_file()
     assert "| macro-F1 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_vocabulary_benchmark_measures_every_size(tmp_path):
+    script = load_script("bench_vocabulary")
+    report = script.main(["--sizes", "300", "600", "--hidden", "16", "--layers", "1", "--batch_size", "2",
+                          "--seq_len", "10", "--new_tokens", "2", "--rounds", "1", "--calls", "1",
+                          "--loss_chunk_size", "4", "--output", str(tmp_path / "vocabulary.json")])  # fmt: skip
+    assert [row["vocab_size"] for row in report["sizes"]] == [300, 600]
+    for row in report["sizes"]:
+        assert row["train_step_s"] > 0 and row["generate_head_over_base"] > 0 and row["exact_train_step_added_mib"] >= 0
+    assert (tmp_path / "vocabulary.json").exists()

@@ -164,6 +164,19 @@ def test_the_tables_cache_follows_the_dtype_and_device_of_the_base(base_dir):
     assert half.dtype == torch.bfloat16 and (half.float() - full).abs().max() < 0.05 * full.abs().max()
 
 
+def test_device_map_auto_loads_base_and_heads(base_dir, tmp_path):
+    """``device_map="auto"`` (accelerate's placement; every module on the CPU here, on the GPUs where there are):
+    a saved model with a head loads so, and gives the logits it gave before saving."""
+    model = LlamaBackwardAttentionForCausalLM.from_pretrained(base_dir, head_config=OPEN_HEAD).eval()
+    randomise(model.heads)
+    model.save_pretrained(tmp_path)
+    placed = LlamaBackwardAttentionForCausalLM.from_pretrained(tmp_path, device_map="auto").eval()
+    assert {p.device for p in placed.heads.parameters()} == {placed.lm_head.weight.device}
+    ids, _ = tokens(7)
+    with torch.no_grad():
+        assert torch.equal(placed(ids.to(placed.device)).logits.cpu(), model(ids).logits)
+
+
 def chunked_and_exact(model, ids, labels, autocast_device, dtype, scaler=None):
     """Loss and the head's gradients (unscaled) of the chunked and the exact loss under autocast."""
     results = {}
