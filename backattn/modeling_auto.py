@@ -140,7 +140,11 @@ def _family(base_type: str, model_type: str) -> type:
 
 def _check_text_config(base_type: str, base_config: type, base_class: type) -> None:
     """Refuse composite (multimodal) configs: the head needs one vocabulary, one hidden size, one output layer."""
-    composite = getattr(base_config, "sub_configs", None) or {}
+    composite = [
+        k
+        for k in getattr(base_config, "sub_configs", None) or {}
+        if k.endswith(("text_config", "vision_config", "audio_config", "encoder", "decoder"))
+    ]  # fmt: skip  (DBRX's attn_config and ffn_config are fine)
     if composite:
         text = f"{base_type}_text"
         hint = (
@@ -167,8 +171,10 @@ _KNOWN_STATEMENTS = {
     "x / self.config.logits_scaling": ("divide", "logits_scaling"),
     "x / self.logits_scaling": ("divide", "logits_scaling"),
     "x * self.config.logits_scaling": ("multiply", "logits_scaling"),
+    "x.float() / self.config.final_logit_softcapping": ("softcap", "final_logit_softcapping"),  # cast, then capped
     "x.float()": (),  # a dtype cast: the head's logits are computed in the head's dtype anyway
     "x.to(torch.float32)": (),
+    "x.contiguous()": (),  # a memory layout
 }
 
 

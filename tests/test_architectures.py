@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from conftest import randomise
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, OPTForCausalLM
 
 from backattn import (
     FAMILIES,
@@ -253,6 +253,8 @@ def test_architectures_that_cannot_carry_a_head_are_refused_with_the_reason():
     ):
         logit_steps(Shifted)
     assert logit_steps(GPT2LMHeadModel) == () and logit_steps(LlamaForCausalLM) == ()
+    assert logit_steps(OPTForCausalLM) == ()  # `logits = self.lm_head(h).contiguous()`: a layout, not a value
+    assert "dbrx" in FAMILIES  # its attn_config / ffn_config sub-configs are parts of one text decoder
 
 
 def test_generic_decoder_blocks_feed_query_layers(base_dirs):
