@@ -132,17 +132,28 @@ def options_of(config) -> RebalancingOptions | None:
     return None if value is None else RebalancingOptions.coerce(value)
 
 
-def layer_zero_mask(weights: torch.Tensor, threshold: float) -> torch.Tensor:
+def layer_zero_mask(
+    weights: torch.Tensor, threshold: float, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``M = A_0 > threshold`` (batch x heads x queries x keys), each query's own key removed.
 
-    The ``Q`` queries of a call are the last ``Q`` of the ``K`` keys (a KV cache holds the others), so query ``i``
-    sits at key ``K - Q + i``: the diagonal without a cache, the newest column in a one-query decode step.
+    A query's own key is the last key its causal mask lets it see (``attention_mask``, the 4-D mask eager
+    attention gets: 0 or ``True`` where allowed): the diagonal without a cache, the newest column in a one-query
+    decode step with a dynamic cache, the query's slot in a static cache (whose later slots are masked). Without
+    a mask the ``Q`` queries are taken as the last ``Q`` of the ``K`` keys (query ``i`` at key ``K - Q + i``).
+    A query that may see no key at all (a padding row) has no own key.
     """
     mask = weights > threshold
     queries, keys = mask.shape[-2:]
-    own = torch.arange(queries, device=mask.device)
-    mask[..., own, own + (keys - queries)] = False
-    return mask
+    if attention_mask is None:
+        rows = torch.arange(queries, device=mask.device)
+        mask[..., rows, rows + (keys - queries)] = False
+        return mask
+    causal = attention_mask[..., -queries:, :keys]
+    allowed = causal if causal.dtype == torch.bool else causal > torch.finfo(causal.dtype).min / 2
+    positions = torch.arange(keys, device=mask.device, dtype=torch.int32)
+    own = torch.where(allowed, positions, -1).amax(dim=-1, keepdim=True)  # batch x 1 x Q x 1
+    return mask & (positions != own)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,7 +259,7 @@ def rebalanced_attention_forward(
     if options.alpha == 0 or depth < 2:
         return output, weights  # the base's eager attention, exactly
     if layer == 0:
-        _MASKS.put(module.config, attention_mask, layer_zero_mask(weights, options.threshold))
+        _MASKS.put(module.config, attention_mask, layer_zero_mask(weights, options.threshold, attention_mask))
         return output, weights
     mask = _MASKS.get(module.config, attention_mask, layer, last=layer == depth - 1)
     if mask.shape != weights.shape:

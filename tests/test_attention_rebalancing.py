@@ -252,10 +252,12 @@ def test_generation_with_and_without_the_kv_cache_agree(family):
     mask[0, :2] = 0  # left padding
     options = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
                    output_logits=True, return_dict_in_generate=True)  # fmt: skip
-    cached = model.generate(ids, use_cache=True, **options)
     uncached = model.generate(ids, use_cache=False, **options)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=0, atol=1e-5)
+    # a dynamic cache (keys = past + new), and a static one (keys = every slot, the later ones masked)
+    for cache in ({}, {"cache_implementation": "static"}):
+        cached = model.generate(ids, use_cache=True, **cache, **options)
+        assert torch.equal(cached.sequences, uncached.sequences)
+        torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=0, atol=1e-5)
 
 
 def test_a_head_sees_the_rebalanced_base_and_its_feature_cache_is_keyed_by_the_options(tmp_path):
