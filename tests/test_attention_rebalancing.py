@@ -550,3 +550,38 @@ def test_the_cost_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert "| base, SDPA | " in out and "1.00x" in out
     figures = json.loads((tmp_path / "cost.json").read_text())
     assert set(figures["tokens_per_s"]) == set(script.SETTINGS)
+
+
+def carried_architectures():
+    """The architectures the project's families are tested on (tests/test_architectures.py's table)."""
+    from test_architectures import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
+@pytest.mark.parametrize("model_type", sorted(carried_architectures()))
+def test_every_carried_family_rebalances_or_refuses_clearly(model_type):
+    from backattn import family_for
+
+    options = dict(carried_architectures()[model_type])
+    options["n_layer" if "n_layer" in options else "num_hidden_layers"] = 3  # two layers: only L-1, never boosted
+    torch.manual_seed(0)
+    model = family_for(model_type)(AutoConfig.for_model(model_type, **options)).eval()
+    windowed = getattr(model.config, "sliding_window", None) is not None or any(
+        kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ()
+    )
+    if windowed:
+        with pytest.raises(BackattnValueError, match="sliding"):
+            enable_attention_rebalancing(model, alpha=0.2)
+        return
+    model.set_attn_implementation("eager")
+    ids = ids_batch()
+    eager = logits(model, ids)
+    enable_attention_rebalancing(model, alpha=0.0)
+    assert torch.equal(logits(model, ids), eager)
+    enable_attention_rebalancing(model, alpha=0.5, threshold=0.05)
+    assert (logits(model, ids) - eager).abs().max() > 1e-5
+    generation = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(
+        model.generate(ids, use_cache=True, **generation), model.generate(ids, use_cache=False, **generation)
+    )
