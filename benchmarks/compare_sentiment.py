@@ -39,7 +39,7 @@ from backattn.data.classification_data import (  # noqa: E402
 
 #: Heads and the PEFT methods of about their size (LoReFT, output-layer LoRA and the stacked method are left
 #: to the math comparison, which found them behind LoRA on attention).
-SENTIMENT_METHODS = ["head hidden", "LoRA attention", "LM-Steer", "IA3", "head gated", "head seed"]
+SENTIMENT_METHODS = ["head hidden", "LoRA attention", "head gated", "head seed"]
 
 
 @dataclass
