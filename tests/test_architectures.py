@@ -358,3 +358,18 @@ def test_a_fresh_process_loads_any_familys_checkpoint_through_the_auto_classes(b
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK backattn.modeling_auto Qwen3BackwardAttentionForCausalLM" in result.stdout
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi"])
+def test_trls_fused_lm_head_protocol_reads_the_post_processed_logits(model_type, base_dirs):
+    """forward(..., fused_lm_head=True) (TRL's trainers) scores through the soft-capped (or biased) logits too."""
+    _, model = stock_and_model(base_dirs, model_type, OPEN_HEAD)
+    randomise(model.heads)
+    ids, mask = batch(10)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        fused = model(ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    keep = fused.label_mask
+    torch.testing.assert_close(fused.log_probs[keep], expected[keep], rtol=1e-5, atol=1e-5)
