@@ -81,11 +81,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of every run, in rotating order")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8], help="heads per sweep")
     parser.add_argument("--output", default="benchmarks/results/sweep.json")
+    parser.add_argument(
+        "--profile_only", action="store_true", help="only profile what one more head adds (into --output's JSON)"
+    )
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.set_verbosity_error()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from sweep_heads import SweepArguments, load_protocol
+
+    if options.profile_only:
+        return profile_extra_head(ROOT / options.output, load_protocol(SweepArguments(max_eval_problems=8)))
 
     started = time.perf_counter()
     protocol = SweepArguments(max_eval_problems=8)
@@ -180,6 +186,33 @@ def main(argv: list[str] | None = None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
+    return results
+
+
+def profile_extra_head(path: Path, protocol) -> dict:
+    """``torch.profiler`` self CPU time by operator of one batch's forward + backward with 2 heads minus with 1
+    head: what one more head of a sweep costs, operator by operator (merged into the JSON at ``path``)."""
+    base, tokenizer, train, _ = protocol
+    batch = SFTCollator(tokenizer)([train[i] for i in range(8)])
+    by_operator = {}
+    for n in (1, 2):
+        sweep = HeadSweep.from_pretrained(base, [SweepHead(f"h{k}", "hidden") for k in range(n)]).train()
+        sweep(**batch).loss.backward()  # untimed: first-call allocations
+        sweep.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            sweep(**batch).loss.backward()
+        by_operator[n] = {e.key: e.self_cpu_time_total / 1e6 for e in profile.key_averages()}
+    extra = {op: by_operator[2].get(op, 0.0) - by_operator[1].get(op, 0.0) for op in by_operator[2]}
+    top = dict(sorted(extra.items(), key=lambda item: -item[1])[:10])
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["extra_head_profile"] = {
+        "self_cpu_seconds_by_operator": {op: round(seconds, 4) for op, seconds in top.items()},
+        "extra_head_self_cpu_seconds": sum(extra.values()),
+        "one_head_self_cpu_seconds": sum(by_operator[1].values()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results["extra_head_profile"], indent=1))
     return results
 
 

@@ -334,3 +334,50 @@ def test_the_sweep_command_trains_every_head_and_saves_loadable_heads(tiny_gpt2_
         sweep_heads.main([str(path)])
     shipped, training = sweep_heads.parse_arguments([str(root / "benchmarks" / "sweep_heads_validation.yaml")])
     assert len(check_sweep_heads(shipped.heads)) == 4 and training.max_steps == 157  # the shipped sweep parses
+
+
+DECODER = dict(
+    vocab_size=97, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model_type, options",
+    [("gemma3_text", dict(head_dim=12, query_pre_attn_scalar=12, sliding_window=8, final_logit_softcapping=0.1)),
+     ("phi", {}), ("cohere", dict(logit_scale=0.5))],
+    ids=["soft-capped", "output-bias", "scaled"],
+)  # fmt: skip
+def test_bases_whose_logits_are_not_h_w_share_them_too(model_type, options, tmp_path):
+    """Soft-capping, an output-layer bias, a logit scale: each head's sweep loss and gradients equal the model's
+    own chunked loss with that head active (raw weighting, whose W^T Vv shortcut must then be off, included)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from backattn import family_for
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **DECODER, **options)).save_pretrained(tmp_path)
+    model = family_for(model_type).from_pretrained(tmp_path)
+    model.config.loss_chunk_size = 5
+    if model.lm_head.bias is not None:
+        with torch.no_grad():
+            model.lm_head.bias.normal_()  # it starts at zero, where forgetting it would go unnoticed
+    sweep = HeadSweep(model, [HEADS[0], HEADS[2]])
+    for index, head in enumerate(sweep.heads.values()):
+        randomise(head, seed=index + 1)
+    sweep.train()
+    ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    output = sweep(input_ids=ids, labels=labels)
+    output.loss.backward()
+    together = {name: [p.grad.clone() for p in head.parameters()] for name, head in sweep.heads.items()}
+    for k, (name, head) in enumerate(sweep.heads.items()):
+        sweep.zero_grad()
+        model.set_head(name)
+        alone = model(input_ids=ids, labels=labels)
+        assert alone.logits is None  # the model's chunked loss
+        alone.loss.backward()
+        torch.testing.assert_close(output.head_losses[k], alone.loss, rtol=1e-6, atol=1e-7)
+        for mine, theirs in zip(together[name], (p.grad for p in head.parameters())):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
