@@ -187,7 +187,13 @@ def logit_steps(base_class: type) -> tuple[LogitStep, ...]:
     :data:`_KNOWN_STATEMENTS`. ``BackattnValueError`` for one that is not known, or when no ``self.lm_head`` call
     is found (the head would not know which logits the base returns)."""
     forward = next(c.forward for c in base_class.__mro__ if "forward" in vars(c))
-    tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError) as error:  # e.g. Transformers installed without its .py sources
+        raise BackattnValueError(
+            f"{base_class.__name__}: backattn reads the base's logit post-processing from the source of its forward, "
+            f"which cannot be read here ({error}); install Transformers with its Python sources."
+        ) from error
     assignments = sorted(
         (n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign))),
         key=lambda n: (n.lineno, n.col_offset),
