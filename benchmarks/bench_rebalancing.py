@@ -4,10 +4,12 @@
 
 One model, one thread, one run: the base with SDPA (Transformers' default), the base with eager attention, and
 the re-balanced base (``alpha`` 0.2, threshold 0.01: eager attention plus the layer-0 mask and the boost), each
-timed by ``torch.utils.benchmark`` (``measure.median_seconds``) in interleaved rounds, so every ratio compares
-figures taken side by side. Forward: one sequence of ``--forward_tokens`` random ids, no cache. Generate: greedy,
-``--new_tokens`` new tokens after a ``--prompt_tokens`` prompt with the KV cache (the prompt's forward included),
-tokens/s counting the new tokens. Prints a Markdown table and, with ``--output``, writes the figures as JSON.
+timed by ``torch.utils.benchmark`` (``measure.median_seconds``, wall clock) and by the process's CPU seconds
+(``time.process_time``, which other processes on a shared machine disturb less) in interleaved rounds, so
+every ratio compares figures taken side by side. Forward: one sequence of ``--forward_tokens`` random ids, no
+cache. Generate: greedy, ``--new_tokens`` new tokens after a ``--prompt_tokens`` prompt with the KV cache (the
+prompt's forward included), tokens/s counting the new tokens. Prints two Markdown tables (wall clock, CPU)
+and, with ``--output``, writes the figures as JSON.
 This measures the cost only; whether re-balancing helps is a separate question (issue 18, item 3).
 """
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -60,38 +63,55 @@ def main(argv=None) -> None:
     def generate():
         model.generate(prompt, attention_mask=torch.ones_like(prompt), **generate_options)
 
-    seconds = {setting: {"forward": [], "generate": []} for setting in SETTINGS}
+    clocks = ("wall", "cpu")
+    seconds = {clock: {setting: {"forward": [], "generate": []} for setting in SETTINGS} for clock in clocks}
     counts = {}
     for _ in range(options.rounds):
         for setting in SETTINGS:
             use(model, setting)
             for task, function in (("forward", forward), ("generate", generate)):
                 measurement = median_seconds(function, calls=3)
-                seconds[setting][task].append(measurement.median)
+                seconds["wall"][setting][task].append(measurement.median)
                 counts[setting, task] = counted(measurement)
+                seconds["cpu"][setting][task].append(cpu_seconds(function))
     use(model, "base, SDPA")
 
     tokens = {"forward": options.forward_tokens, "generate": new}
-    median = {s: {t: statistics.median(v) for t, v in tasks.items()} for s, tasks in seconds.items()}
-    rate = {s: {t: tokens[t] / median[s][t] for t in tokens} for s in SETTINGS}
+    rate = {
+        clock: {s: {t: tokens[t] / statistics.median(seconds[clock][s][t]) for t in tokens} for s in SETTINGS}
+        for clock in clocks
+    }
     print(
         f"SmolLM2-135M-Instruct, float32, 1 thread, {platform.processor() or platform.machine()}; forward: 1 x "
         f"{options.forward_tokens} tokens, no cache; generate: {new} greedy tokens after a {options.prompt_tokens}-"
-        f"token prompt, KV cache; medians over {options.rounds} interleaved rounds (forward: each a "
-        f"{counts[SETTINGS[0], 'forward']})\n"
+        f"token prompt, KV cache; medians over {options.rounds} interleaved rounds (wall clock: each a "
+        f"{counts[SETTINGS[0], 'forward']} by torch.utils.benchmark; CPU: the process's CPU seconds, median of 3 "
+        "calls, which other processes on a shared machine disturb less)\n"
     )
-    print("| setting | forward tokens/s | vs SDPA | vs eager | generate tokens/s | vs SDPA | vs eager |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for setting in SETTINGS:
-        cells = []
-        for task in ("forward", "generate"):
-            value = rate[setting][task]
-            sdpa, eager = value / rate["base, SDPA"][task], value / rate["base, eager"][task]
-            cells += [f"{value:.0f}" if task == "forward" else f"{value:.1f}", f"{sdpa:.2f}x", f"{eager:.2f}x"]
-        print(f"| {setting} | " + " | ".join(cells) + " |")
+    for clock, title in (("wall", "tokens/s"), ("cpu", "tokens per CPU second")):
+        print(f"| setting | forward {title} | vs SDPA | vs eager | generate {title} | vs SDPA | vs eager |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for setting in SETTINGS:
+            cells = []
+            for task in ("forward", "generate"):
+                value = rate[clock][setting][task]
+                sdpa, eager = value / rate[clock]["base, SDPA"][task], value / rate[clock]["base, eager"][task]
+                cells += [f"{value:.0f}" if task == "forward" else f"{value:.1f}", f"{sdpa:.2f}x", f"{eager:.2f}x"]
+            print(f"| {setting} | " + " | ".join(cells) + " |")
+        print()
     if options.output is not None:
         figures = {"options": {k: str(v) for k, v in vars(options).items()}, "seconds": seconds, "tokens_per_s": rate}
         options.output.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def cpu_seconds(function, calls: int = 3) -> float:
+    """The median CPU seconds of ``calls`` calls of ``function`` (``time.process_time``: this process alone)."""
+    times = []
+    for _ in range(calls):
+        start = time.process_time()
+        function()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -549,7 +549,9 @@ def test_the_cost_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch, capsys):
         assert f"| {setting} | " in out
     assert "| base, SDPA | " in out and "1.00x" in out
     figures = json.loads((tmp_path / "cost.json").read_text())
-    assert set(figures["tokens_per_s"]) == set(script.SETTINGS)
+    assert set(figures["tokens_per_s"]) == {"wall", "cpu"}
+    assert set(figures["tokens_per_s"]["cpu"]) == set(script.SETTINGS)
+    assert "| setting | forward tokens per CPU second |" in out
 
 
 def carried_architectures():
