@@ -1,6 +1,8 @@
 """Train a list of head configurations in one pass over the same cached features, and score each on validation.
 
     .venv/bin/python benchmarks/sweep_heads.py benchmarks/sweep_heads_validation.yaml
+    .venv/bin/python benchmarks/sweep_heads.py benchmarks/sweep_heads_validation.yaml --max_steps 40 \
+        --output_dir outputs/sweep_heads_validation_40_steps      # options on top of the YAML's
 
 The YAML holds the options of :class:`SweepArguments` and of ``TrainingArguments`` side by side (parsed by
 ``HfArgumentParser``), and ``heads``: a list of head configurations, each ``{name, preset, options,
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 from transformers.utils import logging
@@ -73,10 +76,17 @@ class SweepTrainingArguments(TrainingArguments):
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[SweepArguments, SweepTrainingArguments]:
+    """``CONFIG.yaml [--option value ...]``: the YAML's options, each ``--option value`` (read as YAML: numbers,
+    lists) on top; or the options alone on the command line (no head list then but an empty one)."""
     parser = HfArgumentParser((SweepArguments, SweepTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(Path(argv[0]).resolve(), allow_extra_keys=False)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        options = yaml.safe_load(Path(argv[0]).resolve().read_text()) or {}
+        overrides = argv[1:]
+        if len(overrides) % 2 or not all(name.startswith("--") for name in overrides[::2]):
+            raise BackattnValueError(f"After {argv[0]}, give options as --name value pairs, got {overrides}.")
+        options.update({name[2:]: yaml.safe_load(value) for name, value in zip(overrides[::2], overrides[1::2])})
+        return parser.parse_dict(options, allow_extra_keys=False)
     return parser.parse_args_into_dataclasses(args=argv)
 
 

@@ -314,13 +314,13 @@ def test_the_sweep_command_trains_every_head_and_saves_loadable_heads(tiny_gpt2_
     config = {
         "model_name_or_path": str(tiny_gpt2_dir), "dataset": str(rows), "train_templates": "0-3",
         "eval_templates": "4-5", "max_length": 64, "feature_cache_dirs": [], "work_dir": str(tmp_path / "work"),
-        "output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 4, "use_cpu": True,
+        "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True,
         "heads": [{"name": "fast", "preset": "hidden", "learning_rate": 0.05},
                   {"name": "narrow", "preset": "gated", "options": {"out_dim": 8}, "learning_rate": 0.01}],
     }  # fmt: skip
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
-    results = sweep_heads.main([str(path)])
+    results = sweep_heads.main([str(path), "--max_steps", "3"])  # an option on top of the YAML
     assert results["steps"] == 3 and set(results["heads"]) == {"fast", "narrow"}
     assert results["heads"]["fast"]["learning_rate"] == 0.05
     assert all(math.isfinite(row["target_ce"]) for row in results["heads"].values())
