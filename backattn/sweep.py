@@ -518,8 +518,12 @@ class SweepTrainer(Trainer):
     * training logs carry each head's loss (``loss_<name>``), evaluation each head's target CE
       (``eval_<name>_target_ce``) beside ``eval_loss``, the sum of the heads' target CEs.
 
-    Single-process and data-parallel (DDP) runs; FSDP, DeepSpeed and XLA clip inside their own engines and are
-    refused.
+    ``load_best_model_at_end`` picks one checkpoint for every head (by ``metric_for_best_model``: ``loss``, the
+    sum of the heads' target CEs, or one head's ``<name>_target_ce``); to keep each head's own best, compare the
+    heads' ``eval_<name>_target_ce`` in ``state.log_history`` and load their directories from those checkpoints.
+
+    Written for single-process and data-parallel (DDP) runs, tested single-process; FSDP, DeepSpeed and XLA clip
+    inside their own engines and are refused.
     """
 
     def __init__(self, model: HeadSweep, *args, head_metadata: dict | None = None, **kwargs):
