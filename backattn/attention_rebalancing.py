@@ -7,7 +7,8 @@ decoder layers:
 
 * layer 0 runs as eager attention, and marks where it attends meaningfully:
   ``M = A_0 > threshold``, each query's own position removed (the diagonal in a prefill; with a KV cache the
-  key at the query's own position, i.e. the newest column in a one-query decode step);
+  key at the query's own position, i.e. the newest column in a one-query decode step: the last key the
+  query's causal mask allows, which also places it in a static cache);
 * each later layer ``l = 1 .. L-1`` boosts the same positions before its weights meet the values:
   ``A_l[M] *= 1 + alpha * (1 - l / (L-1))``, with no renormalisation, then ``out_l = A_l V_l``.
 
@@ -28,7 +29,8 @@ needs ``attn_implementation="backattn_rebalanced"`` at ``from_pretrained`` (afte
 Supported: every model whose attention modules call ``ALL_ATTENTION_FUNCTIONS`` with a ``layer_idx`` and whose
 modeling file defines ``eager_attention_forward`` returning ``(output, weights)``: Llama (SmolLM2) and GPT-2
 in Transformers 5 (GPT2Attention calls the interface; its ``reorder_and_upcast_attn`` path included), and
-tested on Qwen2, Gemma, GPT-NeoX and OLMo-2 too. The weights come from that eager function, so its semantics
+tested on the other families the project carries (Mistral without a window, Qwen2/3, Phi, Phi-3, GPT-NeoX,
+Cohere, Granite) and on Gemma and OLMo-2. The weights come from that eager function, so its semantics
 (scaling, soft-capping where a family has it) are kept. Refused with an error: sliding-window or other non-full
 layers (``config.layer_types``, ``config.sliding_window``, a module's ``sliding_window``: Mistral, Gemma 2/3),
 cross-attention, and attention implementations that never form the weights (``sdpa``, flash, flex): the mask
@@ -359,11 +361,15 @@ def enable_attention_rebalancing(model, alpha: float = 0.2, threshold: float = 0
     :data:`ATTENTION_REBALANCING`. Returns the model. Errors name unsupported models and bad options."""
     options = RebalancingOptions(alpha=alpha, threshold=threshold)
     check_supported(model)
+    before = getattr(model.config, CONFIG_KEY, None)
     setattr(model.config, CONFIG_KEY, options.to_dict())
-    model.set_attn_implementation(ATTENTION_REBALANCING)
-    if model.config._attn_implementation != ATTENTION_REBALANCING:
-        setattr(model.config, CONFIG_KEY, None)
-        raise BackattnValueError(f"{type(model).__name__} could not switch its attention to re-balancing.")
+    try:
+        model.set_attn_implementation(ATTENTION_REBALANCING)
+        if model.config._attn_implementation != ATTENTION_REBALANCING:
+            raise BackattnValueError(f"{type(model).__name__} could not switch its attention to re-balancing.")
+    except Exception:
+        setattr(model.config, CONFIG_KEY, before)
+        raise
     return model
 
 
