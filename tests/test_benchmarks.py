@@ -296,6 +296,13 @@ def test_compare_sentiment_reuses_the_comparison_and_scores_label_words(tiny_lla
     base = rows["frozen base"]["metrics"]
     assert base["accuracy"]["value"] == pytest.approx(expected)
     assert base["label_ce"]["value"] == pytest.approx(sum(scored["label_loss"]) / sum(scored["label_tokens"]))
+    pairs = list(zip(scored["predictions"], scored["references"]))
+    f1 = []
+    for label in ("positive", "negative"):  # macro-F1 by hand: every class's 2 tp / (2 tp + fp + fn), averaged
+        tp = sum(p == r == label for p, r in pairs)
+        wrong = sum((p == label) != (r == label) for p, r in pairs)
+        f1.append(2 * tp / (2 * tp + wrong) if tp else 0.0)
+    assert base["macro_f1"]["value"] == pytest.approx(sum(f1) / 2)
     for name in ("head hidden lr=0.003 @1T", "LoRA attention lr=0.003 @1T"):
         metrics = rows[name]["metrics"]
         assert {"accuracy", "macro_f1", "label_ce"} <= set(metrics)
