@@ -361,7 +361,7 @@ def enable_attention_rebalancing(model, alpha: float = 0.2, threshold: float = 0
     :data:`ATTENTION_REBALANCING`. Returns the model. Errors name unsupported models and bad options."""
     options = RebalancingOptions(alpha=alpha, threshold=threshold)
     check_supported(model)
-    before = getattr(model.config, CONFIG_KEY, None)
+    before, running = getattr(model.config, CONFIG_KEY, None), model.config._attn_implementation
     setattr(model.config, CONFIG_KEY, options.to_dict())
     try:
         model.set_attn_implementation(ATTENTION_REBALANCING)
@@ -370,14 +370,23 @@ def enable_attention_rebalancing(model, alpha: float = 0.2, threshold: float = 0
     except Exception:
         setattr(model.config, CONFIG_KEY, before)
         raise
+    if running != ATTENTION_REBALANCING:
+        model._attn_implementation_before_rebalancing = running  # what disable_attention_rebalancing restores
     return model
 
 
 def disable_attention_rebalancing(model, attn_implementation: str | None = None):
     """Turn re-balancing off: ``config.attention_rebalancing = None`` and the attention back to
-    ``attn_implementation`` (``None``: Transformers' default, SDPA where available). Returns the model."""
+    ``attn_implementation`` (``None``: the one the model ran before :func:`enable_attention_rebalancing`, else
+    SDPA). Returns the model; on an error (an implementation the model lacks) it is left re-balancing."""
+    implementation = attn_implementation or getattr(model, "_attn_implementation_before_rebalancing", None) or "sdpa"
+    before = getattr(model.config, CONFIG_KEY, None)
     setattr(model.config, CONFIG_KEY, None)
-    model.set_attn_implementation(attn_implementation or "sdpa")
+    try:
+        model.set_attn_implementation(implementation)
+    except Exception:
+        setattr(model.config, CONFIG_KEY, before)
+        raise
     return model
 
 

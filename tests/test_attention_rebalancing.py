@@ -425,7 +425,8 @@ def test_windowed_architectures_are_refused(model_type, overrides, words):
 
 
 def test_a_factory_family_rebalances_and_keeps_its_options(tmp_path):
-    modeling_auto = pytest.importorskip("backattn.modeling_auto")  # the families made for any architecture
+    from backattn import modeling_auto  # the families made for any architecture
+
     stock = tiny_other("qwen2")
     family = modeling_auto.backward_attention_class("qwen2")
     model = family(stock.config).eval()
@@ -587,3 +588,17 @@ def test_every_carried_family_rebalances_or_refuses_clearly(model_type):
     assert torch.equal(
         model.generate(ids, use_cache=True, **generation), model.generate(ids, use_cache=False, **generation)
     )
+
+
+def test_disabling_restores_the_attention_the_model_ran_before():
+    model = tiny_other("qwen2")
+    model.set_attn_implementation("eager")
+    enable_attention_rebalancing(model, alpha=0.2)
+    enable_attention_rebalancing(model, alpha=0.5)  # new options keep the implementation recorded first
+    disable_attention_rebalancing(model)
+    assert model.config._attn_implementation == "eager" and model.config.attention_rebalancing is None
+    enable_attention_rebalancing(model, alpha=0.2)
+    with pytest.raises(Exception, match="no_such_attention"):
+        disable_attention_rebalancing(model, "no_such_attention")
+    assert model.config.attention_rebalancing == {"alpha": 0.2, "threshold": 0.01}  # left as it was
+    assert model.config._attn_implementation == ATTENTION_REBALANCING
