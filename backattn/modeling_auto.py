@@ -38,9 +38,11 @@ import textwrap
 from collections.abc import Iterator, Mapping
 
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import __version__ as transformers_version
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging
 
 from .configuration_backattn import BackwardAttentionModelFields, _fields_doc
 from .errors import BackattnValueError
@@ -49,6 +51,8 @@ from .modeling_families import (
     GPT2BackwardAttentionForCausalLM,
     LlamaBackwardAttentionForCausalLM,
 )
+
+logger = logging.get_logger(__name__)
 
 #: ``model_type`` suffix of a config that carries heads.
 SUFFIX = "_backattn"
@@ -254,7 +258,10 @@ class _FamiliesOnLookup(dict):
     ``"<base type>_backattn"`` it does not hold yet by building that family (which registers it here and with
     ``AutoModelForCausalLM``). So ``AutoModelForCausalLM.from_pretrained`` of a checkpoint saved by any family
     works in a process that imported ``backattn``, as it does for GPT-2 and Llama, without building every
-    architecture's classes (and importing every modeling module) at import time."""
+    architecture's classes (and importing every modeling module) at import time. A family that cannot be made is
+    refused once, with its reason logged (Transformers then reports the type as unrecognised)."""
+
+    refused: dict[str, str] = {}
 
     def __contains__(self, key: object) -> bool:
         if dict.__contains__(self, key):
@@ -263,9 +270,13 @@ class _FamiliesOnLookup(dict):
             isinstance(key, str) and key.endswith(SUFFIX) and base_type_of(key) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         ):
             return False
+        if key in self.refused:
+            return False
         try:
             backward_attention_class(key)
-        except BackattnValueError:
+        except BackattnValueError as error:
+            self.refused[key] = str(error)
+            logger.warning(f"A checkpoint of model_type {key!r} cannot be loaded: {error}")
             return False
         return dict.__contains__(self, key)
 
@@ -276,6 +287,12 @@ def _build_families_on_lookup() -> None:
     extra = getattr(CONFIG_MAPPING, "_extra_content", None)
     if type(extra) is dict:
         CONFIG_MAPPING._extra_content = _FamiliesOnLookup(extra)
+    elif not isinstance(extra, _FamiliesOnLookup):
+        logger.warning(
+            f"backattn could not hook AutoConfig's table of registered configs in Transformers {transformers_version} "
+            f"(CONFIG_MAPPING._extra_content is {type(extra).__name__}): a checkpoint saved by a head-carrying family "
+            "other than GPT-2's and Llama's loads only after backattn.family_for(<base model_type>) has built it."
+        )
 
 
 _build_families_on_lookup()
@@ -302,11 +319,11 @@ class _Families(Mapping):
             return False
         return True
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(supported_model_types())
+    def __iter__(self) -> Iterator[str]:  # the types that can carry a head (builds each family to find out)
+        return (model_type for model_type in supported_model_types() if model_type in self)
 
     def __len__(self) -> int:
-        return len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        return sum(1 for _ in self)
 
 
 FAMILIES = _Families()
