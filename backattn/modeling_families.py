@@ -204,12 +204,21 @@ class BackwardAttentionForCausalLMMixin:
     # what heads read beyond each position's final hidden state: query_layers' states, copy_attention's context
 
     def decoder_layers(self) -> nn.ModuleList:
-        """The base's decoder blocks, in order (``query_layers`` indexes them): the first ``nn.ModuleList`` of the
-        decoder (``self.base_model``) holding ``config.num_hidden_layers`` modules (GPT-2's ``transformer.h``,
-        Llama's ``model.layers``, GPT-NeoX's ``gpt_neox.layers``, ...)."""
+        """The base's decoder blocks, in order (``query_layers`` indexes them): the decoder's (``self.base_model``)
+        ``layers``, ``h`` or ``blocks`` (Llama's ``model.layers``, GPT-2's ``transformer.h``, ...), else the first
+        ``nn.ModuleList`` of ``config.num_hidden_layers`` modules whose class names say they are layers or blocks
+        (not, say, a list of per-layer norms registered before the blocks)."""
         depth = self.config.num_hidden_layers
+
+        def blocks(module) -> bool:
+            names = [type(m).__name__.lower() for m in module] if isinstance(module, nn.ModuleList) else []
+            return len(names) == depth and all("layer" in name or "block" in name for name in names)
+
+        for name in ("layers", "h", "blocks"):
+            if blocks(getattr(self.base_model, name, None) or ()):
+                return getattr(self.base_model, name)
         for module in self.base_model.modules():
-            if isinstance(module, nn.ModuleList) and len(module) == depth:
+            if isinstance(module, nn.ModuleList) and blocks(module):
                 return module
         raise BackattnValueError(
             f"{type(self).__name__}: no list of {depth} decoder blocks (config.num_hidden_layers) found in the base "
