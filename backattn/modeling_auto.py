@@ -62,7 +62,7 @@ NAMED_FAMILIES = {"gpt2": GPT2BackwardAttentionForCausalLM, "llama": LlamaBackwa
 
 #: One step of the base's logit post-processing: ``(operation, config attribute)``; ``"softcap"`` is
 #: ``c tanh(l / c)``, ``"multiply"`` ``l * s``, ``"divide"`` ``l / s``; a step whose attribute is ``None`` is skipped.
-LogitStep = tuple[str, str]
+LogitStep = tuple[str, str | None]
 
 
 def base_type_of(model_type: str) -> str:
@@ -165,20 +165,22 @@ def _check_text_config(base_type: str, base_config: type, base_class: type) -> N
 # the base's logit post-processing, read from its forward
 
 #: Statements the stock forwards use to post-process ``logits = self.lm_head(...)``, as ``ast.unparse`` writes
-#: them with the variable named ``x``, and the step each is part of. The three soft-capping statements count as one.
+#: them with the variable named ``x``, and the steps each is (``None``: part of the soft-capping that its first
+#: statement, ``x / c``, stands for). A cast to float32 is a step: a bf16 base soft-caps in float32 (Beam).
+_FLOAT: LogitStep = ("float", None)
 _KNOWN_STATEMENTS = {
-    "x / self.config.final_logit_softcapping": ("softcap", "final_logit_softcapping"),
+    "x / self.config.final_logit_softcapping": [("softcap", "final_logit_softcapping")],
     "torch.tanh(x)": None,  # the middle of soft-capping
     "x * self.config.final_logit_softcapping": None,  # its end
-    "x * self.logit_scale": ("multiply", "logit_scale"),
-    "x * self.config.logit_scale": ("multiply", "logit_scale"),
-    "x / self.config.logits_scaling": ("divide", "logits_scaling"),
-    "x / self.logits_scaling": ("divide", "logits_scaling"),
-    "x * self.config.logits_scaling": ("multiply", "logits_scaling"),
-    "x.float() / self.config.final_logit_softcapping": ("softcap", "final_logit_softcapping"),  # cast, then capped
-    "x.float()": (),  # a dtype cast: the head's logits are computed in the head's dtype anyway
-    "x.to(torch.float32)": (),
-    "x.contiguous()": (),  # a memory layout
+    "x * self.logit_scale": [("multiply", "logit_scale")],
+    "x * self.config.logit_scale": [("multiply", "logit_scale")],
+    "x / self.config.logits_scaling": [("divide", "logits_scaling")],
+    "x / self.logits_scaling": [("divide", "logits_scaling")],
+    "x * self.config.logits_scaling": [("multiply", "logits_scaling")],
+    "x.float() / self.config.final_logit_softcapping": [_FLOAT, ("softcap", "final_logit_softcapping")],
+    "x.float()": [_FLOAT],
+    "x.to(torch.float32)": [_FLOAT],
+    "x.contiguous()": [],  # a memory layout
 }
 
 
@@ -219,9 +221,9 @@ def logit_steps(base_class: type) -> tuple[LogitStep, ...]:
                 f"output layer's logits with `{variable} = {ast.unparse(value)}`, which backattn does not know, so "
                 "the head could not read the logits the base returns. Open an issue naming the architecture."
             )
-        step = _KNOWN_STATEMENTS[statement]
-        softcap_parts += step is None
-        steps += [step] if step else []
+        known = _KNOWN_STATEMENTS[statement]
+        softcap_parts += known is None
+        steps += known or []
     if variable is None:
         raise BackattnValueError(
             f"{base_class.__name__} cannot carry a backward-attention head: its forward makes no logits with "

@@ -506,7 +506,7 @@ class BackwardAttentionForCausalLMMixin:
 
     #: The base's post-processing of its output layer's result, read from the stock class's forward
     #: (``modeling_auto.logit_steps``): ``(operation, config attribute)`` pairs; empty for GPT-2 and Llama.
-    logit_steps: tuple[tuple[str, str], ...] = ()
+    logit_steps: tuple[tuple[str, str | None], ...] = ()
 
     def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The stock model's logits for final hidden states ``h_t``: ``self.lm_head(h_t)``, then the base's own
@@ -516,9 +516,12 @@ class BackwardAttentionForCausalLMMixin:
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The stock forward's steps after its output layer, in its order and with its operations (so the result is
         the stock ``.logits`` bit for bit): soft-capping ``c tanh(l / c)`` (Gemma's ``final_logit_softcapping``),
-        ``l * s`` (Cohere's ``logit_scale``), ``l / s`` (Granite's ``logits_scaling``); a step whose config value is
-        ``None`` is skipped, as the stock forward skips it."""
+        ``l * s`` (Cohere's ``logit_scale``), ``l / s`` (Granite's ``logits_scaling``), a cast to float32; a step
+        whose config value is ``None`` is skipped, as the stock forward skips it."""
         for operation, attribute in self.logit_steps:
+            if operation == "float":
+                logits = logits.float()
+                continue
             value = getattr(self.config, attribute, None)
             if value is None:
                 continue
@@ -531,7 +534,7 @@ class BackwardAttentionForCausalLMMixin:
         return logits
 
     def _transforms_logits(self) -> bool:
-        return any(getattr(self.config, attribute, None) is not None for _, attribute in self.logit_steps)
+        return any(attribute and getattr(self.config, attribute, None) is not None for _, attribute in self.logit_steps)
 
     def _linear_output_layer(self) -> nn.Linear | None:
         """The output layer when it is exactly ``nn.Linear`` (a PEFT- or quantisation-wrapped layer exposes a

@@ -258,6 +258,20 @@ def test_architectures_that_cannot_carry_a_head_are_refused_with_the_reason():
     assert "dbrx" in FAMILIES  # its attn_config / ffn_config sub-configs are parts of one text decoder
 
 
+def test_a_cast_to_float32_before_soft_capping_is_kept():
+    """Beam soft-caps in float32 (`logits.float() / c`): a bf16 base's logits are capped after the same cast."""
+    from types import SimpleNamespace
+
+    from transformers.models.beam.modeling_beam import BeamForCausalLM
+
+    assert logit_steps(BeamForCausalLM) == (("float", None), ("softcap", "final_logit_softcapping"))
+    family = family_for("beam")
+    logits = (torch.randn(2, 5, 11) * 40).to(torch.bfloat16)
+    model = SimpleNamespace(logit_steps=family.logit_steps, config=SimpleNamespace(final_logit_softcapping=30.0))
+    capped = family.transform_logits(model, logits)
+    assert capped.dtype == torch.float32 and torch.equal(capped, torch.tanh(logits.float() / 30.0) * 30.0)
+
+
 def test_generic_decoder_blocks_feed_query_layers(base_dirs):
     """query_layers reads the blocks the generic search finds (GPT-NeoX's gpt_neox.layers here)."""
     options = {"query_layers": [0, 1], "use_hidden_state": True, "score_mode": "gate"}
