@@ -211,6 +211,8 @@ def logit_steps(base_class: type) -> tuple[LogitStep, ...]:
         value = node.value if isinstance(node, ast.Assign) else ast.BinOp(targets[0], node.op, node.value)
         if not names or (variable is None and not _calls_lm_head(value)) or (variable and variable not in names):
             continue
+        if variable is None:
+            _check_output_layer_input(base_class, value)
         variable = variable or names[0]
         statement = _normalised(value, variable)
         if statement == "x":  # logits = self.lm_head(...)
@@ -242,6 +244,27 @@ def _calls_lm_head(node: ast.AST) -> bool:
         isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "lm_head"
         for n in ast.walk(node)
     )
+
+
+def _check_output_layer_input(base_class: type, value: ast.AST) -> None:
+    """The output layer must read the decoder's states as they are: a name, its positions (``h[:, s, :]``), or a
+    cast of either; anything else (``self.lm_head(h * m)``) would be logits the head does not reproduce."""
+    call = next(n for n in ast.walk(value) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "lm_head")
+    argument = call.args[0] if len(call.args) == 1 and not call.keywords else None
+    while (
+        isinstance(argument, ast.Call)
+        and isinstance(argument.func, ast.Attribute)
+        and argument.func.attr in ("to", "float", "contiguous")
+    ):
+        argument = argument.func.value
+    if isinstance(argument, ast.Subscript):
+        argument = argument.value
+    if not isinstance(argument, ast.Name):
+        raise BackattnValueError(
+            f"{base_class.__name__} cannot carry a backward-attention head: its output layer reads "
+            f"`{ast.unparse(call)}`, not the decoder's hidden states as they are, so the head could not read the "
+            "logits the base returns. Open an issue naming the architecture."
+        )
 
 
 def _normalised(value: ast.AST, variable: str) -> str:

@@ -253,6 +253,15 @@ def test_architectures_that_cannot_carry_a_head_are_refused_with_the_reason():
         BackattnValueError, match=r"post-processes the output layer's logits with `logits = logits \+ 1"
     ):
         logit_steps(Shifted)
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, input_ids=None, **kwargs):
+            hidden = self.model(input_ids).last_hidden_state
+            logits = self.lm_head(hidden[:, -1:, :] * 2.0)
+            return logits
+
+    with pytest.raises(BackattnValueError, match=r"output layer reads `self.lm_head\(hidden\[:, -1:, :\] \* 2.0\)`"):
+        logit_steps(Scaled)
     assert logit_steps(GPT2LMHeadModel) == () and logit_steps(LlamaForCausalLM) == ()
     assert logit_steps(OPTForCausalLM) == ()  # `logits = self.lm_head(h).contiguous()`: a layout, not a value
     assert "dbrx" in FAMILIES  # its attn_config / ffn_config sub-configs are parts of one text decoder
