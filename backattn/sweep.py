@@ -348,6 +348,12 @@ class HeadSweep(nn.Module):
                 f"HeadSweep needs a backattn model (family_for(config.model_type).from_pretrained(base)), got "
                 f"{type(model).__name__}."
             )
+        if model._rerank_top_k(None):
+            raise BackattnValueError(
+                f"config.rerank_top_k = {model.config.rerank_top_k}: a head alone would train re-ranking the base's "
+                "top k tokens, and the sweep scores the whole vocabulary, so its heads would not train as alone. Set "
+                "model.config.rerank_top_k = 0 (or None) for the sweep."
+            )
         specs = check_sweep_heads(heads)
         resident = [spec.name for spec in specs if spec.name in model.heads]
         if resident:

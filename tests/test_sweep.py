@@ -274,6 +274,10 @@ def test_bad_sweeps_are_refused_with_clear_errors(gpt2_base_dir, llama_base_dir,
     model.add_head("seed", "taken")
     with pytest.raises(BackattnValueError, match="already carries head"):
         HeadSweep(model, [SweepHead("taken")])
+    default, model.config.rerank_top_k = model.config.rerank_top_k, 8  # alone, a head would train re-ranking
+    with pytest.raises(BackattnValueError, match="rerank_top_k = 8"):
+        HeadSweep(model, [SweepHead("fresh")])
+    model.config.rerank_top_k = default
     with pytest.raises(BackattnTypeError, match="needs a backattn model"):
         HeadSweep(torch.nn.Linear(2, 2), [SweepHead("a")])
     with pytest.raises(BackattnTypeError, match="trains a HeadSweep"):
