@@ -417,8 +417,8 @@ class BackwardAttentionModelFields:
         metadata={
             "help": "When set, the active head re-ranks only the base model's k most likely tokens at each "
             "position and leaves the other logits as they are (cheaper, an approximation); None scores the whole "
-            "vocabulary. A rerank_top_k= argument to forward or generate overrides it for one call. The chunked "
-            "training loss always scores the whole vocabulary.",
+            "vocabulary. A rerank_top_k= argument to forward or generate overrides it for one call. Training with "
+            "it set takes the plain loss over the re-ranked logits, not the chunked loss over the whole vocabulary.",
             "if_none": "or None (the whole vocabulary)",
         },
     )
