@@ -29,8 +29,8 @@ _HEAD_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 class FanOutOutput(ModelOutput):
     """What ``forward(..., fan_out=[...])`` returns: every named head's logits for the same rows, from one base
     forward. ``logits`` and ``loss`` (with ``labels``) map each name of ``fan_out`` (``None``: the base's own
-    logits) to what ``forward`` gives with that head active; the rest is the base's, as in
-    ``CausalLMOutputWithPast``."""
+    logits) to what ``forward`` gives with that head active (for scoring: each loss comes from the head's whole
+    logits, never the chunked training loss); the rest is the base's, as in ``CausalLMOutputWithPast``."""
 
     loss: dict | None = None  # first: ModelOutput reads a lone dict-valued first field as its items
     logits: dict | None = None

@@ -56,14 +56,17 @@ def batch(rows=3, length=7, seed=0):
 @contextlib.contextmanager
 def serving(model, name):
     """``name`` active (``None``: heads disabled, the base's own logits), the active head restored after."""
-    active = model.config.active_head
+    active = model.active_head()
     if name is None:
         with model.disable_heads():
             yield
-    else:
-        model.set_head(name)
+        return
+    model.set_head(name)
+    try:
         yield
-    model.config.active_head = active
+    finally:
+        if active is not None:
+            model.set_head(active)
 
 
 def alone(model, name, ids, mask, **kwargs):
