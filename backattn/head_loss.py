@@ -109,6 +109,28 @@ def _labelled(hidden, labels, shift_labels, ignore_index) -> tuple[torch.Tensor,
     return shift_labels != ignore_index, shift_labels
 
 
+def base_logits(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    output_bias: torch.Tensor | None = None,
+    transform_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``l_t = f(h_t W^T + b)`` of a chunk of positions (``n x d`` -> ``n x V``), as the chunked loss makes them
+    (``b``: the output layer's bias, ``f``: the base's own post-processing such as soft-capping; each optional)."""
+    logits = hidden @ output_weight.T if output_bias is None else F.linear(hidden, output_weight, output_bias)
+    return logits if transform_logits is None else transform_logits(logits)
+
+
+def check_has_targets(positions: torch.Tensor, num_items_in_batch, ignore_index: int) -> None:
+    """A clear error for a batch without one labelled position (its mean loss would be 0/0)."""
+    if not positions.shape[0] and (num_items_in_batch is None or int(num_items_in_batch) == 0):
+        raise BackattnValueError(
+            f"No target tokens in this batch: every label the loss reads is {ignore_index}, so the loss is "
+            "undefined (0/0). Drop the batch, or check the collator and max_length (prompts may fill the whole "
+            "sequence); with gradient accumulation pass num_items_in_batch, the labelled tokens of the whole batch."
+        )
+
+
 def head_cross_entropy(
     head: nn.Module,
     hidden: torch.Tensor,
@@ -142,12 +164,7 @@ def head_cross_entropy(
         layer_states, copy = head.context_inputs(context)
         layer_states = None if layer_states is None else layer_states[keep]
         copy = None if copy is None else CopyInputs(copy.log_weights[keep], copy.next_ids[keep])
-    if not positions.shape[0] and (num_items_in_batch is None or int(num_items_in_batch) == 0):
-        raise BackattnValueError(
-            f"No target tokens in this batch: every label the loss reads is {ignore_index}, so the loss is "
-            "undefined (0/0). Drop the batch, or check the collator and max_length (prompts may fill the whole "
-            "sequence); with gradient accumulation pass num_items_in_batch, the labelled tokens of the whole batch."
-        )
+    check_has_targets(positions, num_items_in_batch, ignore_index)
     linear = output_bias is None and transform_logits is None  # l_t = h_t W^T: the W^T Vv shortcut holds
     tables = weight_tables(head, embeddings, output_weight if linear else None)
     dtype = head.layers[0].w_key.dtype
@@ -167,8 +184,7 @@ def head_cross_entropy(
         h = positions[rows]
         chunk_states = None if layer_states is None else layer_states[rows]
         chunk_copy = None if copy is None else CopyInputs(tensors[-1][rows], copy.next_ids[rows])
-        logits = h @ output_weight.T if output_bias is None else F.linear(h, output_weight, output_bias)  # h W^T + b
-        logits = logits if transform_logits is None else transform_logits(logits)
+        logits = base_logits(h, output_weight, output_bias, transform_logits)
         shortcut = output_weight if linear else None
         arguments = (logits, h, embeddings, shortcut, chunk_tables, chunk_states, chunk_copy)
         z = functional_call(scorer, dict(zip(names, weights)), arguments)

@@ -47,7 +47,7 @@ from transformers.utils import ModelOutput
 from .configuration_backattn import DEFAULT_PRESET, BackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_kernels import head_logits, weight_tables
-from .head_loss import _labelled
+from .head_loss import _labelled, base_logits, check_has_targets
 from .heads import BackwardAttentionHeads
 from .modeling_backattn import BackwardAttentionHead, CopyInputs, LayerTables, SequenceContext
 
@@ -149,18 +149,6 @@ class SweepOutput(ModelOutput):
 # the shared loss
 
 
-def base_logits(
-    hidden: torch.Tensor,
-    output_weight: torch.Tensor,
-    output_bias: torch.Tensor | None = None,
-    transform_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``l_t = f(h_t W^T + b)`` of a chunk of positions (``n x d`` -> ``n x V``), as the chunked loss makes them
-    (``b``: the output layer's bias, ``f``: the base's own post-processing such as soft-capping; each optional)."""
-    logits = hidden @ output_weight.T if output_bias is None else F.linear(hidden, output_weight, output_bias)
-    return logits if transform_logits is None else transform_logits(logits)
-
-
 class _SweepHeadLogits(nn.Module):
     """``head_kernels.head_logits`` as a module's forward (for ``functional_call``), with the sweep's ``shared``."""
 
@@ -246,12 +234,7 @@ def sweep_cross_entropy(
     linear = output_bias is None and transform_logits is None  # l = h W^T: raw weighting's W^T Vv shortcut holds
     keep, shift_targets = _labelled(hidden, labels, shift_labels, ignore_index)
     positions, targets = hidden[keep], shift_targets[keep]
-    if not positions.shape[0] and (num_items_in_batch is None or int(num_items_in_batch) == 0):
-        raise BackattnValueError(
-            f"No target tokens in this batch: every label the loss reads is {ignore_index}, so the loss is "
-            "undefined (0/0). Drop the batch, or check the collator and max_length (prompts may fill the whole "
-            "sequence); with gradient accumulation pass num_items_in_batch, the labelled tokens of the whole batch."
-        )
+    check_has_targets(positions, num_items_in_batch, ignore_index)
     dtypes = {head.layers[0].w_key.dtype for head in heads}
     if len(dtypes) != 1:
         raise BackattnValueError(
