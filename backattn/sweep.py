@@ -149,6 +149,11 @@ class SweepOutput(ModelOutput):
 # the shared loss
 
 
+#: Positions per chunk where the model takes the exact loss (``config.loss_chunk_size`` unset): the sweep is always
+#: chunked, and the values (not the memory) equal the exact loss's.
+SWEEP_CHUNK_SIZE = 256
+
+
 class _SweepHeadLogits(nn.Module):
     """``head_kernels.head_logits`` as a module's forward (for ``functional_call``), with the sweep's ``shared``."""
 
@@ -429,7 +434,8 @@ class HeadSweep(nn.Module):
         keep, _ = _labelled(hidden, labels, kwargs.get("shift_labels"), kwargs.get("ignore_index", -100))
         losses = sweep_cross_entropy(
             list(self.heads.values()), hidden, labels, layer.weight, model.get_input_embeddings().weight,
-            model.config.loss_chunk_size or 256, kwargs.get("num_items_in_batch"), kwargs.get("ignore_index", -100),
+            model.config.loss_chunk_size or SWEEP_CHUNK_SIZE, kwargs.get("num_items_in_batch"),
+            kwargs.get("ignore_index", -100),
             kwargs.get("shift_labels"), context, output_bias=layer.bias, transform_logits=transform,
         )  # fmt: skip
         return SweepOutput(loss=losses.sum(), head_losses=losses, target_tokens=keep.sum())
