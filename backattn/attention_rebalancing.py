@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import sys
 import threading
@@ -353,6 +354,22 @@ def check_supported(model) -> None:
     for module in attention:
         _check_module(module, {})
         _family_eager(type(module))
+        _check_one_map_per_layer(type(module))
+
+
+@functools.cache
+def _check_one_map_per_layer(attention_class: type) -> None:
+    """Layer 0's mask boosts one attention map per later layer: a module whose forward calls the attention function
+    more than once (DiffLlama's two maps) is refused, as its second call would find that layer's state spent."""
+    try:
+        calls = inspect.getsource(attention_class.forward).count("attention_interface(")
+    except (OSError, TypeError):  # no source to read: the per-forward state still refuses a second call clearly
+        return
+    if calls > 1:
+        raise BackattnValueError(
+            f"{attention_class.__name__} computes {calls} attention maps per layer (its forward calls the attention "
+            f"function {calls} times); attention re-balancing boosts one map per layer and does not support it."
+        )
 
 
 def enable_attention_rebalancing(model, alpha: float = 0.2, threshold: float = 0.01):

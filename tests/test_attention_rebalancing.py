@@ -602,3 +602,12 @@ def test_disabling_restores_the_attention_the_model_ran_before():
         disable_attention_rebalancing(model, "no_such_attention")
     assert model.config.attention_rebalancing == {"alpha": 0.2, "threshold": 0.01}  # left as it was
     assert model.config._attn_implementation == ATTENTION_REBALANCING
+
+
+def test_an_attention_with_two_maps_per_layer_is_refused():
+    from transformers import DiffLlamaConfig, DiffLlamaForCausalLM
+
+    config = DiffLlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    with pytest.raises(BackattnValueError, match="computes 2 attention maps per layer"):
+        enable_attention_rebalancing(DiffLlamaForCausalLM(config), alpha=0.2)
