@@ -131,3 +131,24 @@ def test_the_heads_model_card_is_kept_by_create_model_card_and_push_to_hub(tiny_
     assert not is_backattn_card(tmp_path)
     trainer.create_model_card(model_name="head")
     assert "# my own notes" not in (tmp_path / "README.md").read_text()
+
+
+def test_a_plain_base_and_the_same_base_with_heads_share_one_feature_cache(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from backattn import LlamaBackwardAttentionForCausalLM
+    from backattn.data.feature_cache import FeatureCache, base_fingerprint
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    plain = LlamaForCausalLM(config)
+    with_heads = LlamaBackwardAttentionForCausalLM(config, head_config="hidden")
+    with_heads.load_state_dict(plain.state_dict(), strict=False)
+    with_heads.add_head("seed", head_name="second")  # another head, the first frozen: the head bookkeeping changes
+    assert base_fingerprint(with_heads) == base_fingerprint(plain)
+    ids = [[1, 2, 3, 4], [5, 6, 7]]
+    first = FeatureCache.build_or_load(plain, ids, tmp_path, dtype="float32", progress=False)
+    second = FeatureCache.build_or_load(with_heads, ids, tmp_path, dtype="float32", progress=False)
+    assert first.directory == second.directory
+    assert base_fingerprint(LlamaForCausalLM(config)) != base_fingerprint(plain)  # other weights, another key

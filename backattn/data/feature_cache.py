@@ -20,6 +20,7 @@ atomically (:mod:`backattn.data.cache_dirs`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attention_rebalancing import active_rebalancing
+from ..configuration_backattn import BackwardAttentionModelFields
 from .cache_dirs import build_once
 
 FEATURES_NAME = "features.npy"
@@ -39,12 +41,17 @@ META_NAME = "meta.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
+#: Config fields that describe the heads, not the base: a base with heads (any, trained or frozen, in any order)
+#: and the plain base share their features. Re-balancing, which changes them, is keyed on its own.
+HEAD_FIELDS = frozenset(field.name for field in dataclasses.fields(BackwardAttentionModelFields)) | {"_name_or_path"}
+
+
 def base_fingerprint(model) -> str:
     """SHA-256 of the base model's config and weights (not the heads), in bfloat16 so float32 and bf16 copies agree."""
     digest = hashlib.sha256()
-    config = {
-        k: v for k, v in model.config.to_diff_dict().items() if k not in ("heads", "active_head", "_name_or_path")
-    }
+    config = {k: v for k, v in model.config.to_diff_dict().items() if k not in HEAD_FIELDS}
+    if isinstance(config.get("model_type"), str):  # a family's "llama_backattn" is the plain "llama"
+        config["model_type"] = config["model_type"].removesuffix("_backattn")
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith("heads."):
