@@ -131,6 +131,19 @@ def check_has_targets(positions: torch.Tensor, num_items_in_batch, ignore_index:
         )
 
 
+def labelled_context(head: nn.Module, context: SequenceContext | None, keep: torch.Tensor):
+    """What a head with ``query_layers`` or ``copy_attention`` reads of the sequence, at the labelled positions
+    ``keep``: ``(layer_states, copy)``, each ``None`` where the head does not read it."""
+    if head.config.query_layers is None and not head.config.copy_attention:
+        return None, None
+    if context is None:
+        raise BackattnValueError("This head reads the sequence around each position: pass context=.")
+    layer_states, copy = head.context_inputs(context)
+    layer_states = None if layer_states is None else layer_states[keep]
+    copy = None if copy is None else CopyInputs(copy.log_weights[keep], copy.next_ids[keep])
+    return layer_states, copy
+
+
 def head_cross_entropy(
     head: nn.Module,
     hidden: torch.Tensor,
@@ -157,13 +170,7 @@ def head_cross_entropy(
     """
     keep, shift_targets = _labelled(hidden, labels, shift_labels, ignore_index)
     positions, targets = hidden[keep], shift_targets[keep]
-    layer_states = copy = None
-    if head.config.query_layers is not None or head.config.copy_attention:
-        if context is None:
-            raise BackattnValueError("This head reads the sequence around each position: pass context=.")
-        layer_states, copy = head.context_inputs(context)
-        layer_states = None if layer_states is None else layer_states[keep]
-        copy = None if copy is None else CopyInputs(copy.log_weights[keep], copy.next_ids[keep])
+    layer_states, copy = labelled_context(head, context, keep)
     check_has_targets(positions, num_items_in_batch, ignore_index)
     linear = output_bias is None and transform_logits is None  # l_t = h_t W^T: the W^T Vv shortcut holds
     tables = weight_tables(head, embeddings, output_weight if linear else None)

@@ -47,7 +47,7 @@ from transformers.utils import ModelOutput
 from .configuration_backattn import DEFAULT_PRESET, BackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_kernels import head_logits, weight_tables
-from .head_loss import _labelled, base_logits, check_has_targets
+from .head_loss import _labelled, base_logits, check_has_targets, labelled_context
 from .heads import BackwardAttentionHeads
 from .modeling_backattn import BackwardAttentionHead, CopyInputs, LayerTables, SequenceContext
 
@@ -261,13 +261,7 @@ def sweep_cross_entropy(
 
     chunk_losses, sizes, tensors = [], [], []
     for head in heads:
-        layer_states = copy = None
-        if head.config.query_layers is not None or head.config.copy_attention:
-            if context is None:
-                raise BackattnValueError("This head reads the sequence around each position: pass context=.")
-            layer_states, copy = head.context_inputs(context)
-            layer_states = None if layer_states is None else layer_states[keep]
-            copy = None if copy is None else CopyInputs(copy.log_weights[keep], copy.next_ids[keep])
+        layer_states, copy = labelled_context(head, context, keep)
         tables = weight_tables(head, embeddings, tables_weight)
         flat_tables = [t for layer in tables for t in layer if t is not None]
         copy_weights = () if copy is None else (copy.log_weights,)
