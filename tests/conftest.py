@@ -405,3 +405,55 @@ def copy_head(root, name, tmp_path, copy_name=None):
     for file in (root / name).iterdir():
         (target / file.name).write_bytes(file.read_bytes())
     return target
+
+
+def reload_without_backattn(model, ids, tmp_path, more_checks: str = "") -> str:
+    """Save ``model``, load the checkpoint with ``trust_remote_code`` in a fresh Python where backattn cannot be
+    imported (nor the repository found on the path), and check its logits on ``ids`` equal ``model``'s bit for bit.
+
+    ``more_checks``: further lines of that script (``model``, ``expected``, ``torch`` in scope). Returns the
+    checkpoint directory; the script's ``OK <class name>`` line is checked against ``type(model).__name__``."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    repo = str(Path(__file__).resolve().parents[1])
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    with torch.no_grad():
+        save_file({"ids": ids, "logits": model(ids).logits.contiguous()}, tmp_path / "expected.safetensors")
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        sys.path[:] = [p for p in sys.path if p.rstrip("/") != {repo!r}]  # an editable install puts it there
+        class NoBackattn(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "backattn" or name.startswith("backattn."):
+                    raise ImportError("backattn must not be imported here")
+        sys.meta_path.insert(0, NoBackattn())
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})
+        with torch.no_grad():
+            logits = model(expected["ids"]).logits
+        assert "backattn" not in sys.modules
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        """
+    )
+    script += textwrap.dedent(more_checks)
+    script += (
+        f"\nassert 'backattn' not in sys.modules and {repo!r} not in sys.path\nprint('OK', type(model).__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nor the repository on the path
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"OK {type(model).__name__}" in result.stdout
+    return checkpoint
