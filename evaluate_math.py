@@ -19,9 +19,8 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
 from backattn import FAMILIES, family_for
 from backattn.data.sft_data import PromptTemplate, load_math_dataset, sft_tokenizer, tokenize_examples
@@ -31,7 +30,7 @@ from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_mode
 from backattn.run_files import (
     check_argument_values,
     check_context_window,
-    read_arguments_file,
+    parse_command_line,
     writable_directory,
     write_text_atomically,
 )
@@ -93,11 +92,7 @@ def check_arguments(args: EvaluationArguments) -> None:
 
 def parse_arguments(argv: list[str]) -> EvaluationArguments:
     """The command line (or one ``.yaml`` / ``.yml`` / ``.json`` file of arguments), checked."""
-    parser = HfArgumentParser(EvaluationArguments)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        (args,) = parser.parse_dict(read_arguments_file(Path(argv[0]), EvaluationArguments))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_command_line(EvaluationArguments, argv)
     check_arguments(args)
     writable_directory(args.output_dir)
     return args

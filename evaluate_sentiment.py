@@ -19,9 +19,8 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from transformers import AutoConfig, HfArgumentParser, set_seed
+from transformers import AutoConfig, set_seed
 
 from backattn.classification import classification_table, evaluate_classifier
 from backattn.data.classification_data import (
@@ -36,10 +35,11 @@ from backattn.offline import resolve_base_model
 from backattn.run_files import (
     check_argument_values,
     check_context_window,
-    read_arguments_file,
+    parse_command_line,
     writable_directory,
     write_text_atomically,
 )
+from evaluate_math import ARGUMENT_RANGES as MATH_RANGES
 from evaluate_math import ScoredModelArguments, load_model
 
 
@@ -69,23 +69,14 @@ class SentimentEvaluationArguments(ScoredModelArguments):
 
 
 #: The range each numeric argument must lie in (a description and a test), checked before anything loads.
-ARGUMENT_RANGES = {
-    "batch_size": ("a positive integer", lambda v: v >= 1),
-    "max_length": ("a positive integer", lambda v: v >= 1),
-    "max_samples": ("a positive integer (or None: every row)", lambda v: v >= 1),
-    "rerank_top_k": ("a positive integer (0: off)", lambda v: v >= 0),
-    "n_resamples": ("a positive integer", lambda v: v >= 1),
-}
+ARGUMENT_RANGES = {name: MATH_RANGES[name] for name in ("batch_size", "max_length", "max_samples", "rerank_top_k")}
+ARGUMENT_RANGES["n_resamples"] = ("a positive integer", lambda v: v >= 1)
 
 
 def parse_arguments(argv: list[str]) -> SentimentEvaluationArguments:
     """The command line (or one ``.yaml`` / ``.yml`` / ``.json`` file of arguments), checked: types, ranges, the
     templates and label words, and a writable output directory, before anything loads."""
-    parser = HfArgumentParser(SentimentEvaluationArguments)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        (args,) = parser.parse_dict(read_arguments_file(Path(argv[0]), SentimentEvaluationArguments))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_command_line(SentimentEvaluationArguments, argv)
     check_argument_values(args, ARGUMENT_RANGES)
     template_for(args.dataset, args.prompt_template, args.target_template, args.label_words)
     writable_directory(args.output_dir)

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 
 import yaml
+from transformers import HfArgumentParser
 
 from .errors import BackattnTypeError, BackattnValueError, RunDirectoryError
 
@@ -121,3 +122,13 @@ def read_arguments_file(path: Path, *argument_classes) -> dict:
         listing = f"; the arguments are {', '.join(sorted(known))}" if len(known) <= 40 else " (see --help)"
         raise BackattnValueError(f"{path} names unknown argument(s) {', '.join(hints)}{listing}.")
     return data
+
+
+def parse_command_line(argument_classes, argv: list[str]) -> tuple:
+    """``argument_classes`` (dataclasses) filled from ``argv``: one ``.yaml`` / ``.yml`` / ``.json`` file of
+    arguments (every name checked, :func:`read_arguments_file`), else ``--option value`` pairs."""
+    parser = HfArgumentParser(argument_classes)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        options = read_arguments_file(Path(argv[0]).resolve(), *parser.dataclass_types)
+        return parser.parse_dict(options, allow_extra_keys=False)
+    return parser.parse_args_into_dataclasses(args=argv)
