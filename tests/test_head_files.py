@@ -105,6 +105,48 @@ def test_refuses_a_head_from_another_base(loaded, other_base_dir, saved_heads):
     assert other.list_heads() == ["math"]
 
 
+def test_a_head_from_one_architecture_is_refused_on_another_and_changes_nothing(tmp_path):
+    """A Llama head on a Gemma 3 base of the same vocabulary and hidden sizes (and the other way round): only the
+    fingerprint tells the bases apart; the refused load leaves the model exactly as it was."""
+    from conftest import HIDDEN, tiny_llama_config
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
+
+    from backattn import family_for
+    from backattn.errors import BackattnValueError
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "llama")
+    gemma_config = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=12, query_pre_attn_scalar=12, sliding_window=8, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    Gemma3ForCausalLM(gemma_config).save_pretrained(tmp_path / "gemma")
+    llama = family_for("llama").from_pretrained(tmp_path / "llama", head_config="hidden", head_name="math").eval()
+    gemma = family_for("gemma3_text").from_pretrained(tmp_path / "gemma", head_config="gated", head_name="own").eval()
+    randomise(llama.heads, seed=3)
+    randomise(gemma.heads, seed=4)
+    llama.save_head(tmp_path / "llama-head", head_name="math")
+    gemma.save_head(tmp_path / "gemma-head", head_name="own")
+
+    for model, head, trained_on in ((gemma, "llama-head", "llama"), (llama, "gemma-head", "gemma")):
+        state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+        config, heads, active, expected = model.config.to_dict(), model.list_heads(), model.active_head(), logits(model)
+        with pytest.raises(
+            BackattnValueError,
+            match=rf"Head 'visitor' from .*{head} was trained on a different base model \(.*{trained_on}'\): "
+            r"its embedding-table fingerprint .* differs from this model's .*ignore_base_mismatch=True",
+        ):
+            model.load_head(tmp_path / head, head_name="visitor")
+        assert model.list_heads() == heads and model.active_head() == active
+        assert model.config.to_dict() == config
+        assert {name: p.requires_grad for name, p in model.named_parameters()} == trainable
+        after = model.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[name], state[name]) for name in state)
+        assert torch.equal(logits(model), expected)
+
+
 def test_refuses_a_head_of_other_sizes(loaded, tmp_path):
     model, root = loaded
     bad = copy_head(root, "sentiment", tmp_path)
