@@ -351,8 +351,9 @@ class StepClock(TrainerCallback):
 
 
 def step_seconds(trainer: BudgetTrainer, steps: int) -> float:
-    """Median seconds of one whole training step of ``trainer`` (data, forward, backward, optimiser, logging),
-    over ``steps`` steps after 2 untimed ones; the trainer's model is left as it was."""
+    """Mean seconds of one whole training step of ``trainer`` (data, forward, backward, optimiser, logging),
+    over ``steps`` steps after 2 untimed ones (the mean: a run's cost is its steps times it; the batches' lengths
+    vary); the trainer's model is left as it was."""
     model = trainer.model
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     clock = StepClock()
@@ -363,7 +364,7 @@ def step_seconds(trainer: BudgetTrainer, steps: int) -> float:
     load_trainable(model, initial)
     model.zero_grad(set_to_none=True)
     intervals = [b - a for a, b in zip(clock.ends[2:], clock.ends[3:])]
-    return statistics.median(intervals)
+    return statistics.fmean(intervals)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -751,13 +752,31 @@ def main(argv: list[str] | None = None, task=None) -> dict:
     def train_and_score(name: str, learning_rate: float) -> None:
         """Train once to the largest budget, checkpointing at each; score every budget's checkpoint."""
         run_name = f"{name} lr={learning_rate:g}"
-        if all(run.read(run.result_path(run_name, b)) for b in options.budgets):
-            return
         seconds_per_step = run.calibration()[step_key(name)]
         cache = features["seconds"] if METHODS[name].features and options.charge_feature_cache else 0.0
         problems = len(train_examples)
         steps = {b: budget_steps(b * unit, seconds_per_step, cache, problems, options.batch_size)
                  for b in options.budgets}  # fmt: skip
+
+        def charges(budget: float) -> dict:
+            seconds = charged_seconds(steps[budget], seconds_per_step, cache, problems, options.batch_size)
+            return {"steps": steps[budget], "training_seconds": seconds, "T_seconds": unit,
+                    "step_seconds": seconds_per_step, "feature_cache_seconds": cache}  # fmt: skip
+
+        kept = {b: run.read(run.result_path(run_name, b)) for b in options.budgets}
+        if any(result and result["steps"] != steps[b] for b, result in kept.items()):
+            # trained under an earlier calibration that afforded other steps: trained and scored again
+            print(f"\n{run_name}: its results are for other steps than {steps} (re-timed since): retraining",
+                  file=sys.stderr)  # fmt: skip
+            for budget in options.budgets:
+                run.result_path(run_name, budget).unlink(missing_ok=True)
+            shutil.rmtree(run.work / run_name.replace(" ", "_"), ignore_errors=True)
+            kept = dict.fromkeys(options.budgets)
+        for budget, result in kept.items():  # the same steps: only the seconds charged for them may be new
+            if result and any(result[key] != value for key, value in charges(budget).items()):
+                run.write(run.result_path(run_name, budget), {**result, **charges(budget)})
+        if all(kept.values()):
+            return
         last = max(steps.values())
         trainer = trainer_for(name, learning_rate, last, [SaveAtSteps(set(steps.values()))])
         model, directory = trainer.model, Path(trainer.args.output_dir)
@@ -780,13 +799,8 @@ def main(argv: list[str] | None = None, task=None) -> dict:
                 load_trainable(model, initial)
             last_budget, states = budget == max(options.budgets), held_out if METHODS[name].output_side else None
             scores = task.score(model.eval(), tokenizer, eval_examples, options, last_budget, states)
-            run.write(path, {
-                "method": name, "learning_rate": learning_rate, "budget": budget, "steps": steps[budget],
-                "training_seconds": charged_seconds(steps[budget], seconds_per_step, cache, problems,
-                                                    options.batch_size),
-                "T_seconds": unit, "step_seconds": seconds_per_step, "feature_cache_seconds": cache,
-                "trainable_parameters": trainable_parameters(model), "scores": scores,
-            })  # fmt: skip
+            run.write(path, {"method": name, "learning_rate": learning_rate, "budget": budget, **charges(budget),
+                             "trainable_parameters": trainable_parameters(model), "scores": scores})  # fmt: skip
 
     def validation_loss(name: str, learning_rate: float) -> float:
         result = run.read(run.result_path(f"{name} lr={learning_rate:g}", max(options.budgets)))

@@ -1,6 +1,7 @@
 """The benchmark scripts still run (smoke tests at a tiny scale; their figures come from full runs)."""
 
 import importlib.util
+import json
 import re
 import sys
 import time
@@ -195,6 +196,30 @@ def test_compare_heads_calibrates_alone_and_the_run_reuses_its_timings(tiny_llam
     row = summary["rows"]["IA3 lr=0.003 @1T"]
     assert row["step_seconds"] == calibration["step_seconds:IA3:4"]
     assert row["T_seconds"] == 2 * calibration["step_seconds:LoRA attention:4"]  # ceil(8 / 4) LoRA steps
+
+    # Re-timed later (calibration.json rewritten): a method whose step time now affords other steps is trained
+    # and scored again; one whose steps are unchanged keeps its scores, and only the seconds charged are rewritten.
+    calibration_path = tmp_path / "out" / "calibration.json"
+    timings = {
+        "step_seconds:LoRA attention:4": 1.0,
+        "step_seconds:head hidden:4": 0.25,
+        "step_seconds:IA3:4": 0.5,
+        "feature_cache_seconds:test:16": 1.0,
+    }  # T = 2 s: 4 steps each (the cache paid in the first epoch)
+    calibration_path.write_text(json.dumps({**calibration, **timings}))
+    before = script.main([*argv, "--learning_rates", "0.003"])["rows"]
+    assert before["head hidden lr=0.003 @1T"]["steps"] == before["IA3 lr=0.003 @1T"]["steps"] == 4
+    timings.update({"step_seconds:head hidden:4": 0.5, "step_seconds:IA3:4": 0.499})  # head: 2 // (0.5 + 4/16)
+    calibration_path.write_text(json.dumps({**calibration, **timings}))
+    trained, train = [], script.BudgetTrainer.train
+    monkeypatch.setattr(script.BudgetTrainer, "train", lambda self, **k: (trained.append(self.args.output_dir),
+                                                                          train(self, **k))[1])  # fmt: skip
+    after = script.main([*argv, "--learning_rates", "0.003"])["rows"]
+    assert [Path(directory).name for directory in trained] == ["head_hidden_lr=0.003"]
+    assert after["head hidden lr=0.003 @1T"]["steps"] == 2
+    ia3 = after["IA3 lr=0.003 @1T"]
+    assert ia3["steps"] == 4 and ia3["step_seconds"] == 0.499 and ia3["training_seconds"] == 4 * 0.499
+    assert ia3["metrics"] == before["IA3 lr=0.003 @1T"]["metrics"]
 
 
 @pytest.mark.parametrize("method", ["head hidden", "LM-Steer", "LoRA output layer"])
