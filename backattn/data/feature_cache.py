@@ -15,6 +15,12 @@ token ids of every example (so data, prompt template, tokenizer and ``max_length
 storage dtype, the stored blocks and the base's attention re-balancing options
 (:mod:`backattn.attention_rebalancing`; none for a plain base): a stale cache is never used. It is built once,
 atomically (:mod:`backattn.data.cache_dirs`).
+
+A base sharded across processes (:mod:`backattn.sharding`, ``train_sft.py --shard_base``) cannot run on one
+process alone, so its cache is built by all of them together: every process runs its share of the batches (the
+base's weights gathered layer by layer, FSDP2's way), the states are exchanged (``all_gather_object``), and the
+first process of each machine (``LOCAL_RANK`` 0) writes the whole cache, which every process then reads. Every
+process must call :meth:`FeatureCache.build_or_load` with the same token ids, at the same point.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..attention_rebalancing import active_rebalancing
 from ..configuration_backattn import BackwardAttentionModelFields
+from ..sharding import full_tensor, is_sharded
 from .cache_dirs import build_once
 
 FEATURES_NAME = "features.npy"
@@ -56,6 +63,7 @@ def base_fingerprint(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith("heads."):
             continue
+        tensor = full_tensor(tensor)  # a sharded base: gathered (every process hashes the same tensors in order)
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
@@ -126,8 +134,7 @@ class FeatureCache:
         key = hashlib.sha256(fingerprints.encode()).hexdigest()[:24]
         final = Path(cache_dir) / "features" / key
 
-        def build(directory: Path) -> None:
-            _compute(model, input_ids, directory, DTYPES[dtype], batch_size, progress, layers)
+        def finish(directory: Path) -> None:
             meta = {"key": key, "dtype": dtype, "examples": len(input_ids), "hidden_size": model.config.hidden_size}
             if layers:
                 meta["layers"] = layers
@@ -135,8 +142,127 @@ class FeatureCache:
                 meta["attention_rebalancing"] = rebalancing
             (directory / META_NAME).write_text(json.dumps(meta))  # last: marks the cache finished
 
-        build_once(final, build, lambda path: (path / META_NAME).is_file())
+        def build(directory: Path) -> None:
+            _compute(model, input_ids, directory, DTYPES[dtype], batch_size, progress, layers)
+            finish(directory)
+
+        if is_sharded(model):
+            _build_sharded(model, input_ids, final, finish, batch_size, progress, layers, DTYPES[dtype])
+        else:
+            build_once(final, build, lambda path: (path / META_NAME).is_file())
         return cls(final)
+
+
+def _build_sharded(model, input_ids, final: Path, finish, batch_size, progress, layers, dtype) -> None:
+    """``build_or_load`` for a base sharded across processes: every process computes its share, the first of each
+    machine writes the cache (see the module's docstring). The collectives all run before ``build_once`` takes its
+    lock (writers on machines that share a file system wait on it), so the writers hold every example's states in
+    memory, in the cache's dtype, until they write them."""
+    import torch.distributed as dist
+
+    complete = (final / META_NAME).is_file()
+    flag = torch.tensor([int(complete)], device=_device(model))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # the processes agree: all read it, or all build it
+    if not flag.item():
+        writer = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+        rows = _compute_sharded(model, input_ids, batch_size, progress and dist.get_rank() == 0, layers, writer, dtype)
+
+        def write(directory: Path) -> None:
+            _write(directory, input_ids, rows, dtype, model.config.hidden_size, layers)
+            finish(directory)
+
+        if writer:
+            build_once(final, write, lambda path: (path / META_NAME).is_file())
+    dist.barrier()
+
+
+def _device(model) -> torch.device:
+    device = model.lm_head.weight.device
+    return device if device.type != "meta" else torch.device("cpu")
+
+
+def _batches(input_ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
+    """The examples in batches of similar length (as ``_compute`` takes them)."""
+    lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _base_states(model, input_ids, batch, device, layers):
+    """The base's final hidden states (and the stored blocks' states) of one batch, as float32 numpy arrays."""
+    width = max(len(input_ids[index]) for index in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, index in enumerate(batch):
+        ids[row, : len(input_ids[index])] = torch.tensor(input_ids[index])
+        mask[row, : len(input_ids[index])] = 1
+    capture = model.capture_block_outputs(layers) if layers else contextlib.nullcontext({})
+    kept = {}
+    # Through the model itself, the root of the sharding (FSDP2 starts there), with its heads off and one position
+    # of logits; the base's output is taken on its way.
+    keep = model.base_model.register_forward_hook(lambda module, args, output: kept.update(hidden=output[0]))
+    try:
+        with capture as states, model.disable_heads():
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1, use_cache=False)
+    finally:
+        keep.remove()
+    hidden = kept["hidden"]
+    blocks = np.stack([states[k].float().cpu().numpy() for k in layers], axis=2) if layers else None
+    return hidden.float().cpu().numpy(), blocks
+
+
+@torch.no_grad()
+def _compute_sharded(model, input_ids, batch_size, progress, layers, keep: bool, dtype=np.float32) -> dict:
+    """Every process runs batches ``rank, rank + world, ...`` through the sharded base, in step (a process short
+    of a batch runs its first one again, and drops it), and all of them receive every batch's states; ``keep``:
+    whether this process keeps them (the writers), as ``{example: (hidden, blocks)}``."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = _batches(input_ids, batch_size)
+    rows, device = {}, _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        steps = range(0, len(batches), world)
+        for start in tqdm(steps, desc="Caching base features (sharded base)", disable=not progress):
+            index = start + rank
+            mine = index if index < len(batches) else None  # in step with the others: recompute, then drop
+            hidden, blocks = _base_states(model, input_ids, batches[mine if mine is not None else 0], device, layers)
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (mine, hidden, blocks))
+            for got, got_hidden, got_blocks in gathered:
+                if keep and got is not None:
+                    for row, example in enumerate(batches[got]):
+                        length = len(input_ids[example])
+                        states = None if got_blocks is None else got_blocks[row, :length].astype(dtype)
+                        rows[int(example)] = (got_hidden[row, :length].astype(dtype), states)
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def _write(directory: Path, input_ids, rows: dict, dtype, hidden_size: int, layers) -> None:
+    """The files of a cache from the states of every example (``_compute_sharded``'s ``rows``)."""
+    lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    features = np.lib.format.open_memmap(
+        directory / FEATURES_NAME, mode="w+", dtype=dtype, shape=(int(offsets[-1]), hidden_size)
+    )
+    layer_features = None
+    if layers:
+        shape = (int(offsets[-1]), len(layers), hidden_size)
+        layer_features = np.lib.format.open_memmap(directory / LAYER_FEATURES_NAME, mode="w+", dtype=dtype, shape=shape)
+    for example, (hidden, blocks) in rows.items():
+        features[offsets[example] : offsets[example + 1]] = hidden
+        if layer_features is not None:
+            layer_features[offsets[example] : offsets[example + 1]] = blocks
+    features.flush()
+    del features
+    if layer_features is not None:
+        layer_features.flush()
+        del layer_features
+    np.save(directory / OFFSETS_NAME, offsets)
 
 
 @torch.no_grad()
