@@ -40,7 +40,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-from transformers import AutoConfig, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoConfig, TrainingArguments, set_seed
 
 from backattn import DEFAULT_PRESET, BackwardAttentionConfig, family_for
 from backattn.data.classification_data import (
@@ -57,7 +57,7 @@ from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_datase
 from backattn.errors import BackattnValueError, RunDirectoryError
 from backattn.evaluation import evaluate_model, results_table
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, default_cache_dir, resolve_base_model
-from backattn.run_files import check_context_window, read_arguments_file, writable_directory, write_text_atomically
+from backattn.run_files import check_context_window, parse_command_line, writable_directory, write_text_atomically
 from backattn.trainer import HeadTrainer
 
 
@@ -173,12 +173,8 @@ class SFTTrainingArguments(TrainingArguments):
 
 
 def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, HeadArguments, DataArguments, SFTTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        options = read_arguments_file(Path(argv[0]).resolve(), *parser.dataclass_types)
-        return parser.parse_dict(options, allow_extra_keys=False)
-    return parser.parse_args_into_dataclasses(args=argv)
+    arguments = (ModelArguments, HeadArguments, DataArguments, SFTTrainingArguments)
+    return parse_command_line(arguments, sys.argv[1:] if argv is None else argv)
 
 
 def task_template(data_args) -> PromptTemplate | ClassificationTemplate:
