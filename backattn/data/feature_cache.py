@@ -182,7 +182,7 @@ def _device(model) -> torch.device:
 
 
 def _batches(input_ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
-    """The examples in batches of similar length (as ``_compute`` takes them)."""
+    """The examples in batches of similar length (little padding), longest first."""
     lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
     order = np.argsort(-lengths, kind="stable")
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
@@ -201,14 +201,46 @@ def _base_states(model, input_ids, batch, device, layers):
     # Through the model itself, the root of the sharding (FSDP2 starts there), with its heads off and one position
     # of logits; the base's output is taken on its way.
     keep = model.base_model.register_forward_hook(lambda module, args, output: kept.update(hidden=output[0]))
+    heads_off = model.disable_heads() if hasattr(model, "disable_heads") else contextlib.nullcontext()  # plain base
     try:
-        with capture as states, model.disable_heads():
+        with capture as states, heads_off:
             model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1, use_cache=False)
     finally:
         keep.remove()
     hidden = kept["hidden"]
     blocks = np.stack([states[k].float().cpu().numpy() for k in layers], axis=2) if layers else None
     return hidden.float().cpu().numpy(), blocks
+
+
+class _CacheWriter:
+    """A cache's files for examples of these lengths, filled example by example in any order, then closed."""
+
+    def __init__(self, directory: Path, input_ids, dtype, hidden_size: int, layers):
+        self.directory = directory
+        self.offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in input_ids])]).astype(np.int64)
+        rows = int(self.offsets[-1])
+        self.features = np.lib.format.open_memmap(
+            directory / FEATURES_NAME, mode="w+", dtype=dtype, shape=(rows, hidden_size)
+        )
+        self.layer_features = None
+        if layers:
+            self.layer_features = np.lib.format.open_memmap(
+                directory / LAYER_FEATURES_NAME, mode="w+", dtype=dtype, shape=(rows, len(layers), hidden_size)
+            )
+
+    def put(self, example: int, hidden: np.ndarray, blocks: np.ndarray | None) -> None:
+        """Example ``example``'s states, ``(length, hidden)`` and ``(length, blocks, hidden)``, unpadded."""
+        span = slice(self.offsets[example], self.offsets[example + 1])
+        self.features[span] = hidden
+        if self.layer_features is not None:
+            self.layer_features[span] = blocks
+
+    def close(self) -> None:
+        for array in (self.features, self.layer_features):
+            if array is not None:
+                array.flush()
+        self.features = self.layer_features = None
+        np.save(self.directory / OFFSETS_NAME, self.offsets)  # the states are on disk before their index
 
 
 @torch.no_grad()
@@ -244,70 +276,30 @@ def _compute_sharded(model, input_ids, batch_size, progress, layers, keep: bool,
 
 def _write(directory: Path, input_ids, rows: dict, dtype, hidden_size: int, layers) -> None:
     """The files of a cache from the states of every example (``_compute_sharded``'s ``rows``)."""
-    lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    features = np.lib.format.open_memmap(
-        directory / FEATURES_NAME, mode="w+", dtype=dtype, shape=(int(offsets[-1]), hidden_size)
-    )
-    layer_features = None
-    if layers:
-        shape = (int(offsets[-1]), len(layers), hidden_size)
-        layer_features = np.lib.format.open_memmap(directory / LAYER_FEATURES_NAME, mode="w+", dtype=dtype, shape=shape)
+    writer = _CacheWriter(directory, input_ids, dtype, hidden_size, layers)
     for example, (hidden, blocks) in rows.items():
-        features[offsets[example] : offsets[example + 1]] = hidden
-        if layer_features is not None:
-            layer_features[offsets[example] : offsets[example + 1]] = blocks
-    features.flush()
-    del features
-    if layer_features is not None:
-        layer_features.flush()
-        del layer_features
-    np.save(directory / OFFSETS_NAME, offsets)
+        writer.put(example, hidden, blocks)
+    writer.close()
 
 
 @torch.no_grad()
 def _compute(
     model, input_ids: list[list[int]], directory: Path, dtype, batch_size: int, progress: bool, layers=()
 ) -> None:
-    lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    features = np.lib.format.open_memmap(
-        directory / FEATURES_NAME, mode="w+", dtype=dtype, shape=(int(offsets[-1]), model.config.hidden_size)
-    )
-    layer_features = None
-    if layers:
-        shape = (int(offsets[-1]), len(layers), model.config.hidden_size)
-        layer_features = np.lib.format.open_memmap(directory / LAYER_FEATURES_NAME, mode="w+", dtype=dtype, shape=shape)
-    order = np.argsort(-lengths, kind="stable")  # similar lengths share a batch: little padding
+    """The cache of an unsharded base, streamed to disk batch by batch."""
+    writer = _CacheWriter(directory, input_ids, dtype, model.config.hidden_size, layers)
     was_training = model.training
     model.eval()
-    device = model.lm_head.weight.device
+    device = _device(model)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="Caching base features", disable=not progress):
-            batch = order[start : start + batch_size]
-            width = int(lengths[batch].max())
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, index in enumerate(batch):
-                ids[row, : lengths[index]] = torch.tensor(input_ids[index])
-                mask[row, : lengths[index]] = 1
-            capture = model.capture_block_outputs(layers) if layers else contextlib.nullcontext({})
-            with capture as states:
-                hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            hidden = hidden.float().cpu().numpy()
-            blocks = np.stack([states[k].float().cpu().numpy() for k in layers], axis=2) if layers else None
-            for row, index in enumerate(batch):
-                features[offsets[index] : offsets[index + 1]] = hidden[row, : lengths[index]]
-                if blocks is not None:
-                    layer_features[offsets[index] : offsets[index + 1]] = blocks[row, : lengths[index]]
+        for batch in tqdm(_batches(input_ids, batch_size), desc="Caching base features", disable=not progress):
+            hidden, blocks = _base_states(model, input_ids, batch, device, layers)
+            for row, example in enumerate(batch):
+                length = len(input_ids[example])
+                writer.put(example, hidden[row, :length], None if blocks is None else blocks[row, :length])
     finally:
         model.train(was_training)
-    features.flush()
-    del features
-    if layer_features is not None:
-        layer_features.flush()
-        del layer_features
-    np.save(directory / OFFSETS_NAME, offsets)
+    writer.close()
 
 
 class CachedFeaturesDataset(torch.utils.data.Dataset):
