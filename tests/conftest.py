@@ -457,3 +457,29 @@ def reload_without_backattn(model, ids, tmp_path, more_checks: str = "") -> str:
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"OK {type(model).__name__}" in result.stdout
     return checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_and_rows(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama with the real SmolLM2 tokenizer, and 24 problems from 6 templates."""
+    import json
+    import random
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("compare-heads")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.save_pretrained(path / "model")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path / "model")
+    rng = random.Random(0)
+    with open(path / "rows.jsonl", "w") as handle:
+        for template in range(6):
+            for _ in range(4):
+                a, b = rng.randint(2, 60), rng.randint(2, 60)
+                row = {"problem": f"Tom has {a} apples and buys {b}. How many?", "template_id": template,
+                       "generated_solution": f"{a} + {b} = {a + b}.", "expected_answer": str(a + b)}  # fmt: skip
+                handle.write(json.dumps(row) + "\n")
+    return path
