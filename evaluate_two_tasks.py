@@ -85,6 +85,8 @@ def math_metrics(scores: dict, groups, n_resamples: int, seed: int) -> dict:
 def mixed_batch_scores(model, tokenizer, math_examples, sentiment_examples, candidates, batch_size: int):
     """Per row, with math and sentiment rows in the same batches, each under its own head: every math problem's
     summed target CE and its target-token count, and every snippet's log-likelihood of each class."""
+    if any(len(tokens) != 1 for tokens in candidates):
+        raise ValueError(f"The mixed batch reads one-token label words; these take several: {candidates}.")
     collator, device = SFTCollator(tokenizer), next(model.parameters()).device
     label_tokens = torch.tensor([c[0] for c in candidates], device=device)
     half = max(batch_size // 2, 1)
