@@ -321,3 +321,50 @@ def test_vocabulary_benchmark_measures_every_size(tmp_path):
     for row in report["sizes"]:
         assert row["train_step_s"] > 0 and row["generate_head_over_base"] > 0 and row["exact_train_step_added_mib"] >= 0
     assert (tmp_path / "vocabulary.json").exists()
+
+
+def test_compare_rebalancing_chooses_alpha_on_validation_and_stacks_on_the_comparison(tiny_llama_and_rows, tmp_path):
+    """Stage 1 picks alpha on validation templates; stage 2 reuses the comparison's base and head, and at alpha 0
+    (re-balancing that changes nothing) the head trained on the re-balanced base matches the comparison's head."""
+    heads, script = load_script("compare_heads"), load_script("compare_rebalancing")
+    common = ["--model_name_or_path", str(tiny_llama_and_rows / "model"), "--dataset",
+              str(tiny_llama_and_rows / "rows.jsonl"), "--budget_problems", "8", "--batch_size", "4",
+              "--calibration_steps", "1", "--generation_problems", "3", "--max_new_tokens", "3", "--n_resamples", "50",
+              "--charge_feature_cache", "false"]  # fmt: skip
+    validation = ["--split_name", "validation", "--train_templates", "0-2", "--eval_templates", "3",
+                  "--metrics", "teacher_forced"]  # fmt: skip
+    held_out = ["--train_templates", "0-3", "--eval_templates", "4-5", "--budgets", "1"]
+    sweep = ["--budgets", "1", "--methods", "head hidden", "--learning_rates", "0.003", "--extend_learning_rates",
+             "false", "--output_dir", str(tmp_path / "hv"), "--work_dir", str(tmp_path / "w")]  # fmt: skip
+    heads.main(common + validation + sweep)
+    chosen_rate = ["--validation_results", str(tmp_path / "hv/results.json")]
+    heads.main(common + held_out + chosen_rate + ["--methods", "head hidden", "--output_dir", str(tmp_path / "h"),
+                                                  "--work_dir", str(tmp_path / "w")])  # fmt: skip
+    with pytest.raises(ValueError, match="run stage 1 first"):
+        script.main(common + held_out + ["--validation_results", str(tmp_path / "missing.json")])
+
+    chosen = script.main(common + validation + ["--alphas", "0", "--output_dir", str(tmp_path / "rv"),
+                                                "--work_dir", str(tmp_path / "rw")])  # fmt: skip
+    assert chosen["chosen_alpha"] == 0
+    stage_1 = chosen["rows"]
+    assert stage_1["re-balanced base, alpha 0"]["target_ce"]["value"] == pytest.approx(
+        stage_1["frozen base"]["target_ce"]["value"], rel=1e-5
+    )  # alpha 0 is the base (eager attention against SDPA: float noise only)
+
+    summary = script.main(common + held_out + ["--validation_results", str(tmp_path / "rv/results.json"),
+                          "--head_validation_results", str(tmp_path / "hv/results.json"),
+                          "--comparison_dir", str(tmp_path / "h"), "--output_dir", str(tmp_path / "r"),
+                          "--work_dir", str(tmp_path / "rw")])  # fmt: skip
+    rows, steps = summary["rows"], summary["head_steps"]
+    assert list(rows) == ["frozen base", "re-balanced base, alpha 0", f"head (head hidden, {steps} steps)",
+                          "head on the re-balanced base, alpha 0"]  # fmt: skip
+    comparison = json.loads((tmp_path / "h/results.json").read_text())["rows"]
+    head_row = next(r for r in comparison.values() if r["method"] == "head hidden")
+    assert rows[f"head (head hidden, {steps} steps)"]["target_ce"]["value"] == head_row["metrics"]["target_ce"]["value"]
+    assert rows["frozen base"]["target_ce"]["value"] == comparison["frozen base"]["metrics"]["target_ce"]["value"]
+    both = rows["head on the re-balanced base, alpha 0"]
+    assert both["target_ce"]["value"] == pytest.approx(head_row["metrics"]["target_ce"]["value"], rel=1e-3)
+    assert "greedy_accuracy" in both and "minus_base" in both["target_ce"]
+    assert (tmp_path / "r/rebalancing.png").stat().st_size > 0 and "### Greedy" in (
+        tmp_path / "r/results.md"
+    ).read_text()

@@ -1,0 +1,233 @@
+"""Seed 002's attention re-balancing against a head and with one, on the comparison's protocol (issue 18).
+
+    .venv/bin/python benchmarks/compare_rebalancing.py benchmarks/compare_rebalancing_validation.yaml  # 1. alpha
+    .venv/bin/python benchmarks/compare_rebalancing.py                                                # 2. held out
+
+Four models on the held-out GSM-Symbolic problems of ``compare_heads.py`` (templates 80-99): the frozen base;
+the re-balanced base (``backattn.attention_rebalancing``: no training; ``alpha`` chosen in stage 1 by target CE
+on the validation templates 64-79, never on the held-out ones); the head (``--head_method`` at the learning rate
+``compare_heads.py``'s validation chose, trained for the steps of the comparison's budget ``--head_budget``); and
+the same head trained, from cached features, on the re-balanced base, for the same steps (its feature cache is
+the re-balanced base's: the cache key holds the re-balancing options). The frozen base's and the head's
+held-out results are read from ``compare_heads.py``'s run when its setup is the same (same data, same
+tokenization), else computed here. Every metric comes with its 95% interval over templates, then problems, and
+its paired difference to the frozen base (``compare_heads.summarise``). Resumable: each model's scores are written
+once finished. Writes ``results.json``, ``results.md`` and ``rebalancing.png`` to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
+from transformers.utils import logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare_heads as machinery  # noqa: E402  (the comparison's machinery, beside this file)
+
+from backattn.attention_rebalancing import enable_attention_rebalancing  # noqa: E402
+from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache  # noqa: E402
+from backattn.data.sft_data import SFTCollator, sft_tokenizer  # noqa: E402
+from backattn.offline import smollm2_path  # noqa: E402
+
+BASE, REBALANCED, HEAD, BOTH = "frozen base", "re-balanced base", "head", "head on the re-balanced base"
+
+
+@dataclass
+class RebalancingArguments(machinery.ComparisonArguments):
+    alphas: list[float] = field(
+        default_factory=lambda: [0.1, 0.2, 0.5],
+        metadata={"help": "Stage 1 (--split_name validation): the boosts tried; the seed's code uses 0.2 and 0.5."},
+    )
+    threshold: float = field(default=0.01, metadata={"help": "Layer 0's attention weight above which a key counts."})
+    head_method: str = field(default="head hidden", metadata={"help": "The head: a compare_heads.py method."})
+    head_budget: float = field(default=1.0, metadata={"help": "The comparison budget (in T) whose steps it trains."})
+    comparison_dir: str = field(
+        default="benchmarks/results/compare_heads",
+        metadata={"help": "compare_heads.py's held-out results: the frozen base and the head are read from there."},
+    )
+    output_dir: str = field(default="benchmarks/results/compare_rebalancing")
+    work_dir: str = field(default="outputs/compare_rebalancing")
+    validation_results: str = field(
+        default="benchmarks/results/compare_rebalancing_validation/results.json",
+        metadata={"help": "Stage 1's results, whose chosen_alpha the held-out run uses."},
+    )
+    head_validation_results: str = field(
+        default="benchmarks/results/compare_heads_validation/results.json",
+        metadata={"help": "compare_heads.py's stage 1, whose learning rate for --head_method is used."},
+    )
+
+
+def rebalanced(model, options, alpha: float):
+    return enable_attention_rebalancing(model, alpha=alpha, threshold=options.threshold)
+
+
+def comparison_result(options, run_name: str, budget: float | None, setup: dict) -> dict | None:
+    """A result of ``compare_heads.py``'s run, if that run had this setup (same data and tokenization)."""
+    directory = machinery.ROOT / options.comparison_dir
+    theirs = directory / "setup.json"
+    if not theirs.is_file() or json.loads(theirs.read_text()) != setup:
+        return None
+    name = "scores.json" if budget is None else f"budget-{budget:g}T.json"
+    path = directory / "runs" / run_name.replace(" ", "_") / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_head(options, base: str, tokenizer, train_examples, learning_rate: float, steps: int, alpha, directory):
+    """The head trained from cached features for ``steps`` steps, on the base re-balanced by ``alpha`` (or plain)."""
+    method = machinery.METHODS[options.head_method]
+    model = method.build(base, machinery.reference_parameters(base))
+    if alpha is not None:
+        rebalanced(model, options, alpha)
+    cache = FeatureCache.build_or_load(model, train_examples["input_ids"], directory / "features", "float16",
+                                       options.batch_size)  # fmt: skip
+    set_seed(options.seed)
+    trainer = machinery.BudgetTrainer(
+        model=model, args=machinery.training_arguments(options, directory / "training", learning_rate, steps),
+        train_dataset=CachedFeaturesDataset(train_examples, cache), data_collator=SFTCollator(tokenizer),
+    )  # fmt: skip
+    if steps:  # no steps: the untrained head, as compare_heads.py scores a budget spent before its first step
+        trainer.train()
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
+    task = machinery.MathTask()
+    parser = HfArgumentParser(RebalancingArguments)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        (options,) = parser.parse_yaml_file(Path(argv[0]).resolve(), allow_extra_keys=False)
+    else:
+        (options,) = parser.parse_args_into_dataclasses(args=argv)
+    if options.head_method not in machinery.METHODS or not machinery.METHODS[options.head_method].features:
+        raise ValueError(f"--head_method must be a head of compare_heads.py, got {options.head_method!r}.")
+    validating = options.split_name == "validation"
+    if not validating:  # before anything slow: both choices were made on validation data
+        path = machinery.ROOT / options.validation_results
+        if not path.is_file():
+            raise ValueError(f"No chosen alpha in {path}: run stage 1 first (benchmarks/compare_rebalancing_"
+                             "validation.yaml); the held-out set is never used to choose.")  # fmt: skip
+        alpha = json.loads(path.read_text())["chosen_alpha"]
+        learning_rate = machinery.chosen_learning_rates(
+            machinery.ComparisonOptions(
+                methods=[options.head_method], validation_results=options.head_validation_results
+            )
+        )[options.head_method]
+    logging.set_verbosity_error()
+    run = machinery.Run(options)
+    base = options.model_name_or_path or str(smollm2_path())
+    tokenizer = sft_tokenizer(base)
+    train_examples, eval_examples = task.examples(options, tokenizer)
+    if options.max_eval_problems is not None:
+        eval_examples = eval_examples.select(range(min(options.max_eval_problems, len(eval_examples))))
+    groups = task.groups(eval_examples)
+    run.check_same_setup(options, train_examples, eval_examples, task.setup_fields)
+    setup = json.loads((run.output / "setup.json").read_text())
+
+    def scored(name: str, build, generate: bool = True) -> dict:
+        """``name``'s per-problem scores: read if written before, else computed and written."""
+        path = run.result_path(name, None)
+        if run.read(path) is None:
+            model = build()
+            run.write(path, {"scores": task.score(model.eval(), tokenizer, eval_examples, options, generate)})
+            del model
+        return run.read(path)["scores"]
+
+    def plain_base():
+        return AutoModelForCausalLM.from_pretrained(base)
+
+    if validating:  # stage 1: the re-balanced base at every alpha, teacher-forced, against the base
+        rows = {BASE: scored(BASE, plain_base, False)}
+        for alpha in options.alphas:
+            build = lambda a=alpha: rebalanced(plain_base(), options, a)  # noqa: E731
+            rows[f"{REBALANCED}, alpha {alpha:g}"] = scored(f"{REBALANCED} alpha={alpha:g}", build, False)
+        losses = {a: task.summarise(rows[f"{REBALANCED}, alpha {a:g}"], None, groups, 1)[task.selection]["value"]
+                  for a in options.alphas}  # fmt: skip
+        return report(run, options, rows, groups, started, task, {"chosen_alpha": min(losses, key=losses.get)})
+
+    head_result = comparison_result(options, f"{options.head_method} lr={learning_rate:g}", options.head_budget, setup)
+    if head_result is None:
+        raise ValueError(f"No held-out result of {options.head_method} at {options.head_budget:g}T with this setup "
+                         f"in {options.comparison_dir}: run benchmarks/compare_heads.py first.")  # fmt: skip
+    base_result = comparison_result(options, BASE, None, setup)
+    steps = head_result["steps"]
+    rows = {
+        BASE: base_result["scores"] if base_result else scored(BASE, plain_base),
+        f"{REBALANCED}, alpha {alpha:g}": scored(f"{REBALANCED} alpha={alpha:g}",
+                                                 lambda: rebalanced(plain_base(), options, alpha)),
+        f"{HEAD} ({options.head_method}, {steps} steps)": head_result["scores"],
+        f"{BOTH}, alpha {alpha:g}": scored(f"{BOTH} alpha={alpha:g}", lambda: train_head(
+            options, base, tokenizer, train_examples, learning_rate, steps, alpha, run.work / f"alpha={alpha:g}")),
+    }  # fmt: skip
+    return report(run, options, rows, groups, started, task, {"alpha": alpha, "learning_rate": learning_rate,
+                                                                "head_steps": steps})  # fmt: skip
+
+
+def report(run, options, rows: dict, groups: list, started: float, task, extra: dict) -> dict:
+    """results.json, results.md and rebalancing.png: every row's metrics with intervals and minus the base."""
+    base = rows[BASE]
+    summaries = {name: task.summarise(scores, None if name == BASE else base, groups, options.n_resamples)
+                 for name, scores in rows.items()}  # fmt: skip
+    summary = {"options": asdict(options), "rows": summaries, **extra, "held_out_problems": len(groups),
+               "wall_seconds_this_sitting": time.perf_counter() - started}  # fmt: skip
+    run.write(run.output / "results.json", summary)
+    table = markdown(summaries, task)
+    (run.output / "results.md").write_text(table + "\n")
+    plot(summaries, run.output / "rebalancing.png")
+    print(table)
+    return summary
+
+
+def markdown(summaries: dict, task) -> str:
+    lines = []
+    for title, metrics, spec in task.sections:
+        present = [m for m in metrics if any(m in s for s in summaries.values())]
+        if not present:
+            continue
+        labels = [task.metrics[m][3] for m in present]
+        lines += [f"### {title}", "", "| model | " + " | ".join(labels) + " |", "|" + " --- |" * (len(present) + 1)]
+        for name, summary in summaries.items():
+            cells = []
+            for metric in present:
+                value = summary.get(metric)
+                cell = machinery._cell(value, spec)
+                if value and "minus_base" in value:
+                    cell += f"; vs base {machinery._cell(value['minus_base'], '+' + spec)}"
+                cells.append(cell)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summaries: dict, path: Path) -> None:
+    """Target CE and MC-direct accuracy per model, 95% intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, label) for m, label in (("target_ce", "held-out target CE (lower is better)"),
+                                          ("mc_direct", "MC-direct accuracy (higher is better)"))
+              if any(m in s for s in summaries.values())]  # fmt: skip
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, (metric, label) in zip(axes[0], panels):
+        names = [n for n in summaries if metric in summaries[n]]
+        values = [summaries[n][metric]["value"] for n in names]
+        errors = [[v - summaries[n][metric]["low"] for n, v in zip(names, values)],
+                  [summaries[n][metric]["high"] - v for n, v in zip(names, values)]]  # fmt: skip
+        axis.bar(range(len(names)), values, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(names))])
+        axis.set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=7)
+        axis.set_title(label, fontsize=10)
+    figure.suptitle("Attention re-balancing (seed 002) and a head, held out (95% intervals)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
