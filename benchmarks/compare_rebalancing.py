@@ -8,11 +8,13 @@ the re-balanced base (``backattn.attention_rebalancing``: no training; ``alpha``
 on the validation templates 64-79, never on the held-out ones); the head (``--head_method`` at the learning rate
 ``compare_heads.py``'s validation chose, trained for the steps of the comparison's budget ``--head_budget``); and
 the same head trained, from cached features, on the re-balanced base, for the same steps (its feature cache is
-the re-balanced base's: the cache key holds the re-balancing options). The frozen base's and the head's
-held-out results are read from ``compare_heads.py``'s run when its setup is the same (same data, same
-tokenization), else computed here. Every metric comes with its 95% interval over templates, then problems, and
-its paired difference to the frozen base (``compare_heads.summarise``). Resumable: each model's scores are written
-once finished. Writes ``results.json``, ``results.md`` and ``rebalancing.png`` to ``--output_dir``.
+the re-balanced base's: the cache key holds the re-balancing options). ``compare_heads.py``'s held-out run must
+have the same setup (same data, same tokenization): its head's steps at that budget are the steps both heads
+train here (so the same training seconds), its frozen base's scores are reused, and its head's teacher-forced
+scores are checked against the head trained again here (which is also scored greedily). Every metric comes
+with its 95% interval over templates, then problems, and its paired difference to the frozen base
+(``compare_heads.summarise``). Resumable: each model's scores are written once finished. Writes
+``results.json``, ``results.md`` and ``rebalancing.png`` to ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def comparison_result(options, run_name: str, budget: float | None, setup: dict)
 
 
 def train_head(options, base: str, tokenizer, train_examples, learning_rate: float, steps: int, alpha, directory):
-    """The head trained from cached features for ``steps`` steps, on the base re-balanced by ``alpha`` (or plain)."""
+    """The head trained from cached features for ``steps`` steps, on the base re-balanced by ``alpha`` (``None``:
+    the plain base). Both bases' caches live side by side in ``directory / "features"`` (their keys differ)."""
     method = machinery.METHODS[options.head_method]
     model = method.build(base, machinery.reference_parameters(base))
     if alpha is not None:
@@ -87,7 +90,8 @@ def train_head(options, base: str, tokenizer, train_examples, learning_rate: flo
                                        options.batch_size)  # fmt: skip
     set_seed(options.seed)
     trainer = machinery.BudgetTrainer(
-        model=model, args=machinery.training_arguments(options, directory / "training", learning_rate, steps),
+        model=model,
+        args=machinery.training_arguments(options, directory / f"training alpha={alpha}", learning_rate, steps),
         train_dataset=CachedFeaturesDataset(train_examples, cache), data_collator=SFTCollator(tokenizer),
     )  # fmt: skip
     if steps:  # no steps: the untrained head, as compare_heads.py scores a budget spent before its first step
@@ -155,17 +159,25 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"No held-out result of {options.head_method} at {options.head_budget:g}T with this setup "
                          f"in {options.comparison_dir}: run benchmarks/compare_heads.py first.")  # fmt: skip
     base_result = comparison_result(options, BASE, None, setup)
-    steps = head_result["steps"]
+    steps = head_result["steps"]  # the comparison's steps at that budget: the same training seconds
+
+    def head(on_alpha):
+        return lambda: train_head(options, base, tokenizer, train_examples, learning_rate, steps, on_alpha, run.work)
+
+    # The head is trained again here (the same steps, seed and data as in the comparison) to be scored greedily
+    # as well; its teacher-forced scores are checked against the comparison's (`head_against_comparison`).
     rows = {
         BASE: base_result["scores"] if base_result else scored(BASE, plain_base),
         f"{REBALANCED}, alpha {alpha:g}": scored(f"{REBALANCED} alpha={alpha:g}",
                                                  lambda: rebalanced(plain_base(), options, alpha)),
-        f"{HEAD} ({options.head_method}, {steps} steps)": head_result["scores"],
-        f"{BOTH}, alpha {alpha:g}": scored(f"{BOTH} alpha={alpha:g}", lambda: train_head(
-            options, base, tokenizer, train_examples, learning_rate, steps, alpha, run.work / f"alpha={alpha:g}")),
+        f"{HEAD} ({options.head_method}, {steps} steps)": scored(HEAD, head(None)),
+        f"{BOTH}, alpha {alpha:g}": scored(f"{BOTH} alpha={alpha:g}", head(alpha)),
     }  # fmt: skip
-    return report(run, options, rows, groups, started, task, {"alpha": alpha, "learning_rate": learning_rate,
-                                                                "head_steps": steps})  # fmt: skip
+    ours, theirs = rows[f"{HEAD} ({options.head_method}, {steps} steps)"], head_result["scores"]
+    difference = max(abs(a - b) for a, b in zip(ours["target_loss"], theirs["target_loss"]))
+    extra = {"alpha": alpha, "learning_rate": learning_rate, "head_steps": steps,
+             "head_against_comparison": {"largest_target_loss_difference": difference}}  # fmt: skip
+    return report(run, options, rows, groups, started, task, extra)
 
 
 def report(run, options, rows: dict, groups: list, started: float, task, extra: dict) -> dict:
