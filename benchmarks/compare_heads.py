@@ -662,6 +662,23 @@ def chosen_learning_rates(options) -> dict[str, float]:
     return chosen
 
 
+def prepare_run(options, task):
+    """The run's folders, base, tokenizer, training and held-out rows and the held-out rows' groups; the setup
+    checked against earlier sittings' (shared with the scripts built on this machinery)."""
+    logging.set_verbosity_error()
+    run = Run(options)
+    base = options.model_name_or_path or str(smollm2_path())
+    tokenizer = sft_tokenizer(base)
+    train_examples, eval_examples = task.examples(options, tokenizer)
+    if options.max_eval_problems is not None:
+        eval_examples = eval_examples.select(range(min(options.max_eval_problems, len(eval_examples))))
+    groups = task.groups(eval_examples)
+    print(f"{len(train_examples)} training rows, {len(eval_examples)} held-out ({len(set(groups))} "
+          f"{task.group_name}); {task.describe(options)}", file=sys.stderr)  # fmt: skip
+    run.check_same_setup(options, train_examples, eval_examples, task.setup_fields)
+    return run, base, tokenizer, train_examples, eval_examples, groups
+
+
 def main(argv: list[str] | None = None, task=None) -> dict:
     started = time.perf_counter()
     task = task or MathTask()
@@ -676,17 +693,7 @@ def main(argv: list[str] | None = None, task=None) -> dict:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
     # before anything slow: a missing choice fails now
     learning_rates = {} if options.calibrate_only else chosen_learning_rates(options)
-    logging.set_verbosity_error()
-    run = Run(options)
-    base = options.model_name_or_path or str(smollm2_path())
-    tokenizer = sft_tokenizer(base)
-    train_examples, eval_examples = task.examples(options, tokenizer)
-    if options.max_eval_problems is not None:
-        eval_examples = eval_examples.select(range(min(options.max_eval_problems, len(eval_examples))))
-    groups = task.groups(eval_examples)
-    print(f"{len(train_examples)} training rows, {len(eval_examples)} held-out ({len(set(groups))} "
-          f"{task.group_name}); {task.describe(options)}", file=sys.stderr)  # fmt: skip
-    run.check_same_setup(options, train_examples, eval_examples, task.setup_fields)
+    run, base, tokenizer, train_examples, eval_examples, groups = prepare_run(options, task)
     budget_parameters = reference_parameters(base)
     collator = SFTCollator(tokenizer)
 

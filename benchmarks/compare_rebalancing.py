@@ -26,15 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
-from transformers.utils import logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_heads as machinery  # noqa: E402  (the comparison's machinery, beside this file)
 
 from backattn.attention_rebalancing import enable_attention_rebalancing  # noqa: E402
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache  # noqa: E402
-from backattn.data.sft_data import SFTCollator, sft_tokenizer  # noqa: E402
-from backattn.offline import smollm2_path  # noqa: E402
+from backattn.data.sft_data import SFTCollator  # noqa: E402
 
 BASE, REBALANCED, HEAD, BOTH = "frozen base", "re-balanced base", "head", "head on the re-balanced base"
 
@@ -122,15 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                 methods=[options.head_method], validation_results=options.head_validation_results
             )
         )[options.head_method]
-    logging.set_verbosity_error()
-    run = machinery.Run(options)
-    base = options.model_name_or_path or str(smollm2_path())
-    tokenizer = sft_tokenizer(base)
-    train_examples, eval_examples = task.examples(options, tokenizer)
-    if options.max_eval_problems is not None:
-        eval_examples = eval_examples.select(range(min(options.max_eval_problems, len(eval_examples))))
-    groups = task.groups(eval_examples)
-    run.check_same_setup(options, train_examples, eval_examples, task.setup_fields)
+    run, base, tokenizer, train_examples, eval_examples, groups = machinery.prepare_run(options, task)
     setup = json.loads((run.output / "setup.json").read_text())
 
     def scored(name: str, build, generate: bool = True) -> dict:
