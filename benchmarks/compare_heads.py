@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/compare_heads.py benchmarks/compare_heads_validation.yaml   # 1. learning rates
     .venv/bin/python benchmarks/compare_heads.py                                            # 2. the held-out run
+    .venv/bin/python benchmarks/compare_heads.py --report_only true                         # tables and plots again
+
+Flags after a YAML file override its keys (``stage.yaml --report_only true``).
 
 Methods (all on the same frozen base, the same training rows in the same order, batch size and warm-up):
 the frozen base; the head presets (trained from cached base features); PEFT LoRA on attention and on the
@@ -40,11 +43,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import datasets
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import (
@@ -679,15 +683,24 @@ def prepare_run(options, task):
     return run, base, tokenizer, train_examples, eval_examples, groups
 
 
+def parse_options(arguments: type, argv: list[str]):
+    """`[settings.yaml] [--option value ...]`: the YAML file's keys, then any flag overriding one of them."""
+    parser = HfArgumentParser(arguments)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        settings = yaml.safe_load(Path(argv[0]).read_text()) or {}
+        unknown = sorted(set(settings) - {f.name for f in fields(arguments)})
+        if unknown:
+            raise ValueError(f"{argv[0]}: unknown key(s) {unknown}; run with --help for the options.")
+        parser.set_defaults(**settings)
+        argv = argv[1:]
+    (options,) = parser.parse_args_into_dataclasses(args=argv)
+    return options
+
+
 def main(argv: list[str] | None = None, task=None) -> dict:
     started = time.perf_counter()
     task = task or MathTask()
-    parser = HfArgumentParser(task.arguments)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (options,) = parser.parse_yaml_file(Path(argv[0]).resolve(), allow_extra_keys=False)
-    else:
-        (options,) = parser.parse_args_into_dataclasses(args=argv)
+    options = parse_options(task.arguments, sys.argv[1:] if argv is None else argv)
     unknown = sorted(set(options.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
@@ -965,7 +978,8 @@ def plot(rows: dict, output: Path, task=None) -> None:
 
 
 def plot_learning_rates(rated: list[dict], base: dict, task, colours: dict, path: Path) -> None:
-    """A sweep at one budget: each method's selection metric (target CE) against its learning rate (log scale)."""
+    """A sweep at one budget: each method's selection metric against its learning rate, both on log axes
+    (the metric only when it spans 10x, as a diverged rate does)."""
     import matplotlib.pyplot as plt
 
     metric = task.selection
@@ -979,6 +993,9 @@ def plot_learning_rates(rated: list[dict], base: dict, task, colours: dict, path
         error = [[m["value"] - m["low"] for _, m in points], [m["high"] - m["value"] for _, m in points]]
         axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=method, color=colours[method])
     axis.set_xscale("log")
+    values = [r["metrics"][metric]["value"] for r in rated] + [base[metric]["value"]]
+    if min(values) > 0 and max(values) > 10 * min(values):  # one diverged rate would flatten the rest
+        axis.set_yscale("log")
     axis.set_xlabel("learning rate (constant after warm-up)")
     axis.set_ylabel(f"{task.metrics[metric][3]} (validation)")
     axis.set_title(f"Learning rates at {rated[0]['budget']:g}T each, 95% intervals")

@@ -372,3 +372,15 @@ def test_compare_rebalancing_chooses_alpha_on_validation_and_stacks_on_the_compa
     assert (tmp_path / "r/rebalancing.png").stat().st_size > 0 and "### Greedy" in (
         tmp_path / "r/results.md"
     ).read_text()
+
+
+def test_comparison_reads_a_yaml_file_then_flags_override_it(tmp_path):
+    script = load_script("compare_heads")
+    settings = tmp_path / "stage.yaml"
+    settings.write_text("split_name: validation\nlearning_rates: [0.001, 0.01]\nseed: 1\n")
+    options = script.parse_options(script.ComparisonArguments, [str(settings), "--seed", "7"])
+    assert (options.split_name, options.learning_rates, options.seed) == ("validation", [0.001, 0.01], 7)
+    assert script.parse_options(script.ComparisonArguments, [str(settings)]).seed == 1
+    settings.write_text("split_name: validation\nlearning_rate: 0.01\n")  # a typo of learning_rates
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        script.parse_options(script.ComparisonArguments, [str(settings)])
