@@ -9,8 +9,10 @@
 Writes ``eval_results.json`` and ``eval_results.md`` to ``--output_dir``. The metrics
 (:func:`backattn.evaluation.evaluate_model`): target- and answer-token cross-entropy and perplexity
 (teacher-forced), and from generated solutions final-answer accuracy (numbers compared as numbers),
-token-overlap precision/recall/F1, MSE/RMSE over answers that parse, and the parse rate. The library
-functions live in ``backattn.evaluation``; this file is the command line.
+token-overlap precision/recall/F1, MSE/RMSE over answers that parse, the parse and repetition rates, and
+multiple-choice accuracy against three distractors, each with a 95% interval (templates resampled, then
+problems, where the rows have a ``template_id``). The library functions live in ``backattn.evaluation``;
+this file is the command line.
 """
 
 from __future__ import annotations
@@ -134,16 +136,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, base = load_model(args)
     tokenizer = sft_tokenizer(base)
-    examples, skipped = tokenize_examples(rows, tokenizer, template, args.max_length)
+    kept = tuple(c for c in ("template_id", "problem", "generated_solution") if c in rows.column_names)
+    examples, skipped = tokenize_examples(rows, tokenizer, template, args.max_length, kept)
+    choices = template if "{expected_answer}" in template.target and "problem" in kept else None
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k} if args.do_sample else {}
     name = args.name or (args.head and f"{base} + head {args.head}") or base
     results = {name: evaluate_model(model, tokenizer, examples, None, args.num_generation_examples,
-                                    args.max_new_tokens, args.batch_size, **sampling)}  # fmt: skip
+                                    args.max_new_tokens, args.batch_size, template=choices, **sampling)}  # fmt: skip
     output = writable_directory(args.output_dir)
     record = {"arguments": vars(args), "examples": len(examples), "skipped": dict(skipped), "results": results}
+    table = results_table({name: scores["summary"] for name, scores in results.items()})
     write_text_atomically(output / "eval_results.json", json.dumps(record, indent=2) + "\n")
-    write_text_atomically(output / "eval_results.md", results_table(results) + "\n")
-    print(results_table(results))
+    write_text_atomically(output / "eval_results.md", table + "\n")
+    print(table)
     return results
 
 

@@ -55,7 +55,7 @@ from backattn.data.classification_data import (
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.errors import BackattnValueError, RunDirectoryError
-from backattn.evaluation import evaluate_model, results_table
+from backattn.evaluation import answer_metrics, held_out_scores, results_table, summarise_scores
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, default_cache_dir, resolve_base_model
 from backattn.run_files import check_context_window, parse_command_line, writable_directory, write_text_atomically
 from backattn.trainer import HeadTrainer
@@ -383,7 +383,8 @@ def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Datase
 
 
 def plot_loss_curve(log_history: list[dict], path: Path, references: dict[str, float] | None = None) -> None:
-    """Training (and held-out) loss by step, with held-out reference levels drawn as horizontal lines."""
+    """Training loss by step (as logged, faint, and its exponential moving average), held-out loss where it
+    was evaluated, and held-out reference levels (the base's and the head's) as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,36 +392,50 @@ def plot_loss_curve(log_history: list[dict], path: Path, references: dict[str, f
 
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     evaluation = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for points, label in ((train, "training loss"), (evaluation, "held-out loss")):
-        if points:
-            axis.plot(*zip(*points), marker="o" if label.startswith("held") else None, label=label)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    if train:
+        steps, losses = zip(*train)
+        axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="training loss (logged)")
+        smoothed, average, weight = [], losses[0], 0.8 if len(losses) > 10 else 0.5
+        for loss in losses:
+            average = weight * average + (1 - weight) * loss
+            smoothed.append(average)
+        axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"training loss (moving average, {weight})")
+    if evaluation:
+        axis.plot(*zip(*evaluation), marker="o", color="tab:orange", label="held-out loss")
     for (label, value), style in zip((references or {}).items(), ("--", ":")):
-        axis.axhline(value, linestyle=style, color="gray" if style == "--" else "black", label=label)
+        axis.axhline(value, linestyle=style, color="gray" if style == "--" else "black", label=f"{label} {value:.3f}")
     axis.set_xlabel("step")
     axis.set_ylabel("target-token cross-entropy")
     axis.set_title("Head-only fine-tuning")
-    axis.legend()
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def compare_with_base(model, tokenizer, eval_examples, scored, data_args, batch_size) -> dict:
-    """Every held-out metric of :func:`backattn.evaluation.evaluate_model`: the frozen base (heads off), then
-    the head."""
-    results = {}
+def compare_with_base(model, tokenizer, eval_examples, scored, template, data_args, batch_size) -> dict:
+    """The frozen base (heads off), then the head, on the held-out problems: per-problem scores
+    (:func:`backattn.evaluation.held_out_scores`; multiple choice where the target ends in the final answer)
+    summarised with 95% intervals that resample templates, then problems (problems alone without a
+    ``template_id``), the head's paired to the base (``summaries``); and the pooled metrics of
+    :func:`backattn.evaluation.answer_metrics`, F1 and RMSE included."""
+    groups = eval_examples["template_id"] if "template_id" in eval_examples.column_names else None
+    choices = template if "{expected_answer}" in template.target and "problem" in eval_examples.column_names else None
+    results, scores = {}, {}
     for name, heads_on in (("frozen base", False), ("base + trained head", True)):
         model.enable_heads() if heads_on else model.disable_heads()
-        results[name] = evaluate_model(
-            model,
-            tokenizer,
-            eval_examples,
-            scored,
-            data_args.num_generation_examples,
-            data_args.max_new_tokens,
-            batch_size,
-        )
+        scores[name] = held_out_scores(model, tokenizer, eval_examples, scored, data_args.num_generation_examples,
+                                       data_args.max_new_tokens, batch_size, template=choices)  # fmt: skip
+        summary = summarise_scores(scores[name], scores["frozen base"] if heads_on else None, groups)
+        solutions = scores[name]["solutions"]
+        results[name] = {
+            **{metric: stat["value"] for metric, stat in summary.items()},
+            **answer_metrics(scores[name]["answers"], eval_examples[: len(solutions)]["expected_answer"]),
+            "summary": summary,
+            "answers_scored": len(solutions),
+            "example_solution": solutions[0] if solutions else "",
+        }
     model.enable_heads()
     return results
 
@@ -498,8 +513,10 @@ def main(argv: list[str] | None = None) -> dict:
         eval_tokenize = functools.partial(
             tokenize, keep_columns=("group",) if "group" in eval_rows.column_names else ()
         )
-    else:
-        tokenize = eval_tokenize = tokenize_examples
+    else:  # held-out rows keep their template (the bootstrap's unit) and the fields multiple choice renders
+        tokenize = tokenize_examples
+        kept = ("template_id", "problem", "generated_solution")
+        eval_tokenize = functools.partial(tokenize, keep_columns=tuple(c for c in kept if c in eval_rows.column_names))
     train_examples, train_skipped = tokenize(train_rows, tokenizer, template, data_args.max_length)
     eval_examples, eval_skipped = eval_tokenize(eval_rows, tokenizer, template, data_args.max_length)
     for split, examples, skipped in (
@@ -564,20 +581,22 @@ def main(argv: list[str] | None = None) -> dict:
                 finish_classification(model, trainer, results, head_dir, card, output_dir, eval_examples)
             return results
         results["comparison"] = compare_with_base(
-            model, tokenizer, eval_examples, eval_dataset, data_args, training_args.per_device_eval_batch_size
+            model, tokenizer, eval_examples, eval_dataset, template, data_args, training_args.per_device_eval_batch_size
         )
         if not writer:
             return results
         head = results["comparison"]["base + trained head"]
-        metrics = {k: head[k] for k in ("target_ce", "perplexity", "answer_ce", "accuracy", "f1", "rmse") if k in head}
+        card_metrics = ("target_ce", "perplexity", "answer_ce", "mc_direct", "accuracy", "parse_rate",
+                        "repetition_rate", "f1", "rmse")  # fmt: skip
+        metrics = {k: head[k] for k in card_metrics if k in head}
         model.save_head(head_dir, metrics=metrics, **card)
         write_text_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2) + "\n")
-        table = results_table(results["comparison"])
+        table = results_table({name: scores["summary"] for name, scores in results["comparison"].items()})
         write_text_atomically(output_dir / "comparison.md", table + "\n")
         references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
         plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references)
-        print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss, "
-              f"{head['answers_scored']} solved by greedy generation):\n{table}")  # fmt: skip
+        print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss and multiple choice, "
+              f"{head['answers_scored']} solved by greedy generation; 95% intervals):\n{table}")  # fmt: skip
         print(f"\nExample (held out):\n{eval_examples[0]['prompt']}{head['example_solution']}")
         print(f"\nSaved the head and its model card to {head_dir}, and loss_curve.png to {output_dir}")
     return results

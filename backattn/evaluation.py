@@ -83,7 +83,11 @@ def per_problem_scores(model, dataset, collator, batch_size: int = 8, progress: 
 def target_token_loss(model, dataset, collator, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
     """Mean cross-entropy and perplexity over the target tokens (labels not ``-100``) of a tokenized data set,
     and over the final-answer tokens alone when the collator gives ``answer_labels``."""
-    scores = per_problem_scores(model, dataset, collator, batch_size, progress)
+    return _pooled_losses(per_problem_scores(model, dataset, collator, batch_size, progress))
+
+
+def _pooled_losses(scores: dict[str, list]) -> dict[str, float]:
+    """Token-weighted means of :func:`per_problem_scores`: target and final-answer CE, perplexity."""
     tokens = sum(scores["target_tokens"])
     loss = sum(scores["target_loss"]) / max(tokens, 1)
     results = {"target_ce": loss, "perplexity": math.exp(loss), "target_tokens": tokens}
@@ -285,6 +289,51 @@ def answer_metrics(predicted: list[str | None], expected: list[str]) -> dict[str
     }
 
 
+def held_out_scores(
+    model,
+    tokenizer,
+    examples,
+    scored=None,
+    num_generation_examples: int = 32,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+    teacher_forced: bool = True,
+    template=None,
+    **generation_options,
+) -> dict[str, list]:
+    """Per-problem scores of one model on tokenized held-out examples (from ``sft_data.tokenize_examples``),
+    in their order: what :func:`summarise_scores` turns into statistics with intervals.
+
+    Teacher-forced (over ``scored``, the same examples possibly with cached base features; default
+    ``examples``; skipped when not ``teacher_forced``): the keys of :func:`per_problem_scores`. With a
+    ``template`` (a ``PromptTemplate``; the rows need its fields): ``mc_direct`` / ``mc_direct_normalised``
+    of :func:`multiple_choice` after the prompt alone. Generated (greedy unless ``generation_options`` say
+    otherwise, on the first ``num_generation_examples``): ``greedy_correct``, ``greedy_parsed``,
+    ``greedy_repeats`` (:func:`repeats_itself`), with ``generation_index``, ``answers`` and ``solutions``.
+    """
+    from .data.sft_data import SFTCollator
+
+    scores: dict[str, list] = {}
+    if teacher_forced:
+        data = scored if scored is not None else examples
+        scores.update(per_problem_scores(model, data, SFTCollator(tokenizer, answer_labels=True), batch_size, progress))
+    if template is not None:
+        picked = multiple_choice(model, tokenizer, examples, template, after_solution=False, progress=progress)
+        scores["mc_direct"], scores["mc_direct_normalised"] = picked["correct"], picked["correct_normalised"]
+    problems = examples[:num_generation_examples]
+    solutions = generate_solutions(
+        model, tokenizer, problems["prompt"], max_new_tokens, batch_size, progress, **generation_options
+    )
+    answers = [parse_final_answer(s) for s in solutions]
+    scores["generation_index"] = list(range(len(solutions)))
+    scores["greedy_correct"] = [float(answers_match(a, e)) for a, e in zip(answers, problems["expected_answer"])]
+    scores["greedy_parsed"] = [float(parse_number(a) is not None) for a in answers]
+    scores["greedy_repeats"] = [float(repeats_itself(s)) for s in solutions]
+    scores["answers"], scores["solutions"] = answers, solutions
+    return scores
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -295,39 +344,96 @@ def evaluate_model(
     batch_size: int = 8,
     progress: bool = True,
     teacher_forced: bool = True,
+    template=None,
     **generation_options,
 ) -> dict:
-    """Every metric for one model on tokenized held-out examples (from ``sft_data.tokenize_examples``).
+    """Every metric for one model on tokenized held-out examples (:func:`held_out_scores` per problem).
 
-    Teacher-forced: target-token and answer-token cross-entropy, perplexity (over ``scored``, the same
-    examples possibly with cached base features; default ``examples``; skipped when not ``teacher_forced``,
-    as in a sampling sweep, where they would not change). Generated (greedy unless
-    ``generation_options`` say otherwise, on the first ``num_generation_examples``): final-answer accuracy,
-    token-overlap precision/recall/F1, MSE/RMSE over parseable answers and the parse rate.
+    Pooled: target-token and answer-token cross-entropy, perplexity (teacher-forced); from the generated
+    solutions final-answer accuracy, token-overlap precision/recall/F1, MSE/RMSE over parseable answers, the
+    parse rate and the repetition rate. ``summary``: :func:`summarise_scores` of the same scores (95%
+    intervals, resampling the examples' ``template_id`` where they have one), multiple choice included
+    with a ``template``.
     """
-    from .data.sft_data import SFTCollator
-
-    results = {}
-    if teacher_forced:
-        results = target_token_loss(model, scored if scored is not None else examples,
-                                    SFTCollator(tokenizer, answer_labels=True), batch_size, progress)  # fmt: skip
-    problems = examples[:num_generation_examples]
-    solutions = generate_solutions(
-        model, tokenizer, problems["prompt"], max_new_tokens, batch_size, progress, **generation_options
-    )
-    results.update(answer_metrics([parse_final_answer(s) for s in solutions], problems["expected_answer"]))
-    results["answers_scored"] = len(solutions)
-    results["example_solution"] = solutions[0] if solutions else ""
+    scores = held_out_scores(model, tokenizer, examples, scored, num_generation_examples, max_new_tokens,
+                             batch_size, progress, teacher_forced, template, **generation_options)  # fmt: skip
+    groups = examples["template_id"] if "template_id" in examples.column_names else None
+    results = _pooled_losses(scores) if teacher_forced else {}
+    results["summary"] = summarise_scores(scores, None, groups)
+    expected = examples[: len(scores["answers"])]["expected_answer"]
+    results.update(answer_metrics(scores["answers"], expected))
+    results["repetition_rate"] = sum(scores["greedy_repeats"]) / max(len(scores["solutions"]), 1)
+    results["answers_scored"] = len(scores["solutions"])
+    results["example_solution"] = scores["solutions"][0] if scores["solutions"] else ""
     return results
 
 
-def results_table(results: dict[str, dict]) -> str:
-    """A Markdown table of :func:`evaluate_model` results, one row per model."""
-    columns = [("target CE", "target_ce", ".4f"), ("perplexity", "perplexity", ".3f"),
-               ("answer-token CE", "answer_ce", ".4f"), ("accuracy", "accuracy", ".1%"), ("F1", "f1", ".3f"),
-               ("RMSE", "rmse", ".4g"), ("parse rate", "parse_rate", ".0%")]  # fmt: skip
+#: metric -> (per-problem numerator, denominator or None, transform of the statistic, label): the statistics
+#: :func:`summarise_scores` takes of :func:`held_out_scores` (a ratio of sums where there is a denominator).
+HELD_OUT_METRICS = {
+    "target_ce": ("target_loss", "target_tokens", None, "target CE"),
+    "perplexity": ("target_loss", "target_tokens", math.exp, "perplexity"),
+    "answer_ce": ("answer_loss", "answer_tokens", None, "answer-token CE"),
+    "answer_accuracy": ("answer_correct", "answer_tokens", None, "answer-token accuracy"),
+    "mc_direct": ("mc_direct", None, None, "MC direct"),
+    "mc_direct_normalised": ("mc_direct_normalised", None, None, "MC direct (per token)"),
+    "mc_after_solution": ("mc_after_solution", None, None, "MC after solution"),
+    "mc_after_solution_normalised": ("mc_after_solution_normalised", None, None, "MC after solution (per token)"),
+    "greedy_accuracy": ("greedy_correct", None, None, "greedy accuracy"),
+    "parse_rate": ("greedy_parsed", None, None, "parse rate"),
+    "repetition_rate": ("greedy_repeats", None, None, "repetition rate"),
+}
+
+
+def summarise_scores(
+    scores: dict, base: dict | None, groups: list | None, n_resamples: int = 2000, metrics: dict = HELD_OUT_METRICS
+) -> dict:
+    """Every metric of ``metrics`` that ``scores`` holds, with its 95% bootstrap interval (resampling
+    ``groups``, e.g. template ids, then problems within them; problems alone when ``None``), and its paired
+    difference to ``base`` (the compared model's scores on the same problems) as ``minus_base``."""
+    from .bootstrap import bootstrap_interval
+
+    out = {}
+    for metric, (numerator, denominator, transform, _) in metrics.items():
+        if numerator not in scores:
+            continue
+        rows = scores.get("generation_index") if numerator.startswith("greedy") else None
+        g = None if groups is None else [groups[i] for i in rows] if rows is not None else groups
+        values, weights = scores[numerator], scores.get(denominator) if denominator else None
+        interval = bootstrap_interval(values, weights, groups=g, n_resamples=n_resamples)
+        if transform is not None:
+            interval = type(interval)(*(transform(v) for v in interval))
+        out[metric] = {"value": interval.estimate, "low": interval.low, "high": interval.high, "n": len(values)}
+        if base is not None and numerator in base and transform is None:
+            paired = bootstrap_interval(values, weights, groups=g, baseline=base[numerator],
+                                        baseline_denominators=base.get(denominator) if denominator else None,
+                                        n_resamples=n_resamples)  # fmt: skip
+            out[metric]["minus_base"] = {"value": paired.estimate, "low": paired.low, "high": paired.high}
+    return out
+
+
+#: The columns a reader looks at first: (header, metric, format).
+TABLE_COLUMNS = (("target CE", "target_ce", ".4f"), ("answer-token CE", "answer_ce", ".4f"),
+                 ("MC direct", "mc_direct", ".1%"), ("greedy accuracy", "greedy_accuracy", ".1%"),
+                 ("parse rate", "parse_rate", ".0%"), ("repetition rate", "repetition_rate", ".0%"))  # fmt: skip
+
+
+def results_table(summaries: dict[str, dict]) -> str:
+    """A Markdown table of :func:`summarise_scores` results, one row per model (value and 95% interval), then a
+    row of each later model's paired difference to the first."""
+    columns = [c for c in TABLE_COLUMNS if any(c[1] in s for s in summaries.values())]
+
+    def cell(stat: dict | None, spec: str, sign: str = "") -> str:
+        if stat is None:
+            return "-"
+        values = [format(stat[k], sign + spec) for k in ("value", "low", "high")]
+        return f"{values[0]} [{values[1]}, {values[2]}]"
+
     lines = ["| model | " + " | ".join(c[0] for c in columns) + " |", "|" + " --- |" * (len(columns) + 1)]
-    for name, scores in results.items():
-        cells = [format(scores.get(key, float("nan")), spec) for _, key, spec in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, summary in summaries.items():
+        lines.append(f"| {name} | " + " | ".join(cell(summary.get(key), spec) for _, key, spec in columns) + " |")
+    base = next(iter(summaries))
+    for name, summary in list(summaries.items())[1:]:
+        cells = [cell(summary.get(key, {}).get("minus_base"), spec, "+") for _, key, spec in columns]
+        lines.append(f"| {name} minus {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -124,7 +124,8 @@ def main(argv=None) -> dict:
         results[name] = {"trainable_parameters": parameters, "train_seconds": seconds,
                          **evaluate_model(model, tokenizer, eval_examples, **scoring)}  # fmt: skip
         print(
-            f"\n{name}: {parameters:,} trainable parameters, {seconds:.0f} s\n" + results_table({name: results[name]})
+            f"\n{name}: {parameters:,} trainable parameters, {seconds:.0f} s\n"
+            + results_table({name: results[name]["summary"]})
         )
 
     score("frozen base", AutoModelForCausalLM.from_pretrained(base).eval(), 0, 0.0)
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
         best.enable_heads()
         plot_sweep(sweep, output / "sampling_sweep.png")
 
-    table = results_table(results)
+    table = results_table({name: r["summary"] for name, r in results.items()})
     budget = "| model | trainable parameters | training seconds |\n| --- | --- | --- |\n" + "\n".join(
         f"| {name} | {r['trainable_parameters']:,} | {r['train_seconds']:.0f} |" for name, r in results.items()
     )

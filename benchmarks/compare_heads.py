@@ -73,10 +73,10 @@ from backattn.baselines import (
     loreft_on_last_layer,
     trainable_parameters,
 )
-from backattn.bootstrap import bootstrap_interval
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.evaluation import (
+    HELD_OUT_METRICS,
     answers_match,
     choice_tokens,
     continuation_scores,
@@ -87,6 +87,7 @@ from backattn.evaluation import (
     per_problem_scores,
     repeats_itself,
     shared_prefix_outputs,
+    summarise_scores,
 )
 from backattn.offline import smollm2_path
 
@@ -514,43 +515,6 @@ def score(model, tokenizer, examples, options, generate: bool, states: HeldOutSt
     return scores
 
 
-#: metric -> (per-problem numerator, denominator or None, transform of the statistic, label)
-METRICS = {
-    "target_ce": ("target_loss", "target_tokens", None, "target CE"),
-    "perplexity": ("target_loss", "target_tokens", math.exp, "perplexity"),
-    "answer_ce": ("answer_loss", "answer_tokens", None, "answer-token CE"),
-    "answer_accuracy": ("answer_correct", "answer_tokens", None, "answer-token accuracy"),
-    "mc_direct": ("mc_direct", None, None, "MC direct"),
-    "mc_direct_normalised": ("mc_direct_normalised", None, None, "MC direct (per token)"),
-    "mc_after_solution": ("mc_after_solution", None, None, "MC after solution"),
-    "mc_after_solution_normalised": ("mc_after_solution_normalised", None, None, "MC after solution (per token)"),
-    "greedy_accuracy": ("greedy_correct", None, None, "greedy accuracy"),
-    "parse_rate": ("greedy_parsed", None, None, "parse rate"),
-    "repetition_rate": ("greedy_repeats", None, None, "repetition rate"),
-}
-
-
-def summarise(scores: dict, base: dict | None, groups: list, n_resamples: int, metrics: dict = METRICS) -> dict:
-    """Every metric with its interval, and its paired difference to the base on the same problems."""
-    out = {}
-    for metric, (numerator, denominator, transform, _) in metrics.items():
-        if numerator not in scores:
-            continue
-        rows = scores.get("generation_index") if numerator.startswith("greedy") else None
-        g = [groups[i] for i in rows] if rows is not None else groups
-        values, weights = scores[numerator], scores.get(denominator) if denominator else None
-        interval = bootstrap_interval(values, weights, groups=g, n_resamples=n_resamples)
-        if transform is not None:
-            interval = type(interval)(*(transform(v) for v in interval))
-        out[metric] = {"value": interval.estimate, "low": interval.low, "high": interval.high, "n": len(values)}
-        if base is not None and numerator in base and transform is None:
-            paired = bootstrap_interval(values, weights, groups=g, baseline=base[numerator],
-                                        baseline_denominators=base.get(denominator) if denominator else None,
-                                        n_resamples=n_resamples)  # fmt: skip
-            out[metric]["minus_base"] = {"value": paired.estimate, "low": paired.low, "high": paired.high}
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------
 # the task: what is trained on, scored and reported (math here; benchmarks/compare_sentiment.py adds another)
 
@@ -560,7 +524,7 @@ class MathTask:
 
     arguments = ComparisonArguments
     setup_fields = (*SETUP_FIELDS, "max_new_tokens", "generation_problems")
-    metrics = METRICS
+    metrics = HELD_OUT_METRICS
     #: The metric whose lowest value on the validation split chooses a method's learning rate.
     selection = "target_ce"
     #: The held-out rows' unit of resampling (a bootstrap draws these first), and its name in the results.
@@ -595,7 +559,7 @@ class MathTask:
         return score(model, tokenizer, held_out, options, last_budget, states)
 
     def summarise(self, scores: dict, base: dict | None, groups: list, n_resamples: int) -> dict:
-        return summarise(scores, base, groups, n_resamples, self.metrics)
+        return summarise_scores(scores, base, groups, n_resamples, self.metrics)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ have the same setup (same data, same tokenization): its head's steps at that bud
 train here (so the same training seconds), its frozen base's scores are reused, and its head's teacher-forced
 scores are checked against the head trained again here (which is also scored greedily). Every metric comes
 with its 95% interval over templates, then problems, and its paired difference to the frozen base
-(``compare_heads.summarise``). Resumable: each model's scores are written once finished. Writes
+(``backattn.evaluation.summarise_scores``). Resumable: each model's scores are written once finished. Writes
 ``results.json``, ``results.md`` and ``rebalancing.png`` to ``--output_dir``.
 """
 

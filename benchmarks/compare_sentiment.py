@@ -36,6 +36,7 @@ from backattn.data.classification_data import (  # noqa: E402
     template_for,
     tokenize_classification,
 )
+from backattn.evaluation import summarise_scores  # noqa: E402
 
 #: Heads and the PEFT methods of about their size (LoReFT, output-layer LoRA and the stacked method are left
 #: to the math comparison, which found them behind LoRA on attention).
@@ -134,7 +135,7 @@ class SentimentTask:
 
     def summarise(self, scores: dict, base: dict | None, groups: list, n_resamples: int) -> dict:
         """The comparison's metrics, with macro-F1 (a mean of per-class ratios) on the same resamples."""
-        out = machinery.summarise(scores, base, groups, n_resamples, self.metrics)
+        out = summarise_scores(scores, base, groups, n_resamples, self.metrics)
         options = {"groups": groups, "n_resamples": n_resamples}
         references = scores["references"]
         f1 = macro_f1_statistic(scores["predictions"], references, self.classes or sorted(set(references)))

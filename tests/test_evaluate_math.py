@@ -52,6 +52,20 @@ def test_writes_every_metric_as_json_and_markdown(model_with_head_dir, math_json
     assert "| head |" in (tmp_path / "eval_results.md").read_text()
 
 
+def test_intervals_agree_with_the_pooled_metrics(model_with_head_dir, math_jsonl, tmp_path):
+    scores = run(model_with_head_dir, math_jsonl, tmp_path, "--name", "head")["head"]
+    summary = scores["summary"]
+    for pooled, summarised in (("target_ce", "target_ce"), ("answer_ce", "answer_ce"), ("perplexity", "perplexity"),
+                               ("accuracy", "greedy_accuracy"), ("parse_rate", "parse_rate"),
+                               ("repetition_rate", "repetition_rate")):  # fmt: skip
+        assert summary[summarised]["value"] == pytest.approx(scores[pooled], rel=1e-9), pooled
+        assert summary[summarised]["low"] <= summary[summarised]["value"] <= summary[summarised]["high"]
+    assert summary["mc_direct"]["n"] == 6 and summary["greedy_accuracy"]["n"] == 3
+    table = (tmp_path / "eval_results.md").read_text()
+    ce = summary["target_ce"]
+    assert f"| head | {ce['value']:.4f} [{ce['low']:.4f}, {ce['high']:.4f}] |" in table and "| MC direct |" in table
+
+
 def test_heads_off_scores_exactly_like_the_plain_base(model_with_head_dir, tiny_gpt2_dir, math_jsonl, tmp_path):
     with_head = run(model_with_head_dir, math_jsonl, tmp_path / "on", "--name", "m")["m"]
     heads_off = run(model_with_head_dir, math_jsonl, tmp_path / "off", "--heads_off", "--name", "m")["m"]

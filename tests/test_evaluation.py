@@ -192,3 +192,21 @@ def test_multiple_choice_picks_the_line_the_model_prefers(gpt2_tokenizer):
         for after_solution in (False, True):
             picked = multiple_choice(model, gpt2_tokenizer, [row], PromptTemplate(), after_solution=after_solution)
             assert picked == {"correct": [right], "correct_normalised": [right]}
+
+
+def test_summaries_pair_with_the_base_and_the_table_shows_both():
+    from backattn.evaluation import results_table, summarise_scores
+
+    base = {"target_loss": [2.0, 4.0, 6.0], "target_tokens": [1, 1, 2], "greedy_parsed": [1.0, 0.0],
+            "generation_index": [0, 1]}  # fmt: skip
+    head = {"target_loss": [1.0, 3.0, 4.0], "target_tokens": [1, 1, 2], "greedy_parsed": [1.0, 1.0],
+            "generation_index": [0, 1]}  # fmt: skip
+    summaries = {"base": summarise_scores(base, None, None, 200), "head": summarise_scores(head, base, None, 200)}
+    assert summaries["base"]["target_ce"]["value"] == 12 / 4 and summaries["head"]["target_ce"]["value"] == 8 / 4
+    assert summaries["head"]["target_ce"]["minus_base"]["value"] == pytest.approx(-1.0)
+    assert summaries["head"]["parse_rate"]["minus_base"]["value"] == pytest.approx(0.5)
+    assert "minus_base" not in summaries["head"]["perplexity"]  # a transformed statistic is not paired
+    lines = results_table(summaries).splitlines()
+    assert lines[0] == "| model | target CE | parse rate |"
+    assert lines[2].startswith("| base | 3.0000 [") and lines[3].startswith("| head | 2.0000 [")
+    assert lines[4].startswith("| head minus base | -1.0000 [") and "| +50% [" in lines[4]

@@ -47,6 +47,12 @@ def test_a_short_run_end_to_end(tiny_gpt2_dir, math_jsonl, tmp_path, capsys):
     assert results["train_examples"] == 32 and results["eval_examples"] == 8
     printed = capsys.readouterr().out
     assert "| frozen base |" in printed and "| answer-token CE |" in printed and "Example (held out):" in printed
+    head, base = comparison["base + trained head"], comparison["frozen base"]
+    difference = head["summary"]["target_ce"]["minus_base"]
+    assert difference["value"] == pytest.approx(head["target_ce"] - base["target_ce"], abs=1e-9)
+    assert difference["low"] <= difference["value"] <= difference["high"]
+    assert f"| base + trained head minus frozen base | {difference['value']:+.4f} [" in printed
+    assert {"mc_direct", "parse_rate", "repetition_rate"} <= set(head["summary"])
     card = (out / "head" / "README.md").read_text()
     assert "| accuracy |" in card and "| target_ce |" in card and "| answer_ce |" in card
 
