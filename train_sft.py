@@ -418,7 +418,7 @@ def compare_with_base(model, tokenizer, eval_examples, scored, template, data_ar
     """The frozen base (heads off), then the head, on the held-out problems: per-problem scores
     (:func:`backattn.evaluation.held_out_scores`; multiple choice where the target ends in the final answer)
     summarised with 95% intervals that resample templates, then problems (problems alone without a
-    ``template_id``), the head's paired to the base (``summaries``); and the pooled metrics of
+    ``template_id``), the head's paired to the base (``summary``); and the pooled metrics of
     :func:`backattn.evaluation.answer_metrics`, F1 and RMSE included."""
     groups = eval_examples["template_id"] if "template_id" in eval_examples.column_names else None
     choices = template if "{expected_answer}" in template.target and "problem" in eval_examples.column_names else None
@@ -438,6 +438,26 @@ def compare_with_base(model, tokenizer, eval_examples, scored, template, data_ar
         }
     model.enable_heads()
     return results
+
+
+#: The held-out comparison's committed results (benchmarks/compare_heads.py), shown beside a run on the same setup.
+COMPARISON_RESULTS = Path(__file__).resolve().parent / "benchmarks" / "results" / "compare_heads" / "results.json"
+
+
+def committed_comparison(preset: str, path: Path = COMPARISON_RESULTS) -> str | None:
+    """The comparison's figures for the ``preset`` head, LoRA on attention and the frozen base at every budget,
+    as a :func:`backattn.evaluation.results_table` (``None`` when the file or a row for the preset is missing)."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    rows = record["rows"]
+    wanted = ("frozen base", f"head {preset}", "LoRA attention")
+    if not any(row["method"] == wanted[1] for row in rows.values()):
+        return None
+    picked = sorted((wanted.index(row["method"]), row["budget"], name, row["metrics"])
+                    for name, row in rows.items() if row["method"] in wanted)  # fmt: skip
+    table = results_table({name: metrics for _, _, name, metrics in picked})
+    return f"{record['held_out_problems']} held-out problems, budgets in multiples of T (one LoRA epoch):\n{table}"
 
 
 def compare_classifiers(model, tokenizer, eval_examples, scored, template, classes, batch_size) -> dict:
@@ -588,7 +608,7 @@ def main(argv: list[str] | None = None) -> dict:
         head = results["comparison"]["base + trained head"]
         card_metrics = ("target_ce", "perplexity", "answer_ce", "mc_direct", "accuracy", "parse_rate",
                         "repetition_rate", "f1", "rmse")  # fmt: skip
-        metrics = {k: head[k] for k in card_metrics if k in head}
+        metrics = {k: head[k] for k in card_metrics if k in head and math.isfinite(head[k])}  # an RMSE may be inf
         model.save_head(head_dir, metrics=metrics, **card)
         write_text_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2) + "\n")
         table = results_table({name: scores["summary"] for name, scores in results["comparison"].items()})
@@ -598,6 +618,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss and multiple choice, "
               f"{head['answers_scored']} solved by greedy generation; 95% intervals):\n{table}")  # fmt: skip
         print(f"\nExample (held out):\n{eval_examples[0]['prompt']}{head['example_solution']}")
+        embedded = (model_args.model_name_or_path, data_args.dataset) == (EMBEDDED_MODEL, EMBEDDED_DATASET)
+        committed = committed_comparison(model_args.preset) if embedded and not model_args.head_options else None
+        if committed:
+            print(f"\nThe same preset in the full comparison (benchmarks/compare_heads.py; BENCHMARKS.md, issue 12), "
+                  f"{committed}")  # fmt: skip
         print(f"\nSaved the head and its model card to {head_dir}, and loss_curve.png to {output_dir}")
     return results
 

@@ -269,14 +269,14 @@ def answer_metrics(predicted: list[str | None], expected: list[str]) -> dict[str
     """Exact match (numbers as numbers), token-overlap precision/recall/F1, and the numeric errors.
 
     ``mse`` and ``rmse`` are over the answers where both sides parse as numbers (``parse_rate`` of them);
-    they are ``nan`` when none does.
+    they are ``nan`` when none does, and ``inf`` when an answer is too large for a float's square.
     """
     if len(predicted) != len(expected):
         raise ValueError(f"{len(predicted)} predicted answers for {len(expected)} expected ones.")
     n = max(len(expected), 1)
     overlaps = [token_overlap(p, e) for p, e in zip(predicted, expected)]
     pairs = [(parse_number(p), parse_number(e)) for p, e in zip(predicted, expected)]
-    errors = [(a - b) ** 2 for a, b in pairs if a is not None and b is not None]
+    errors = [(a - b) * (a - b) for a, b in pairs if a is not None and b is not None]  # inf, not OverflowError
     mse = sum(errors) / len(errors) if errors else float("nan")
     return {
         "accuracy": sum(answers_match(p, e) for p, e in zip(predicted, expected)) / n,

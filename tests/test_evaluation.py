@@ -210,3 +210,9 @@ def test_summaries_pair_with_the_base_and_the_table_shows_both():
     assert lines[0] == "| model | target CE | parse rate |"
     assert lines[2].startswith("| base | 3.0000 [") and lines[3].startswith("| head | 2.0000 [")
     assert lines[4].startswith("| head minus base | -1.0000 [") and "| +50% [" in lines[4]
+
+
+def test_an_answer_too_large_to_square_gives_an_infinite_rmse_not_a_crash():
+    huge = "1" * 200  # a looping generation's "number": 1e199 squared overflows a float
+    metrics = answer_metrics([huge, "4"], ["3", "4"])
+    assert metrics["rmse"] == float("inf") and metrics["parse_rate"] == 1.0 and metrics["accuracy"] == 0.5

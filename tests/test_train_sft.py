@@ -216,3 +216,26 @@ def test_a_bad_config_file_is_named_with_its_line(tmp_path, text, message):
     config.write_text(text)
     with pytest.raises(BackattnValueError, match=message):
         train_sft.parse_arguments([str(config)])
+
+
+def test_the_committed_comparison_is_shown_for_the_same_preset(tmp_path):
+    def metric(value):
+        return {"value": value, "low": value - 0.1, "high": value + 0.1, "minus_base": {"value": value - 1.5,
+                "low": value - 1.6, "high": value - 1.4}}  # fmt: skip
+
+    def row(method, budget, value):
+        return {"method": method, "budget": budget, "metrics": {"target_ce": metric(value)}}
+
+    rows = {"frozen base": row("frozen base", 0, 1.5), "LoRA attention lr=0.01 @1T": row("LoRA attention", 1, 1.1),
+            "head seed lr=0.1 @1T": row("head seed", 1, 1.4), "head hidden lr=0.001 @2T": row("head hidden", 2, 1.3),
+            "head hidden lr=0.001 @1T": row("head hidden", 1, 1.2)}  # fmt: skip
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"rows": rows, "held_out_problems": 340}))
+    lines = train_sft.committed_comparison("hidden", path).splitlines()
+    assert lines[0].startswith("340 held-out problems")
+    names = [line.split(" | ")[0][2:] for line in lines[3:]]
+    heads, lora = ["head hidden lr=0.001 @1T", "head hidden lr=0.001 @2T"], "LoRA attention lr=0.01 @1T"
+    assert names == ["frozen base", *heads, lora, *(f"{name} minus frozen base" for name in (*heads, lora))]
+    assert lines[-1].endswith("| -0.4000 [-0.5000, -0.3000] |")
+    assert train_sft.committed_comparison("gated", path) is None
+    assert train_sft.committed_comparison("hidden", tmp_path / "absent.json") is None
