@@ -444,9 +444,16 @@ def compare_with_base(model, tokenizer, eval_examples, scored, template, data_ar
 COMPARISON_RESULTS = Path(__file__).resolve().parent / "benchmarks" / "results" / "compare_heads" / "results.json"
 
 
-def committed_comparison(preset: str, path: Path = COMPARISON_RESULTS) -> str | None:
+def same_setup_as_comparison(model_args, head_args, data_args) -> bool:
+    """Whether the committed comparison speaks for this run: the embedded base and data, a preset as it ships."""
+    embedded = (model_args.model_name_or_path, data_args.dataset) == (EMBEDDED_MODEL, EMBEDDED_DATASET)
+    return embedded and not head_args.head_options
+
+
+def committed_comparison(preset: str, path: Path | None = None) -> str | None:
     """The comparison's figures for the ``preset`` head, LoRA on attention and the frozen base at every budget,
     as a :func:`backattn.evaluation.results_table` (``None`` when the file or a row for the preset is missing)."""
+    path = path or COMPARISON_RESULTS
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
@@ -618,8 +625,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss and multiple choice, "
               f"{head['answers_scored']} solved by greedy generation; 95% intervals):\n{table}")  # fmt: skip
         print(f"\nExample (held out):\n{eval_examples[0]['prompt']}{head['example_solution']}")
-        embedded = (model_args.model_name_or_path, data_args.dataset) == (EMBEDDED_MODEL, EMBEDDED_DATASET)
-        committed = committed_comparison(model_args.preset) if embedded and not model_args.head_options else None
+        committed = (
+            committed_comparison(head_args.preset)
+            if same_setup_as_comparison(model_args, head_args, data_args)
+            else None
+        )
         if committed:
             print(f"\nThe same preset in the full comparison (benchmarks/compare_heads.py; BENCHMARKS.md, issue 12), "
                   f"{committed}")  # fmt: skip

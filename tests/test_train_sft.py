@@ -33,7 +33,12 @@ def arguments(tiny_gpt2_dir, math_jsonl, tmp_path, **overrides):
     return [item for key, value in options.items() for item in (f"--{key}", value)]
 
 
-def test_a_short_run_end_to_end(tiny_gpt2_dir, math_jsonl, tmp_path, capsys):
+def test_a_short_run_end_to_end(tiny_gpt2_dir, math_jsonl, tmp_path, capsys, monkeypatch):
+    committed = tmp_path / "committed.json"  # as if this run were on the setup of the committed comparison
+    row = {"method": "head hidden", "budget": 1, "metrics": {"target_ce": {"value": 1.25, "low": 1.0, "high": 1.5}}}
+    committed.write_text(json.dumps({"rows": {"head hidden lr=0.001 @1T": row}, "held_out_problems": 340}))
+    monkeypatch.setattr(train_sft, "COMPARISON_RESULTS", committed)
+    monkeypatch.setattr(train_sft, "same_setup_as_comparison", lambda *args: True)
     results = train_sft.main(arguments(tiny_gpt2_dir, math_jsonl, tmp_path))
     out = tmp_path / "out"
     assert {"head", "loss_curve.png", "comparison.md", "eval_results.json"} <= {p.name for p in out.iterdir()}
@@ -53,6 +58,7 @@ def test_a_short_run_end_to_end(tiny_gpt2_dir, math_jsonl, tmp_path, capsys):
     assert difference["low"] <= difference["value"] <= difference["high"]
     assert f"| base + trained head minus frozen base | {difference['value']:+.4f} [" in printed
     assert {"mc_direct", "parse_rate", "repetition_rate"} <= set(head["summary"])
+    assert "full comparison" in printed and "| head hidden lr=0.001 @1T | 1.2500 [1.0000, 1.5000] |" in printed
     card = (out / "head" / "README.md").read_text()
     assert "| accuracy |" in card and "| target_ce |" in card and "| answer_ce |" in card
 
