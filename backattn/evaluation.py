@@ -325,13 +325,22 @@ def held_out_scores(
     solutions = generate_solutions(
         model, tokenizer, problems["prompt"], max_new_tokens, batch_size, progress, **generation_options
     )
-    answers = [parse_final_answer(s) for s in solutions]
     scores["generation_index"] = list(range(len(solutions)))
-    scores["greedy_correct"] = [float(answers_match(a, e)) for a, e in zip(answers, problems["expected_answer"])]
-    scores["greedy_parsed"] = [float(parse_number(a) is not None) for a in answers]
-    scores["greedy_repeats"] = [float(repeats_itself(s)) for s in solutions]
-    scores["answers"], scores["solutions"] = answers, solutions
+    scores.update(solution_scores(solutions, problems["expected_answer"]))
     return scores
+
+
+def solution_scores(solutions: list[str], expected: list[str]) -> dict[str, list]:
+    """Per generated solution: ``greedy_correct`` (its final answer matches), ``greedy_parsed`` (it has one
+    that reads as a number), ``greedy_repeats`` (it loops, :func:`repeats_itself`), and the ``answers``."""
+    answers = [parse_final_answer(s) for s in solutions]
+    return {
+        "greedy_correct": [float(answers_match(a, e)) for a, e in zip(answers, expected)],
+        "greedy_parsed": [float(parse_number(a) is not None) for a in answers],
+        "greedy_repeats": [float(repeats_itself(s)) for s in solutions],
+        "answers": answers,
+        "solutions": solutions,
+    }
 
 
 def evaluate_model(

@@ -77,16 +77,13 @@ from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.evaluation import (
     HELD_OUT_METRICS,
-    answers_match,
     choice_tokens,
     continuation_scores,
     generate_solutions,
     multiple_choice,
-    parse_final_answer,
-    parse_number,
     per_problem_scores,
-    repeats_itself,
     shared_prefix_outputs,
+    solution_scores,
     summarise_scores,
 )
 from backattn.offline import smollm2_path
@@ -506,12 +503,9 @@ def score(model, tokenizer, examples, options, generate: bool, states: HeldOutSt
         problems = examples.select(subset)
         solutions = generate_solutions(model, tokenizer, problems["prompt"], options.max_new_tokens,
                                        options.batch_size, progress=True)  # fmt: skip
-        answers = [parse_final_answer(s) for s in solutions]
         scores["generation_index"] = subset
-        scores["greedy_correct"] = [float(answers_match(a, e)) for a, e in zip(answers, problems["expected_answer"])]
-        scores["greedy_parsed"] = [float(parse_number(a) is not None) for a in answers]
-        scores["greedy_repeats"] = [float(repeats_itself(s)) for s in solutions]
-        scores["solutions"] = solutions
+        scores.update(solution_scores(solutions, problems["expected_answer"]))
+        del scores["answers"]  # the results keep the solutions; the answers are parsed from them again
     return scores
 
 
