@@ -214,7 +214,11 @@ def test_the_chunked_loss_equals_the_exact_loss_with_post_processed_logits(model
     torch.testing.assert_close(chunked, exact, rtol=1e-5, atol=1e-6)
     for name, grad in exact_grads.items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # float32 sums in another order (per chunk): a few 1e-6 on gradients of about 1e-2, by CPU (seen on EPYC)
+        tolerance = max(1e-6, 1e-4 * grad.abs().max().item())
+        torch.testing.assert_close(
+            chunked_grads[name], grad, rtol=1e-4, atol=tolerance, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_the_factory_makes_one_class_per_architecture_and_keeps_the_named_ones():

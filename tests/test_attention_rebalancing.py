@@ -217,11 +217,13 @@ def test_a_cached_decode_step_drops_the_newest_column_and_matches_the_full_forwa
         step = model(ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True).logits
         for handle in handles:
             handle.remove()
-    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=0, atol=1e-10)
+    # Transformers' eager attention takes its softmax in float32 even in a float64 model, and a 1-row softmax can
+    # round differently from an 8-row one (2e-8 apart for the stock eager model on some CPUs): far below a change
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=0, atol=1e-6)
     for layer in range(model.config.num_hidden_layers):
         assert step_records[layer]["weights"].shape[-2:] == (1, 8)
         step_row, full_row = step_records[layer]["weights"][..., 0, :], full_records[layer]["weights"][..., -1, :]
-        torch.testing.assert_close(step_row, full_row, rtol=0, atol=1e-10)
+        torch.testing.assert_close(step_row, full_row, rtol=0, atol=1e-6)  # the same float32 softmax
     # By hand: the step's layer-0 mask leaves out the newest column (the query's own key), so layer 1 keeps
     # its own weight there unboosted while boosting other kept positions.
     hidden0, cos0, sin0 = step_records[0]["input"]
