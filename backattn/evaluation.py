@@ -1,4 +1,4 @@
-"""Scoring a causal LM (with or without a head) on math problems: target-token loss and final answers."""
+"""Scoring a causal LM (with or without a head) on math problems: per-problem scores, pooled metrics and intervals."""
 
 from __future__ import annotations
 
