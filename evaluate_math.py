@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 from backattn import FAMILIES, family_for
 from backattn.data.sft_data import PromptTemplate, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.errors import BackattnValueError
-from backattn.evaluation import evaluate_model, results_table
+from backattn.evaluation import HELD_OUT_COLUMNS, choice_template, evaluate_model, results_table
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, resolve_base_model
 from backattn.run_files import (
     check_argument_values,
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, base = load_model(args)
     tokenizer = sft_tokenizer(base)
-    kept = tuple(c for c in ("template_id", "problem", "generated_solution") if c in rows.column_names)
+    kept = tuple(c for c in HELD_OUT_COLUMNS if c in rows.column_names)
     examples, skipped = tokenize_examples(rows, tokenizer, template, args.max_length, kept)
-    choices = template if "{expected_answer}" in template.target and "problem" in kept else None
+    choices = choice_template(template, kept)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k} if args.do_sample else {}
     name = args.name or (args.head and f"{base} + head {args.head}") or base
     results = {name: evaluate_model(model, tokenizer, examples, None, args.num_generation_examples,

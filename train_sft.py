@@ -55,7 +55,15 @@ from backattn.data.classification_data import (
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.errors import BackattnValueError, RunDirectoryError
-from backattn.evaluation import answer_metrics, held_out_scores, results_table, summarise_scores
+from backattn.evaluation import (
+    HELD_OUT_COLUMNS,
+    answer_metrics,
+    choice_template,
+    held_out_scores,
+    results_table,
+    summarise_scores,
+    template_groups,
+)
 from backattn.offline import EMBEDDED_DATASET, EMBEDDED_MODEL, default_cache_dir, resolve_base_model
 from backattn.run_files import check_context_window, parse_command_line, writable_directory, write_text_atomically
 from backattn.trainer import HeadTrainer
@@ -420,8 +428,7 @@ def compare_with_base(model, tokenizer, eval_examples, scored, template, data_ar
     summarised with 95% intervals that resample templates, then problems (problems alone without a
     ``template_id``), the head's paired to the base (``summary``); and the pooled metrics of
     :func:`backattn.evaluation.answer_metrics`, F1 and RMSE included."""
-    groups = eval_examples["template_id"] if "template_id" in eval_examples.column_names else None
-    choices = template if "{expected_answer}" in template.target and "problem" in eval_examples.column_names else None
+    groups, choices = template_groups(eval_examples), choice_template(template, eval_examples.column_names)
     results, scores = {}, {}
     for name, heads_on in (("frozen base", False), ("base + trained head", True)):
         model.enable_heads() if heads_on else model.disable_heads()
@@ -542,8 +549,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:  # held-out rows keep their template (the bootstrap's unit) and the fields multiple choice renders
         tokenize = tokenize_examples
-        kept = ("template_id", "problem", "generated_solution")
-        eval_tokenize = functools.partial(tokenize, keep_columns=tuple(c for c in kept if c in eval_rows.column_names))
+        kept = tuple(c for c in HELD_OUT_COLUMNS if c in eval_rows.column_names)
+        eval_tokenize = functools.partial(tokenize, keep_columns=kept)
     train_examples, train_skipped = tokenize(train_rows, tokenizer, template, data_args.max_length)
     eval_examples, eval_skipped = eval_tokenize(eval_rows, tokenizer, template, data_args.max_length)
     for split, examples, skipped in (

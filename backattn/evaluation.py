@@ -289,6 +289,21 @@ def answer_metrics(predicted: list[str | None], expected: list[str]) -> dict[str
     }
 
 
+#: The columns held-out rows keep for scoring: the bootstrap's unit and the fields multiple choice renders.
+HELD_OUT_COLUMNS = ("template_id", "problem", "generated_solution")
+
+
+def choice_template(template, columns):
+    """``template`` when multiple choice can be scored on rows with these ``columns`` (its target ends in the
+    final answer and the rows keep the problem), else ``None``."""
+    return template if "{expected_answer}" in template.target and "problem" in columns else None
+
+
+def template_groups(examples) -> list | None:
+    """The examples' template ids, the bootstrap's unit of resampling; ``None`` (problems alone) without them."""
+    return examples["template_id"] if "template_id" in examples.column_names else None
+
+
 def held_out_scores(
     model,
     tokenizer,
@@ -366,9 +381,8 @@ def evaluate_model(
     """
     scores = held_out_scores(model, tokenizer, examples, scored, num_generation_examples, max_new_tokens,
                              batch_size, progress, teacher_forced, template, **generation_options)  # fmt: skip
-    groups = examples["template_id"] if "template_id" in examples.column_names else None
     results = _pooled_losses(scores) if teacher_forced else {}
-    results["summary"] = summarise_scores(scores, None, groups)
+    results["summary"] = summarise_scores(scores, None, template_groups(examples))
     expected = examples[: len(scores["answers"])]["expected_answer"]
     results.update(answer_metrics(scores["answers"], expected))
     results["repetition_rate"] = sum(scores["greedy_repeats"]) / max(len(scores["solutions"]), 1)
