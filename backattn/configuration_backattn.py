@@ -109,6 +109,12 @@ class BackwardAttentionConfig:
     unchunked one) and, when gradients are needed, each slice is recomputed in the backward pass instead
     of being stored. It trades time for memory and never changes the output.
 
+    Training minimises, over the labelled positions ``t``, ``CE(z_t, x_{t+1}) + beta KL(softmax(l_t) ||
+    softmax(z_t))`` with ``beta = base_kl_weight`` (0 by default: the plain cross-entropy). The second term is
+    the KL divergence from the frozen base's next-token distribution to the head's, as a distillation or
+    RLHF reference term; at a head that reproduces the base it and its gradient are 0. It is applied in
+    training mode only (like dropout), so evaluation losses stay the plain cross-entropy.
+
     ``vocab_size`` and ``hidden_size`` record the base model a head was built for; they are filled in when
     the head is attached and checked against the base every time after.
 
@@ -142,6 +148,15 @@ class BackwardAttentionConfig:
     )
     score_mode: Literal["add", "gate", "replace"] = field(
         default="add", metadata={"help": "Step 7: l_t + s_t, l_t + g s_t (g starts at 0), or s_t alone."}
+    )
+    base_kl_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Training only: beta in the loss CE(z_t, x_{t+1}) + beta KL(softmax(l_t) || softmax(z_t)) at each "
+            "labelled position, which keeps the head's next-token distribution near the frozen base's. 0: the plain "
+            "cross-entropy.",
+            "domain": ("a finite number >= 0", lambda x: x >= 0),
+        },
     )
     num_layers: int = field(default=1, metadata={"help": "Backward-attention layers in the head."})
     layer_mode: Literal["parallel", "sequential"] = field(

@@ -9,7 +9,8 @@ layer), so nothing vocabulary-sized outlives its chunk and nothing is recomputed
 1. pair each position with the next token's label and keep the ``N`` positions whose label is not ignored;
 2. compute the head's weight-only tables (``K``, ``Vv``, and ``W^T Vv`` for raw weighting) once, with autograd;
 3. for each chunk of positions: ``l = h W^T``, the head's logits ``z`` (``head_kernels.head_logits``),
-   ``sum CE(z, y)`` and its gradients with respect to the tables and the head's other weights, accumulated;
+   ``sum CE(z, y)`` (plus ``beta KL(softmax(l) || softmax(z))`` with the head's ``base_kl_weight``) and its
+   gradients with respect to the tables and the head's other weights, accumulated;
 4. the loss is the sum over chunks divided by ``num_items_in_batch`` (when the Trainer passes it, as for
    gradient accumulation) or by ``N``, as ``transformers``' own causal-LM loss divides it.
 
@@ -121,6 +122,49 @@ def base_logits(
     return logits if transform_logits is None else transform_logits(logits)
 
 
+def token_losses(z: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, base_kl_weight: float = 0.0):
+    """``sum_t CE(z_t, y_t) + beta KL(softmax(l_t) || softmax(z_t))`` over a chunk's positions (``n x V`` each):
+    the head's logits ``z``, the base logits ``l`` and ``beta = base_kl_weight`` (see
+    :class:`~backattn.configuration_backattn.BackwardAttentionConfig`; at 0 only the cross-entropy is taken),
+    in float32 as ``transformers``' causal-LM loss takes it."""
+    z = z.float()
+    loss = F.cross_entropy(z, targets, reduction="sum")
+    if base_kl_weight:
+        loss = loss + base_kl_weight * base_kl(z, logits).sum()
+    return loss
+
+
+def base_kl(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(l_t) || softmax(z_t))`` per position (``... x V -> ...``), in float32 as the cross-entropy.
+    The base's distribution is the fixed reference: no gradient reaches ``l`` (a LoRA on the base, say)."""
+    log_q = torch.log_softmax(z.float(), dim=-1)
+    log_p = torch.log_softmax(logits.detach().float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def base_kl_penalty(
+    z: torch.Tensor,
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    labels: torch.Tensor | None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The straightforward path's KL-to-base term: ``sum_t beta_row KL(softmax(l_t) || softmax(z_t))`` over the
+    labelled positions (``z``, ``l``: ``batch x sequence x V``; ``weights``: each row's ``beta``), divided as the
+    cross-entropy is (by ``num_items_in_batch``, else by the labelled positions), so that it adds to
+    ``transformers``' causal-LM loss exactly as :func:`token_losses` adds to the chunked one."""
+    keep, _ = _labelled(z, labels, shift_labels, ignore_index)
+    rows = weights.to(z.device)[:, None].expand_as(keep)[keep]
+    total = (rows * base_kl(z[keep], logits[keep])).sum()
+    if num_items_in_batch is None:
+        return total / keep.sum()
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
 def check_has_targets(positions: torch.Tensor, num_items_in_batch, ignore_index: int) -> None:
     """A clear error for a batch without one labelled position (its mean loss would be 0/0)."""
     if not positions.shape[0] and (num_items_in_batch is None or int(num_items_in_batch) == 0):
@@ -158,7 +202,8 @@ def head_cross_entropy(
     output_bias: torch.Tensor | None = None,
     transform_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Steps 1-4: the causal-LM cross-entropy of ``head``'s logits over the base logits, chunk by chunk.
+    """Steps 1-4: the causal-LM cross-entropy of ``head``'s logits over the base logits, chunk by chunk, plus
+    ``beta KL(softmax(l_t) || softmax(z_t))`` at each position when the head's ``base_kl_weight`` ``beta`` is set.
 
     ``hidden`` (``batch x sequence x d``) are the base's final hidden states and ``output_weight`` its output
     layer ``W`` (``V x d``); the base logits are ``l_t = f(h_t W^T + b)``, with the output layer's bias ``b``
@@ -195,7 +240,7 @@ def head_cross_entropy(
         shortcut = output_weight if linear else None
         arguments = (logits, h, embeddings, shortcut, chunk_tables, chunk_states, chunk_copy)
         z = functional_call(scorer, dict(zip(names, weights)), arguments)
-        return F.cross_entropy(z.float(), targets[rows], reduction="sum")
+        return token_losses(z, logits, targets[rows], head.config.base_kl_weight)
 
     total = _EagerChunkedLoss.apply(chunk_loss, num_chunks, *parameters, *flat_tables, *copy_weights)
     if num_items_in_batch is None:

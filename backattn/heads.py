@@ -244,6 +244,18 @@ class BackwardAttentionHeads(nn.ModuleDict):
                 )
         return torch.tensor([-1 if name is None else names.index(name) for name in heads], dtype=torch.long)
 
+    def base_kl_weights(self, heads: str | list | tuple | torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        """Each row's ``base_kl_weight`` (its head's; 0 for rows with the base's logits) for the training loss, or
+        ``None`` when every row's is 0 (see :func:`~backattn.head_loss.base_kl_penalty`)."""
+        if not self.enabled or (heads is None and self.active is None):
+            return None
+        if heads is None:
+            weights = torch.full((rows,), self[self.active].config.base_kl_weight, dtype=torch.float32)
+        else:
+            per_head = torch.tensor([self[name].config.base_kl_weight for name in self.names()] + [0.0])
+            weights = per_head[self.route(heads, rows=rows)]  # index -1: the appended 0 of the base's rows
+        return weights if bool(weights.any()) else None
+
     def check_enabled_for(self, heads) -> None:
         """Refuse ``heads=`` while heads are disabled: it would be ignored and every row get the base's logits."""
         if heads is not None and not self.enabled:

@@ -36,7 +36,7 @@ from .configuration_backattn import BackwardAttentionConfig, GPT2BackwardAttenti
 from .errors import BackattnTypeError, BackattnValueError
 from .head_files import embedding_fingerprint, load_head, push_head_to_hub, save_head  # the methods' namesakes
 from .head_kernels import head_logits, weight_tables
-from .head_loss import FusedHeadOutput, head_cross_entropy, head_token_log_probs
+from .head_loss import FusedHeadOutput, base_kl_penalty, head_cross_entropy, head_token_log_probs
 from .heads import BackwardAttentionHeads, FanOutOutput, HeadsDisabled
 from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer, CopyInputs, SequenceContext
 from .sharding import full_tensor, gather_output_tables, local_tensor
@@ -989,11 +989,16 @@ class BackwardAttentionForCausalLMMixin:
                 transform_logits=self.transform_logits if self._transforms_logits() else None,
             )  # fmt: skip
         else:
-            logits = self.heads(
-                self.base_logits(hidden), hidden, embeddings, weight, heads, self._rerank_top_k(rerank_top_k), context
-            )
+            base = self.base_logits(hidden)
+            logits = self.heads(base, hidden, embeddings, weight, heads, self._rerank_top_k(rerank_top_k), context)
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+                kl_weights = self.heads.base_kl_weights(heads, logits.shape[0]) if self.training else None
+                if kl_weights is not None:
+                    loss = loss + base_kl_penalty(
+                        logits, base, kl_weights, labels, kwargs.get("shift_labels"),
+                        kwargs.get("num_items_in_batch"), kwargs.get("ignore_index", -100),
+                    )  # fmt: skip
         self._check_loss_trains(loss, heads)
         return CausalLMOutputWithPast(
             loss=loss,

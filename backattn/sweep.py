@@ -36,7 +36,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch import nn
 from torch.func import functional_call
@@ -47,7 +46,7 @@ from transformers.utils import ModelOutput
 from .configuration_backattn import DEFAULT_PRESET, BackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_kernels import head_logits, weight_tables
-from .head_loss import _labelled, base_logits, check_has_targets, labelled_context
+from .head_loss import _labelled, base_logits, check_has_targets, labelled_context, token_losses
 from .heads import BackwardAttentionHeads
 from .modeling_backattn import BackwardAttentionHead, CopyInputs, LayerTables, SequenceContext
 
@@ -226,8 +225,11 @@ def sweep_cross_entropy(
     context: SequenceContext | None = None,
     output_bias: torch.Tensor | None = None,
     transform_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    with_base_kl: bool = True,
 ) -> torch.Tensor:
     """Each head's :func:`~backattn.head_loss.head_cross_entropy` (a tensor of ``len(heads)`` losses), in one pass.
+    ``with_base_kl=False`` leaves out every head's KL-to-base term (``base_kl_weight``): the plain cross-entropy,
+    as the model's evaluation loss.
 
     For each chunk of ``chunk_size`` labelled positions, the base logits ``l = f(h W^T + b)`` (:func:`base_logits`;
     ``output_bias`` ``b`` and ``transform_logits`` ``f`` as in the one-head loss) and what depends on them alone
@@ -268,8 +270,9 @@ def sweep_cross_entropy(
         scorer = _SweepHeadLogits(head)
         names, parameters = zip(*scorer.named_parameters())
         own = (*parameters, *flat_tables, *copy_weights)
+        beta = head.config.base_kl_weight if with_base_kl else 0.0
         chunk_losses.append(_head_chunk_loss(scorer, names, tables, layer_states, copy, len(copy_weights), embeddings,
-                                             shortcut, targets))  # fmt: skip
+                                             shortcut, targets, beta))  # fmt: skip
         sizes.append(len(own))
         tensors.extend(own)
     if torch.is_grad_enabled():
@@ -290,9 +293,10 @@ def sweep_cross_entropy(
     return totals / num_items_in_batch
 
 
-def _head_chunk_loss(scorer, names, tables, layer_states, copy, num_copy, embeddings, output_weight, targets):
-    """One head's ``sum CE(z, y)`` over a chunk, from the chunk's shared inputs and the head's own tensors
-    (its parameters, then its tables, then its copy weights: as ``head_loss.head_cross_entropy`` takes them)."""
+def _head_chunk_loss(scorer, names, tables, layer_states, copy, num_copy, embeddings, output_weight, targets, beta):
+    """One head's ``sum CE(z, y)`` (plus ``beta KL(softmax(l) || softmax(z))``) over a chunk, from the chunk's
+    shared inputs and the head's own tensors (its parameters, then its tables, then its copy weights: as
+    ``head_loss.head_cross_entropy`` takes them)."""
 
     def chunk_loss(chunk: int, inputs, *tensors: torch.Tensor) -> torch.Tensor:
         rows, h, logits, memo = inputs
@@ -303,7 +307,7 @@ def _head_chunk_loss(scorer, names, tables, layer_states, copy, num_copy, embedd
         chunk_copy = None if copy is None else CopyInputs(tensors[-1][rows], copy.next_ids[rows])
         arguments = (logits, h, embeddings, output_weight, chunk_tables, chunk_states, chunk_copy, memo)
         z = functional_call(scorer, dict(zip(names, weights)), arguments)
-        return F.cross_entropy(z.float(), targets[rows], reduction="sum")
+        return token_losses(z, logits, targets[rows], beta)
 
     return chunk_loss
 
@@ -431,6 +435,7 @@ class HeadSweep(nn.Module):
             model.config.loss_chunk_size or SWEEP_CHUNK_SIZE, kwargs.get("num_items_in_batch"),
             kwargs.get("ignore_index", -100),
             kwargs.get("shift_labels"), context, output_bias=layer.bias, transform_logits=transform,
+            with_base_kl=self.training,
         )  # fmt: skip
         return SweepOutput(loss=losses.sum(), head_losses=losses, target_tokens=keep.sum())
 

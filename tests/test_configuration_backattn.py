@@ -46,6 +46,8 @@ def test_presets_and_overrides():
         ({"attention_head_combine": "max"}, "attention_head_combine must be one of 'sum', 'mix'"),
         ({"layer_mode": "stacked"}, "layer_mode must be one of 'parallel', 'sequential'"),
         ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
+        ({"base_kl_weight": -0.1}, "base_kl_weight must be a finite number >= 0, got -0.1"),
+        ({"base_kl_weight": float("nan")}, "base_kl_weight must be a finite number >= 0, got nan"),
         ({"divide_by_vocab": "yes"}, "divide_by_vocab must be True or False"),
         ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number"),
         ({"score_maps": "triple"}, "score_maps must be one of 'single', 'differential', got 'triple'"),
@@ -143,7 +145,9 @@ def test_the_new_options_default_off_and_round_trip_through_json():
     assert (config.query_layers, config.score_maps, config.copy_attention) == (None, "single", False)
     for preset in PRESETS.values():  # the presets are unchanged
         assert not {"query_layers", "score_maps", "copy_attention"} & set(preset)
+    assert config.base_kl_weight == 0.0
     options = {"query_layers": (3, 1), "use_hidden_state": True, "score_maps": "differential", "copy_attention": True}
+    options["base_kl_weight"] = 0.25
     config = BackwardAttentionConfig(**options)
     assert config.query_layers == [3, 1]  # a tuple is kept as the list JSON gives back
     assert BackwardAttentionConfig.from_dict(json.loads(config.to_json_string())) == config

@@ -203,3 +203,113 @@ def test_chunked_loss_is_dispatched_and_equals_the_plain_forward(gpt2_base_dir, 
     for name, parameter in head.named_parameters():
         scale = parameter.grad.abs().max()
         assert torch.allclose(grads[f"heads.default.{name}"], parameter.grad, rtol=1e-5, atol=1e-5 * scale), name
+
+
+# --------------------------------------------------------------------------------------------------------
+# the KL-to-base term: CE(z_t, y_t) + beta KL(softmax(l_t) || softmax(z_t))
+
+
+def kl_reference(model, ids, labels, betas, heads=None, num_items=None):
+    """The loss in float64 by hand from the full logits, with gradients: the head's z (a forward without
+    labels) and the base's l (heads disabled), each row's beta, summed over labelled positions, divided
+    by num_items (or their count)."""
+    model.zero_grad()
+    z = model(ids, heads=heads).logits.double()
+    with torch.no_grad(), model.disable_heads():
+        base = model(ids).logits.double()
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = targets != -100
+    log_q, log_p = torch.log_softmax(z, -1)[keep], torch.log_softmax(base, -1)[keep]
+    ce = -log_q.gather(-1, targets[keep][:, None])[:, 0]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    beta = torch.tensor(betas, dtype=torch.float64)[:, None].expand_as(keep)[keep]
+    loss = (ce + beta * kl).sum() / (keep.sum() if num_items is None else num_items)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.heads.named_parameters() if p.grad is not None}
+
+
+KL_CASES = {"hidden": "hidden", "copy": CASES["copy"], "query-layers": CASES["query-layers"]}
+
+
+@pytest.mark.parametrize("options", KL_CASES.values(), ids=KL_CASES.keys())
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_kl_to_base_loss_and_gradients_equal_a_float64_reference(gpt2_base_dir, options, chunk):
+    ids, labels = batch(2)
+    model = training_model(gpt2_base_dir, options, chunk)
+    model.heads.default.config.base_kl_weight = 0.7
+    count = torch.tensor(40)
+    for num_items in (None, count):
+        expected, expected_grads = kl_reference(model, ids, labels, [0.7] * 3, num_items=num_items)
+        output, grads = loss_and_gradients(model, ids, labels, num_items_in_batch=num_items)
+        assert (output.logits is None) == (chunk is not None)
+        # the cross-entropy and the KL term are taken in float32, as transformers' loss takes it
+        assert torch.allclose(output.loss.double(), expected, rtol=2e-6, atol=0)
+        for name, grad in expected_grads.items():
+            assert torch.allclose(grads[f"heads.{name}"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
+
+
+def test_the_kl_term_is_positive_for_a_trained_head_and_left_out_in_evaluation(gpt2_base_dir):
+    ids, labels = batch()
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    plain = model(ids, labels=labels).loss
+    model.heads.default.config.base_kl_weight = 2.0
+    penalised = model(ids, labels=labels).loss
+    kl = (penalised - plain) / 2.0
+    assert kl > 0.01  # a randomised head is far from the base
+    with torch.no_grad():  # the straightforward path, still in training mode: the same term
+        assert torch.allclose(model(ids, labels=labels).loss, penalised, rtol=1e-6)
+    model.eval()
+    assert torch.equal(model(ids, labels=labels).loss, model(ids, labels=labels).loss)
+    assert torch.allclose(model(ids, labels=labels).loss, plain, rtol=1e-6)  # evaluation: the plain cross-entropy
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_at_a_head_that_reproduces_the_base_the_kl_term_and_its_gradient_are_zero(gpt2_base_dir, chunk):
+    """The untrained gated head gives the base's logits exactly, so KL(base || head) = 0, and its gradient
+    (softmax(z) - softmax(l), times beta) vanishes: the loss and gradients equal those of beta = 0."""
+    ids, labels = batch()
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(gpt2_base_dir, head_config="hidden").double().train()
+    model.config.loss_chunk_size = chunk
+    plain, plain_grads = loss_and_gradients(model, ids, labels)
+    model.heads.default.config.base_kl_weight = 5.0
+    penalised, grads = loss_and_gradients(model, ids, labels)
+    assert torch.equal(penalised.loss, plain.loss)
+    assert any(torch.count_nonzero(g) for g in plain_grads.values())  # the gate itself gets a gradient
+    for name, grad in plain_grads.items():
+        # the KL gradient beta (softmax(z) - softmax(l)) is 0 up to float32 rounding of the two softmaxes
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-7 * grad.abs().max()), (name, grads[name] - grad)
+
+
+def test_a_mixed_batch_takes_each_rows_own_beta(gpt2_base_dir):
+    """heads= one head per row: the full-logits path weights each row's KL by its head's beta; rows on the
+    base (None) add none."""
+    ids, labels = batch(3)
+    model = training_model(gpt2_base_dir, "hidden", None)
+    model.add_head("hidden", head_name="other", freeze_others=False)
+    randomise(model.heads.other, seed=4)
+    model.heads.default.config.base_kl_weight = 0.5
+    model.heads.other.config.base_kl_weight = 1.5
+    rows = ["other", None, "default"]
+    expected, _ = kl_reference(model, ids, labels, [1.5, 0.0, 0.5], heads=rows)
+    model.zero_grad()
+    assert torch.allclose(model(ids, labels=labels, heads=rows).loss.double(), expected, rtol=2e-6, atol=0)
+    model.heads.default.config.base_kl_weight = model.heads.other.config.base_kl_weight = 0.0
+    assert model.heads.base_kl_weights(rows, 3) is None
+
+
+def test_the_kl_term_is_the_same_from_cached_features(gpt2_base_dir):
+    ids, labels = batch()
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    model.heads.default.config.base_kl_weight = 0.3
+    with torch.no_grad():
+        hidden = model.base_model(ids).last_hidden_state
+    assert torch.equal(model(labels=labels, base_hidden_states=hidden).loss, model(ids, labels=labels).loss)
+
+
+def test_beta_is_saved_with_the_head_and_loads_back(gpt2_base_dir, tmp_path):
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    model.heads.default.config.base_kl_weight = 0.3
+    model.save_head(tmp_path / "head")
+    again = GPT2BackwardAttentionForCausalLM.from_pretrained(gpt2_base_dir).double()
+    again.load_head(tmp_path / "head", head_name="math")
+    assert again.heads.math.config.base_kl_weight == 0.3

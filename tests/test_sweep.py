@@ -197,6 +197,35 @@ def test_base_logits_and_their_softmax_are_computed_once_per_chunk(gpt2_base_dir
     assert int(output.target_tokens) == int((batch["labels"][:, 1:] != -100).sum())
 
 
+def test_each_heads_kl_to_base_is_its_own_in_training_and_left_out_in_evaluation(gpt2_base_dir, cached):
+    """A sweep of KL weights: each head's entry (and gradients) equals its own chunked loss with its own beta;
+    in evaluation mode every entry is the plain cross-entropy."""
+    heads = [SweepHead(f"beta-{k}", "hidden", {"base_kl_weight": beta}) for k, beta in enumerate((0.0, 0.5, 2.0))]
+    batch = pad_collator([cached[i] for i in range(6)])
+    sweep = make_sweep(gpt2_base_dir, heads, chunk=8).train()
+    output = sweep(**batch)
+    output.loss.backward()
+    model, plain = sweep.model, []
+    for k, head in enumerate(sweep.heads.values()):
+        gradients = [p.grad.clone() for p in head.parameters()]
+        head.zero_grad()
+        arguments = (head, batch["base_hidden_states"], batch["labels"], model.lm_head.weight,
+                     model.get_input_embeddings().weight, 8)  # fmt: skip
+        alone = head_cross_entropy(*arguments)
+        assert torch.equal(output.head_losses[k], alone)
+        alone.backward()
+        for mine, theirs in zip(gradients, (p.grad for p in head.parameters())):
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+        beta, head.config.base_kl_weight = head.config.base_kl_weight, 0.0
+        with torch.no_grad():
+            plain.append(head_cross_entropy(*arguments))
+        head.config.base_kl_weight = beta
+    assert output.head_losses[2] > output.head_losses[1] > plain[1]  # randomised heads: KL > 0
+    with torch.no_grad():
+        evaluated = sweep.eval()(**batch).head_losses
+    torch.testing.assert_close(evaluated, torch.stack(plain), rtol=1e-6, atol=0)
+
+
 def test_saved_heads_load_with_the_ordinary_api_and_reproduce_their_logits(gpt2_base_dir, cached, tmp_path):
     sweep = make_sweep(gpt2_base_dir, HEADS[:3])
     trainer = SweepTrainer(model=sweep, args=arguments(tmp_path / "run", max_steps=2), train_dataset=cached,
