@@ -182,9 +182,10 @@ class Method:
     output_side: bool = False
 
 
-def _head(preset: str) -> Method:
+def _head(preset: str, **options) -> Method:
     def build(base: str, budget: int):
-        return family_for(AutoConfig.from_pretrained(base).model_type).from_pretrained(base, head_config=preset)
+        head = BackwardAttentionConfig.from_preset(preset, **options)
+        return family_for(AutoConfig.from_pretrained(base).model_type).from_pretrained(base, head_config=head)
 
     return Method(build, features=True, output_side=True)
 
@@ -223,6 +224,8 @@ METHODS: dict[str, Method] = {
     "head gated": _head("gated"),
     "head seed": _head("seed"),
     "head seed + LoRA attention": _head_and_lora("seed"),
+    # issue 15: the hidden head trained with CE + beta KL(base || head); beta = 1 was fixed before any run
+    "head hidden + KL": _head("hidden", base_kl_weight=1.0),
 }
 #: The rate of the LoRA run that times one step to set ``T`` (step time does not depend on it).
 CALIBRATION_LEARNING_RATE = 3e-3
