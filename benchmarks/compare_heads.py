@@ -187,7 +187,8 @@ def _head(preset: str, **options) -> Method:
         head = BackwardAttentionConfig.from_preset(preset, **options)
         return family_for(AutoConfig.from_pretrained(base).model_type).from_pretrained(base, head_config=head)
 
-    return Method(build, features=True, output_side=True)
+    # a copy head reads the input ids too, so it is scored by full forwards, not from the base's final states
+    return Method(build, features=True, output_side=not options.get("copy_attention"))
 
 
 def _head_and_lora(preset: str) -> Method:
@@ -226,6 +227,7 @@ METHODS: dict[str, Method] = {
     "head seed + LoRA attention": _head_and_lora("seed"),
     # issue 15: the hidden head trained with CE + beta KL(base || head); beta = 1 was fixed before any run
     "head hidden + KL": _head("hidden", base_kl_weight=1.0),
+    "head hidden + copy": _head("hidden", copy_attention=True),
 }
 #: The rate of the LoRA run that times one step to set ``T`` (step time does not depend on it).
 CALIBRATION_LEARNING_RATE = 3e-3

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import re
 import sys
 import time
@@ -223,6 +224,31 @@ def test_compare_heads_scores_output_side_methods_from_cached_states_exactly(met
     assert full["target_loss"] != pytest.approx(script.score(
         script.METHODS[method].build(base, 500).eval(), tokenizer, examples, options, generate=False
     )["target_loss"], rel=1e-3)  # fmt: skip
+
+
+def test_compare_heads_runs_the_kl_and_copy_heads_of_issue_15(tiny_llama_and_rows, tmp_path):
+    """The two issue-15 methods carry their options, train from cached features, and are scored: the KL head
+    from the base's states (output side), the copy head by full forwards (it reads the input ids too)."""
+    script = load_script("compare_heads")
+    base = str(tiny_llama_and_rows / "model")
+    kl, copy = script.METHODS["head hidden + KL"], script.METHODS["head hidden + copy"]
+    assert kl.features and kl.output_side and copy.features and not copy.output_side
+    assert kl.build(base, 500).heads.default.config.base_kl_weight == 1.0
+    assert copy.build(base, 500).heads.default.config.copy_attention
+    argv = ["--model_name_or_path", base, "--dataset", str(tiny_llama_and_rows / "rows.jsonl"),
+            "--train_templates", "0-3", "--eval_templates", "4-5", "--budgets", "1", "--budget_problems", "8",
+            "--batch_size", "4", "--calibration_steps", "1", "--metrics", "teacher_forced", "--n_resamples", "50",
+            "--max_eval_problems", "4", "--output_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"),
+            "--methods", "head hidden + KL", "head hidden + copy", "--learning_rates", "0.003",
+            "--validation_results", str(tmp_path / "none.json")]  # fmt: skip
+    calibration = script.main([*argv, "--calibrate_only", "true"])
+    timings = {key: 0.25 for key in calibration if key.startswith("step_seconds") and "LoRA" not in key}
+    timings["step_seconds:LoRA attention:4"] = 1.0  # T = 2 s: some steps for each head, whatever this machine's speed
+    (tmp_path / "out" / "calibration.json").write_text(json.dumps({**calibration, **timings}))
+    rows = script.main(argv)["rows"]
+    for name in ("head hidden + KL", "head hidden + copy"):
+        row = rows[f"{name} lr=0.003 @1T"]
+        assert row["steps"] > 0 and math.isfinite(row["metrics"]["target_ce"]["value"]), name
 
 
 def test_compare_heads_charges_the_feature_cache_through_the_first_epoch():
