@@ -390,9 +390,12 @@ def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Datase
     return train, held_out, source
 
 
-def plot_loss_curve(log_history: list[dict], path: Path, references: dict[str, float] | None = None) -> None:
+def plot_loss_curve(
+    log_history: list[dict], path: Path, references: dict[str, float] | None = None, base_kl_weight: float = 0.0
+) -> None:
     """Training loss by step (as logged, faint, and its exponential moving average), held-out loss where it
-    was evaluated, and held-out reference levels (the base's and the head's) as horizontal lines."""
+    was evaluated, and held-out reference levels (the base's and the head's) as horizontal lines. With a
+    ``base_kl_weight`` ``beta`` the training loss is ``CE + beta KL(base || head)``, and its label says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,18 +406,19 @@ def plot_loss_curve(log_history: list[dict], path: Path, references: dict[str, f
     figure, axis = plt.subplots(figsize=(7, 4.5))
     if train:
         steps, losses = zip(*train)
-        axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="training loss (logged)")
+        name = f"training loss (CE + {base_kl_weight:g} KL to base)" if base_kl_weight else "training loss"
+        axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label=f"{name}, logged")
         smoothed, average, weight = [], losses[0], 0.8 if len(losses) > 10 else 0.5
         for loss in losses:
             average = weight * average + (1 - weight) * loss
             smoothed.append(average)
-        axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"training loss (moving average, {weight})")
+        axis.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"{name}, moving average ({weight})")
     if evaluation:
         axis.plot(*zip(*evaluation), marker="o", color="tab:orange", label="held-out loss")
     for (label, value), style in zip((references or {}).items(), ("--", ":")):
         axis.axhline(value, linestyle=style, color="gray" if style == "--" else "black", label=f"{label} {value:.3f}")
     axis.set_xlabel("step")
-    axis.set_ylabel("target-token cross-entropy")
+    axis.set_ylabel("target-token cross-entropy" + (" (+ KL term in training)" if base_kl_weight else ""))
     axis.set_title("Head-only fine-tuning")
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -507,7 +511,8 @@ def finish_classification(model, trainer, results, head_dir, card, output_dir, e
     table = classification_table(results["comparison"])
     write_text_atomically(output_dir / "comparison.md", table + "\n")
     references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
-    plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references)
+    beta = model.heads[model.active_head()].config.base_kl_weight
+    plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references, beta)
     low, high = head["accuracy_difference_ci"]
     difference = f"{head['accuracy_difference']:+.1%} [{low:+.1%}, {high:+.1%}]"
     print(f"\nHeld-out comparison ({len(eval_examples)} rows, classes by label-word likelihood; 95% intervals):\n"
@@ -628,7 +633,8 @@ def main(argv: list[str] | None = None) -> dict:
         table = results_table({name: scores["summary"] for name, scores in results["comparison"].items()})
         write_text_atomically(output_dir / "comparison.md", table + "\n")
         references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
-        plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references)
+        beta = model.heads[model.active_head()].config.base_kl_weight
+        plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references, beta)
         print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss and multiple choice, "
               f"{head['answers_scored']} solved by greedy generation; 95% intervals):\n{table}")  # fmt: skip
         print(f"\nExample (held out):\n{eval_examples[0]['prompt']}{head['example_solution']}")

@@ -125,10 +125,17 @@ def read_arguments_file(path: Path, *argument_classes) -> dict:
 
 
 def parse_command_line(argument_classes, argv: list[str]) -> tuple:
-    """``argument_classes`` (dataclasses) filled from ``argv``: one ``.yaml`` / ``.yml`` / ``.json`` file of
-    arguments (every name checked, :func:`read_arguments_file`), else ``--option value`` pairs."""
+    """``argument_classes`` (dataclasses) filled from ``argv``: ``[file] [--option value ...]``, where ``file`` is a
+    ``.yaml`` / ``.yml`` / ``.json`` file of arguments (every name checked, :func:`read_arguments_file`) and each
+    flag after it overrides (or adds to) the file's arguments, e.g. ``train_sft.py configs/demo.yaml --seed 1``."""
     parser = HfArgumentParser(argument_classes)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         options = read_arguments_file(Path(argv[0]).resolve(), *parser.dataclass_types)
-        return parser.parse_dict(options, allow_extra_keys=False)
+        if len(argv) == 1:
+            return parser.parse_dict(options, allow_extra_keys=False)
+        parser.set_defaults(**options)  # the flags that follow override these
+        for action in parser._actions:
+            if action.dest in options:
+                action.required = False  # given by the file
+        argv = argv[1:]
     return parser.parse_args_into_dataclasses(args=argv)

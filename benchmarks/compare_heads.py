@@ -43,18 +43,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    HfArgumentParser,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -87,6 +85,7 @@ from backattn.evaluation import (
     summarise_scores,
 )
 from backattn.offline import smollm2_path
+from backattn.run_files import parse_command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINABLE_NAME = "trainable.safetensors"
@@ -646,24 +645,10 @@ def prepare_run(options, task):
     return run, base, tokenizer, train_examples, eval_examples, groups
 
 
-def parse_options(arguments: type, argv: list[str]):
-    """`[settings.yaml] [--option value ...]`: the YAML file's keys, then any flag overriding one of them."""
-    parser = HfArgumentParser(arguments)
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        settings = yaml.safe_load(Path(argv[0]).read_text()) or {}
-        unknown = sorted(set(settings) - {f.name for f in fields(arguments)})
-        if unknown:
-            raise ValueError(f"{argv[0]}: unknown key(s) {unknown}; run with --help for the options.")
-        parser.set_defaults(**settings)
-        argv = argv[1:]
-    (options,) = parser.parse_args_into_dataclasses(args=argv)
-    return options
-
-
 def main(argv: list[str] | None = None, task=None) -> dict:
     started = time.perf_counter()
     task = task or MathTask()
-    options = parse_options(task.arguments, sys.argv[1:] if argv is None else argv)
+    (options,) = parse_command_line(task.arguments, sys.argv[1:] if argv is None else argv)
     unknown = sorted(set(options.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")

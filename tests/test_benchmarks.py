@@ -404,9 +404,9 @@ def test_comparison_reads_a_yaml_file_then_flags_override_it(tmp_path):
     script = load_script("compare_heads")
     settings = tmp_path / "stage.yaml"
     settings.write_text("split_name: validation\nlearning_rates: [0.001, 0.01]\nseed: 1\n")
-    options = script.parse_options(script.ComparisonArguments, [str(settings), "--seed", "7"])
+    (options,) = script.parse_command_line(script.ComparisonArguments, [str(settings), "--seed", "7"])
     assert (options.split_name, options.learning_rates, options.seed) == ("validation", [0.001, 0.01], 7)
-    assert script.parse_options(script.ComparisonArguments, [str(settings)]).seed == 1
+    assert script.parse_command_line(script.ComparisonArguments, [str(settings)])[0].seed == 1
     settings.write_text("split_name: validation\nlearning_rate: 0.01\n")  # a typo of learning_rates
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
-        script.parse_options(script.ComparisonArguments, [str(settings)])
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) learning_rate \(did you mean learning_rates"):
+        script.parse_command_line(script.ComparisonArguments, [str(settings), "--seed", "7"])

@@ -71,6 +71,10 @@ def test_a_yaml_config_file_is_the_same_as_the_command_line(tiny_gpt2_dir, math_
     parsed = train_sft.parse_arguments([str(config)])
     assert parsed == train_sft.parse_arguments(args)
     assert parsed[2].dataset == str(math_jsonl) and parsed[3].max_steps == 6
+    # flags after the file override its arguments (and add others), as on the command line alone
+    changed = train_sft.parse_arguments([str(config), "--max_steps", "3", "--head_options", '{"base_kl_weight": 1}'])
+    expected = train_sft.parse_arguments([*args, "--max_steps", "3", "--head_options", '{"base_kl_weight": 1}'])
+    assert changed == expected and changed[3].max_steps == 3 and changed[1].head_config().base_kl_weight == 1
 
 
 @pytest.mark.parametrize(
