@@ -156,8 +156,8 @@ def base_kl_penalty(
     cross-entropy is (by ``num_items_in_batch``, else by the labelled positions), so that it adds to
     ``transformers``' causal-LM loss exactly as :func:`token_losses` adds to the chunked one."""
     keep, _ = _labelled(z, labels, shift_labels, ignore_index)
-    rows = weights.to(z.device)[:, None].expand_as(keep)[keep]
-    total = (rows * base_kl(z[keep], logits[keep])).sum()
+    # masked rather than indexed: no data-dependent shapes (torch.compile's fullgraph)
+    total = (weights.to(z.device)[:, None] * keep * base_kl(z, logits)).sum()
     if num_items_in_batch is None:
         return total / keep.sum()
     if isinstance(num_items_in_batch, torch.Tensor):

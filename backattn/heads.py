@@ -249,12 +249,14 @@ class BackwardAttentionHeads(nn.ModuleDict):
         ``None`` when every row's is 0 (see :func:`~backattn.head_loss.base_kl_penalty`)."""
         if not self.enabled or (heads is None and self.active is None):
             return None
+        # decided on the configs' numbers, never on a tensor's values (no graph break under torch.compile)
         if heads is None:
-            weights = torch.full((rows,), self[self.active].config.base_kl_weight, dtype=torch.float32)
-        else:
-            per_head = torch.tensor([self[name].config.base_kl_weight for name in self.names()] + [0.0])
-            weights = per_head[self.route(heads, rows=rows)]  # index -1: the appended 0 of the base's rows
-        return weights if bool(weights.any()) else None
+            beta = self[self.active].config.base_kl_weight
+            return torch.full((rows,), beta, dtype=torch.float32) if beta else None
+        per_head = [self[name].config.base_kl_weight for name in self.names()]
+        if not any(per_head):
+            return None
+        return torch.tensor([*per_head, 0.0])[self.route(heads, rows=rows)]  # index -1: the base's rows, 0
 
     def check_enabled_for(self, heads) -> None:
         """Refuse ``heads=`` while heads are disabled: it would be ignored and every row get the base's logits."""

@@ -354,6 +354,11 @@ def test_torch_compile_fullgraph_with_the_active_head(llama_base_dir):
     loss.backward()
     assert model.heads["default"].gate.grad is not None
     torch.testing.assert_close(loss, model(ids, labels=ids).loss)
+    model.heads["default"].config.base_kl_weight = 0.5  # the KL-to-base term compiles too, and adds to the loss
+    torch._dynamo.reset()
+    penalised = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels=ids).loss
+    torch.testing.assert_close(penalised, model(ids, labels=ids).loss)
+    assert penalised > loss
     torch._dynamo.reset()
 
 
