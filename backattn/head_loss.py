@@ -128,16 +128,16 @@ def token_losses(z: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, b
     :class:`~backattn.configuration_backattn.BackwardAttentionConfig`; at 0 only the cross-entropy is taken),
     in float32 as ``transformers``' causal-LM loss takes it."""
     z = z.float()
-    loss = F.cross_entropy(z, targets, reduction="sum")
-    if base_kl_weight:
-        loss = loss + base_kl_weight * base_kl(z, logits).sum()
-    return loss
+    if not base_kl_weight:
+        return F.cross_entropy(z, targets, reduction="sum")
+    log_q = torch.log_softmax(z, dim=-1)  # one softmax for both terms
+    return F.nll_loss(log_q, targets, reduction="sum") + base_kl_weight * base_kl(log_q, logits).sum()
 
 
-def base_kl(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``KL(softmax(l_t) || softmax(z_t))`` per position (``... x V -> ...``), in float32 as the cross-entropy.
-    The base's distribution is the fixed reference: no gradient reaches ``l`` (a LoRA on the base, say)."""
-    log_q = torch.log_softmax(z.float(), dim=-1)
+def base_kl(log_q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(l_t) || softmax(z_t))`` per position (``... x V -> ...``) from the head's float32
+    log-probabilities ``log_q = log_softmax(z_t)``. The base's distribution is the fixed reference: no gradient
+    reaches ``l`` (a LoRA on the base, say)."""
     log_p = torch.log_softmax(logits.detach().float(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
@@ -153,13 +153,19 @@ def base_kl_penalty(
 ) -> torch.Tensor:
     """The straightforward path's KL-to-base term: ``sum_t beta_row KL(softmax(l_t) || softmax(z_t))`` over the
     labelled positions (``z``, ``l``: ``batch x sequence x V``; ``weights``: each row's ``beta``), divided as the
-    cross-entropy is (by ``num_items_in_batch``, else by the labelled positions), so that it adds to
-    ``transformers``' causal-LM loss exactly as :func:`token_losses` adds to the chunked one."""
+    cross-entropy is (:func:`per_target`), so that it adds to ``transformers``' causal-LM loss exactly as
+    :func:`token_losses` adds to the chunked one."""
     keep, _ = _labelled(z, labels, shift_labels, ignore_index)
     # masked rather than indexed: no data-dependent shapes (torch.compile's fullgraph)
-    total = (weights.to(z.device)[:, None] * keep * base_kl(z, logits)).sum()
+    kl = base_kl(torch.log_softmax(z.float(), dim=-1), logits)
+    return per_target((weights.to(z.device)[:, None] * keep * kl).sum(), keep.sum(), num_items_in_batch)
+
+
+def per_target(total: torch.Tensor, count, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """A loss summed over target tokens, divided as ``transformers``' causal-LM loss divides it: by
+    ``num_items_in_batch`` when the Trainer passes it (gradient accumulation), else by the ``count`` of targets."""
     if num_items_in_batch is None:
-        return total / keep.sum()
+        return total / count
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
@@ -243,11 +249,7 @@ def head_cross_entropy(
         return token_losses(z, logits, targets[rows], head.config.base_kl_weight)
 
     total = _EagerChunkedLoss.apply(chunk_loss, num_chunks, *parameters, *flat_tables, *copy_weights)
-    if num_items_in_batch is None:
-        return total / positions.shape[0]
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return per_target(total, positions.shape[0], num_items_in_batch)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from transformers.utils import ModelOutput
 from .configuration_backattn import DEFAULT_PRESET, BackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_kernels import head_logits, weight_tables
-from .head_loss import _labelled, base_logits, check_has_targets, labelled_context, token_losses
+from .head_loss import _labelled, base_logits, check_has_targets, labelled_context, per_target, token_losses
 from .heads import BackwardAttentionHeads
 from .modeling_backattn import BackwardAttentionHead, CopyInputs, LayerTables, SequenceContext
 
@@ -286,11 +286,7 @@ def sweep_cross_entropy(
             inputs = shared(chunk)
             for k, chunk_loss in enumerate(chunk_losses):
                 totals[k] += chunk_loss(chunk, inputs, *tensors[bounds[k] : bounds[k + 1]])
-    if num_items_in_batch is None:
-        return totals / positions.shape[0]
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(totals.device)
-    return totals / num_items_in_batch
+    return per_target(totals, positions.shape[0], num_items_in_batch)
 
 
 def _head_chunk_loss(scorer, names, tables, layer_states, copy, num_copy, embeddings, output_weight, targets, beta):
