@@ -28,6 +28,7 @@ accuracy, macro-F1, label CE and the majority-class rate, with bootstrap interva
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -94,6 +95,13 @@ class HeadArguments:
     head_options: str | None = field(
         default=None, metadata={"help": "JSON object of head options overriding the preset, e.g. '{\"out_dim\": 64}'."}
     )
+    label_word_loss: bool = field(
+        default=False,
+        metadata={"help": "Classification: train on the label word's position alone, with the cross-entropy over "
+                  "the classes' label words (the head's label_word_ids, read from the tokenizer; each label word "
+                  "must be one token). Default: the cross-entropy over the whole vocabulary at every target token "
+                  "(label word and end-of-sequence)."},
+    )  # fmt: skip
 
     def head_config(self) -> BackwardAttentionConfig:
         options = self.head_options
@@ -243,6 +251,8 @@ def check_arguments(
     """Everything that cannot work together fails here, before any model or data is loaded."""
     head_config = head_args.head_config()
     template = task_template(data_args)
+    if head_args.label_word_loss and data_args.task != "classification":
+        raise BackattnValueError("--label_word_loss is for --task classification, not math.")
     if data_args.streaming and data_args.max_train_samples is None:
         raise BackattnValueError("--streaming keeps the first --max_train_samples rows: set --max_train_samples.")
     if data_args.feature_cache_dtype not in ("float16", "float32"):
@@ -478,6 +488,22 @@ def committed_comparison(preset: str, path: Path | None = None) -> str | None:
     return f"{record['held_out_problems']} held-out problems, budgets in multiples of T (one LoRA epoch):\n{table}"
 
 
+def label_word_training(head_config, train_examples, tokenizer, template, classes):
+    """``--label_word_loss``: the head config with the classes' label-word ids (``label_word_ids``) and the training
+    rows labelled at the label word alone (their ``answer_labels``)."""
+    from backattn.classification import label_candidates
+
+    candidates = label_candidates(tokenizer, template, classes)
+    if any(len(tokens) != 1 for tokens in candidates):
+        spelled = {word: tokenizer.convert_ids_to_tokens(tokens) for word, tokens in zip(classes, candidates)}
+        raise BackattnValueError(
+            f"--label_word_loss needs every class's label word to be one token, but they tokenize as {spelled}: "
+            "choose one-token label words (--label_words) or a --target_template that makes them so."
+        )
+    head_config = dataclasses.replace(head_config, label_word_ids=[tokens[0] for tokens in candidates])
+    return head_config, train_examples.remove_columns("labels").rename_column("answer_labels", "labels")
+
+
 def compare_classifiers(model, tokenizer, eval_examples, scored, template, classes, batch_size) -> dict:
     """The frozen base (heads off), then the head, on held-out classification rows: label-likelihood accuracy,
     macro-F1, label CE, majority-class rate (``backattn.classification``) and the teacher-forced target CE; the
@@ -557,6 +583,8 @@ def main(argv: list[str] | None = None) -> dict:
         kept = tuple(c for c in HELD_OUT_COLUMNS if c in eval_rows.column_names)
         eval_tokenize = functools.partial(tokenize, keep_columns=kept)
     train_examples, train_skipped = tokenize(train_rows, tokenizer, template, data_args.max_length)
+    if classification and head_args.label_word_loss:
+        head_config, train_examples = label_word_training(head_config, train_examples, tokenizer, template, classes)
     eval_examples, eval_skipped = eval_tokenize(eval_rows, tokenizer, template, data_args.max_length)
     for split, examples, skipped in (
         ("train", train_examples, train_skipped),

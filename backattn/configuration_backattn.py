@@ -112,8 +112,13 @@ class BackwardAttentionConfig:
     Training minimises, over the labelled positions ``t``, ``CE(z_t, x_{t+1}) + beta KL(softmax(l_t) ||
     softmax(z_t))`` with ``beta = base_kl_weight`` (0 by default: the plain cross-entropy). The second term is
     the KL divergence from the frozen base's next-token distribution to the head's, as a distillation or
-    RLHF reference term; at a head that reproduces the base it and its gradient are 0. It is applied in
-    training mode only (like dropout), so evaluation losses stay the plain cross-entropy.
+    RLHF reference term; at a head that reproduces the base it and its gradient are 0. With
+    ``label_word_ids`` ``C`` (a classification head: the token ids of its classes' label words), the
+    cross-entropy is taken over those tokens' logits alone, ``-log softmax(z_t[C])[y_t]``, the label-word
+    (verbalizer) loss of PET and LM-BFF (Schick and Schuetze 2021; Gao et al. 2021): every labelled target must
+    be one of ``C``, and all of the gradient goes to telling the classes apart rather than to putting mass on
+    the label words. Both are applied in training mode only (like dropout), so evaluation losses stay the plain
+    cross-entropy.
 
     ``vocab_size`` and ``hidden_size`` record the base model a head was built for; they are filled in when
     the head is attached and checked against the base every time after.
@@ -156,6 +161,14 @@ class BackwardAttentionConfig:
             "labelled position, which keeps the head's next-token distribution near the frozen base's. 0: the plain "
             "cross-entropy.",
             "domain": ("a finite number >= 0", lambda x: x >= 0),
+        },
+    )
+    label_word_ids: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Training only, for classification: the token ids C of the classes' label words; the "
+            "cross-entropy at each labelled position is then taken over z_t[C] alone, and every label must be in C. "
+            "None: the cross-entropy over the whole vocabulary.",
         },
     )
     num_layers: int = field(default=1, metadata={"help": "Backward-attention layers in the head."})
@@ -205,6 +218,8 @@ class BackwardAttentionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.query_layers, tuple):
             self.query_layers = list(self.query_layers)
+        if isinstance(self.label_word_ids, tuple):
+            self.label_word_ids = list(self.label_word_ids)
         self.validate()
 
     def validate(self) -> None:
@@ -232,6 +247,17 @@ class BackwardAttentionConfig:
                     "query_layers feeds the query state r_t, which only use_hidden_state (r_t W_h) and "
                     "copy_attention read: turn one of them on, or leave query_layers None"
                 )
+        words = self.label_word_ids
+        if words is not None:
+            vocab = self.vocab_size if type(self.vocab_size) is int else None  # a bool is no size
+            if not isinstance(words, list) or len(words) < 2:
+                problems.append(f"label_word_ids must be None or a list of at least two token ids, got {words!r}")
+            elif any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in words):
+                problems.append(f"label_word_ids must hold token ids (integers from 0), got {words!r}")
+            elif len(set(words)) != len(words):
+                problems.append(f"label_word_ids must name each token once, got {words!r}")
+            elif vocab is not None and max(words) >= vocab:
+                problems.append(f"label_word_ids holds {max(words)}, outside the vocabulary of {vocab} tokens")
         if problems:
             raise BackattnValueError("Invalid BackwardAttentionConfig: " + "; ".join(problems) + ".")
 

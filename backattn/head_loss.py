@@ -9,8 +9,9 @@ layer), so nothing vocabulary-sized outlives its chunk and nothing is recomputed
 1. pair each position with the next token's label and keep the ``N`` positions whose label is not ignored;
 2. compute the head's weight-only tables (``K``, ``Vv``, and ``W^T Vv`` for raw weighting) once, with autograd;
 3. for each chunk of positions: ``l = h W^T``, the head's logits ``z`` (``head_kernels.head_logits``),
-   ``sum CE(z, y)`` (plus ``beta KL(softmax(l) || softmax(z))`` with the head's ``base_kl_weight``) and its
-   gradients with respect to the tables and the head's other weights, accumulated;
+   ``sum CE(z, y)`` (over the label words ``z[C]`` alone with the head's ``label_word_ids``; plus
+   ``beta KL(softmax(l) || softmax(z))`` with its ``base_kl_weight``) and its gradients with respect to the
+   tables and the head's other weights, accumulated;
 4. the loss is the sum over chunks divided by ``num_items_in_batch`` (when the Trainer passes it, as for
    gradient accumulation) or by ``N``, as ``transformers``' own causal-LM loss divides it.
 
@@ -122,16 +123,41 @@ def base_logits(
     return logits if transform_logits is None else transform_logits(logits)
 
 
-def token_losses(z: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, base_kl_weight: float = 0.0):
+def token_losses(
+    z: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    base_kl_weight: float = 0.0,
+    label_word_ids: list[int] | None = None,
+):
     """``sum_t CE(z_t, y_t) + beta KL(softmax(l_t) || softmax(z_t))`` over a chunk's positions (``n x V`` each):
     the head's logits ``z``, the base logits ``l`` and ``beta = base_kl_weight`` (see
     :class:`~backattn.configuration_backattn.BackwardAttentionConfig`; at 0 only the cross-entropy is taken),
-    in float32 as ``transformers``' causal-LM loss takes it."""
+    in float32 as ``transformers``' causal-LM loss takes it. With ``label_word_ids`` ``C`` the cross-entropy is
+    over ``z_t[C]`` alone (:func:`label_word_targets`); the KL term stays over the whole vocabulary."""
     z = z.float()
+    if label_word_ids is not None:
+        ce = F.cross_entropy(z[:, label_word_ids], label_word_targets(targets, label_word_ids), reduction="sum")
+        return ce if not base_kl_weight else ce + base_kl_weight * base_kl(torch.log_softmax(z, -1), logits).sum()
     if not base_kl_weight:
         return F.cross_entropy(z, targets, reduction="sum")
     log_q = torch.log_softmax(z, dim=-1)  # one softmax for both terms
     return F.nll_loss(log_q, targets, reduction="sum") + base_kl_weight * base_kl(log_q, logits).sum()
+
+
+def label_word_targets(targets: torch.Tensor, label_word_ids: list[int]) -> torch.Tensor:
+    """Each target token's index in ``label_word_ids`` (the classes of the label-word loss); a clear error when
+    a target is not a label word (eager mode only: ``torch.compile`` graphs skip the check)."""
+    ids = torch.as_tensor(label_word_ids, device=targets.device)
+    matches = targets[..., None] == ids
+    if not torch.compiler.is_compiling() and not bool(matches.any(-1).all()):
+        strays = sorted(set(targets[~matches.any(-1)].tolist()))[:5]
+        raise BackattnValueError(
+            f"The head's label_word_ids are {label_word_ids}, but the labels hold other tokens too (e.g. {strays}): "
+            "the label-word loss needs every labelled target to be a label word. Label the label word alone "
+            "(a classification row's answer_labels do; train_sft.py --label_word_loss trains on them)."
+        )
+    return matches.long().argmax(-1)
 
 
 def base_kl(log_q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -159,6 +185,40 @@ def base_kl_penalty(
     # masked rather than indexed: no data-dependent shapes (torch.compile's fullgraph)
     kl = base_kl(torch.log_softmax(z.float(), dim=-1), logits)
     return per_target((weights.to(z.device)[:, None] * keep * kl).sum(), keep.sum(), num_items_in_batch)
+
+
+def label_word_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    label_word_ids: list[int],
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The label-word loss from whole logits (``batch x sequence x V``, any causal LM's): at each labelled
+    position ``-log softmax(z_t[C])[y_t]`` over the label words ``C = label_word_ids``, divided as the causal-LM
+    loss is (:func:`per_target`). The straightforward path's counterpart of :func:`token_losses` with
+    ``label_word_ids``, and, through :class:`LabelWordLoss`, a ``Trainer``'s ``compute_loss_func`` for any model
+    (a PEFT LoRA, say) trained with the same objective."""
+    keep, targets = _labelled(logits, labels, shift_labels, ignore_index)
+    # masked rather than indexed: no data-dependent shapes (torch.compile's fullgraph)
+    targets = torch.where(keep, targets, label_word_ids[0])
+    classes = label_word_targets(targets, label_word_ids)
+    words = logits[..., label_word_ids].float()
+    losses = F.cross_entropy(words.flatten(0, -2), classes.flatten(), reduction="none").view_as(classes)
+    return per_target((losses * keep).sum(), keep.sum(), num_items_in_batch)
+
+
+class LabelWordLoss:
+    """``compute_loss_func`` for ``transformers.Trainer``: :func:`label_word_loss` of the model's ``logits``, so
+    that a model without a head (a PEFT LoRA, say) trains on the objective of a head with ``label_word_ids``.
+    Train on rows whose labels mark the label word alone (a classification row's ``answer_labels``)."""
+
+    def __init__(self, label_word_ids: list[int]):
+        self.label_word_ids = list(label_word_ids)
+
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None):
+        return label_word_loss(outputs.logits, labels, self.label_word_ids, num_items_in_batch=num_items_in_batch)
 
 
 def per_target(total: torch.Tensor, count, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
@@ -246,7 +306,7 @@ def head_cross_entropy(
         shortcut = output_weight if linear else None
         arguments = (logits, h, embeddings, shortcut, chunk_tables, chunk_states, chunk_copy)
         z = functional_call(scorer, dict(zip(names, weights)), arguments)
-        return token_losses(z, logits, targets[rows], head.config.base_kl_weight)
+        return token_losses(z, logits, targets[rows], head.config.base_kl_weight, head.config.label_word_ids)
 
     total = _EagerChunkedLoss.apply(chunk_loss, num_chunks, *parameters, *flat_tables, *copy_weights)
     return per_target(total, positions.shape[0], num_items_in_batch)

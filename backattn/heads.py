@@ -258,6 +258,23 @@ class BackwardAttentionHeads(nn.ModuleDict):
             return None
         return torch.tensor([*per_head, 0.0])[self.route(heads, rows=rows)]  # index -1: the base's rows, 0
 
+    def label_word_ids(self, heads: str | list | tuple | torch.Tensor | None) -> list[int] | None:
+        """The ``label_word_ids`` of the training loss (see :func:`~backattn.head_loss.label_word_loss`): the active
+        head's, or with ``heads=`` the one setting every resident head shares; ``None`` for the plain
+        cross-entropy. A batch routed over heads whose settings differ is refused (train them one at a time)."""
+        if not self.enabled or (heads is None and self.active is None):
+            return None
+        if heads is None:  # decided on the configs, never on a tensor's values (torch.compile)
+            return self[self.active].config.label_word_ids
+        settings = {name: self[name].config.label_word_ids for name in self.names()}
+        if len({None if ids is None else tuple(ids) for ids in settings.values()}) > 1:
+            raise BackattnValueError(
+                f"heads= routes this training batch over heads whose label_word_ids differ ({settings}), and one "
+                "loss cannot take both objectives: train the label-word heads one at a time (set_head), or give "
+                "them the same label_word_ids."
+            )
+        return next(iter(settings.values()), None)
+
     def check_enabled_for(self, heads) -> None:
         """Refuse ``heads=`` while heads are disabled: it would be ignored and every row get the base's logits."""
         if heads is not None and not self.enabled:

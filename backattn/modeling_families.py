@@ -36,7 +36,13 @@ from .configuration_backattn import BackwardAttentionConfig, GPT2BackwardAttenti
 from .errors import BackattnTypeError, BackattnValueError
 from .head_files import embedding_fingerprint, load_head, push_head_to_hub, save_head  # the methods' namesakes
 from .head_kernels import head_logits, weight_tables
-from .head_loss import FusedHeadOutput, base_kl_penalty, head_cross_entropy, head_token_log_probs
+from .head_loss import (
+    FusedHeadOutput,
+    base_kl_penalty,
+    head_cross_entropy,
+    head_token_log_probs,
+    label_word_loss,
+)
 from .heads import BackwardAttentionHeads, FanOutOutput, HeadsDisabled
 from .modeling_backattn import BackwardAttentionHead, BackwardAttentionLayer, CopyInputs, SequenceContext
 from .sharding import full_tensor, gather_output_tables, local_tensor
@@ -991,8 +997,15 @@ class BackwardAttentionForCausalLMMixin:
         else:
             base = self.base_logits(hidden)
             logits = self.heads(base, hidden, embeddings, weight, heads, self._rerank_top_k(rerank_top_k), context)
-            if labels is not None:
+            words = self.heads.label_word_ids(heads) if self.training and labels is not None else None
+            if words is not None:
+                loss = label_word_loss(
+                    logits, labels, words, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
+                    kwargs.get("ignore_index", -100),
+                )  # fmt: skip
+            elif labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+            if labels is not None:
                 kl_weights = self.heads.base_kl_weights(heads, logits.shape[0]) if self.training else None
                 if kl_weights is not None:
                     loss = loss + base_kl_penalty(

@@ -225,11 +225,12 @@ def sweep_cross_entropy(
     context: SequenceContext | None = None,
     output_bias: torch.Tensor | None = None,
     transform_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    with_base_kl: bool = True,
+    training_terms: bool = True,
 ) -> torch.Tensor:
     """Each head's :func:`~backattn.head_loss.head_cross_entropy` (a tensor of ``len(heads)`` losses), in one pass.
-    ``with_base_kl=False`` leaves out every head's KL-to-base term (``base_kl_weight``): the plain cross-entropy,
-    as the model's evaluation loss.
+    ``training_terms=False`` leaves out what each head's config adds in training only (the KL-to-base term of
+    ``base_kl_weight``, the label-word restriction of ``label_word_ids``): the plain cross-entropy over the
+    vocabulary, as the model's evaluation loss.
 
     For each chunk of ``chunk_size`` labelled positions, the base logits ``l = f(h W^T + b)`` (:func:`base_logits`;
     ``output_bias`` ``b`` and ``transform_logits`` ``f`` as in the one-head loss) and what depends on them alone
@@ -270,9 +271,9 @@ def sweep_cross_entropy(
         scorer = _SweepHeadLogits(head)
         names, parameters = zip(*scorer.named_parameters())
         own = (*parameters, *flat_tables, *copy_weights)
-        beta = head.config.base_kl_weight if with_base_kl else 0.0
+        beta, words = (head.config.base_kl_weight, head.config.label_word_ids) if training_terms else (0.0, None)
         chunk_losses.append(_head_chunk_loss(scorer, names, tables, layer_states, copy, len(copy_weights), embeddings,
-                                             shortcut, targets, beta))  # fmt: skip
+                                             shortcut, targets, beta, words))  # fmt: skip
         sizes.append(len(own))
         tensors.extend(own)
     if torch.is_grad_enabled():
@@ -289,8 +290,11 @@ def sweep_cross_entropy(
     return per_target(totals, positions.shape[0], num_items_in_batch)
 
 
-def _head_chunk_loss(scorer, names, tables, layer_states, copy, num_copy, embeddings, output_weight, targets, beta):
-    """One head's ``sum CE(z, y)`` (plus ``beta KL(softmax(l) || softmax(z))``) over a chunk, from the chunk's
+def _head_chunk_loss(
+    scorer, names, tables, layer_states, copy, num_copy, embeddings, output_weight, targets, beta, label_word_ids
+):
+    """One head's ``sum CE(z, y)`` (over ``z[C]`` with ``label_word_ids`` ``C``; plus
+    ``beta KL(softmax(l) || softmax(z))``) over a chunk, from the chunk's
     shared inputs and the head's own tensors (its parameters, then its tables, then its copy weights: as
     ``head_loss.head_cross_entropy`` takes them)."""
 
@@ -303,7 +307,7 @@ def _head_chunk_loss(scorer, names, tables, layer_states, copy, num_copy, embedd
         chunk_copy = None if copy is None else CopyInputs(tensors[-1][rows], copy.next_ids[rows])
         arguments = (logits, h, embeddings, output_weight, chunk_tables, chunk_states, chunk_copy, memo)
         z = functional_call(scorer, dict(zip(names, weights)), arguments)
-        return token_losses(z, logits, targets[rows], beta)
+        return token_losses(z, logits, targets[rows], beta, label_word_ids)
 
     return chunk_loss
 
@@ -431,7 +435,7 @@ class HeadSweep(nn.Module):
             model.config.loss_chunk_size or SWEEP_CHUNK_SIZE, kwargs.get("num_items_in_batch"),
             kwargs.get("ignore_index", -100),
             kwargs.get("shift_labels"), context, output_bias=layer.bias, transform_logits=transform,
-            with_base_kl=self.training,
+            training_terms=self.training,
         )  # fmt: skip
         return SweepOutput(loss=losses.sum(), head_losses=losses, target_tokens=keep.sum())
 

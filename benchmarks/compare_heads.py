@@ -556,6 +556,10 @@ class MathTask:
     def score(self, model, tokenizer, held_out, options, last_budget: bool, states=None) -> dict[str, list]:
         return score(model, tokenizer, held_out, options, last_budget, states)
 
+    def training_loss(self, model):
+        """The ``Trainer``'s ``compute_loss_func`` for a method's fresh ``model``; ``None``: the model's own loss."""
+        return None
+
     def summarise(self, scores: dict, base: dict | None, groups: list, n_resamples: int) -> dict:
         return summarise_scores(scores, base, groups, n_resamples, self.metrics)
 
@@ -697,7 +701,8 @@ def main(argv: list[str] | None = None, task=None) -> dict:
             " ", "_"
         )
         return BudgetTrainer(model=model, args=training_arguments(options, directory, learning_rate, max_steps),
-                             train_dataset=dataset, data_collator=collator, callbacks=callbacks)  # fmt: skip
+                             train_dataset=dataset, data_collator=collator, callbacks=callbacks,
+                             compute_loss_func=task.training_loss(model))  # fmt: skip
 
     def step_key(name: str) -> str:
         return f"step_seconds:{name}:{options.batch_size}"

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_heads as machinery  # noqa: E402  (the comparison's machinery, beside this file)
 
 from backattn.bootstrap import bootstrap_statistic  # noqa: E402
-from backattn.classification import classify, macro_f1_statistic  # noqa: E402
+from backattn.classification import classify, label_candidates, macro_f1_statistic  # noqa: E402
 from backattn.data.classification_data import (  # noqa: E402
     data_classes,
     load_classification_dataset,
@@ -37,6 +37,7 @@ from backattn.data.classification_data import (  # noqa: E402
     tokenize_classification,
 )
 from backattn.evaluation import summarise_scores  # noqa: E402
+from backattn.head_loss import LabelWordLoss  # noqa: E402
 
 #: Heads and the PEFT methods of about their size (LoReFT, output-layer LoRA and the stacked method are left
 #: to the math comparison, which found them behind LoRA on attention).
@@ -64,6 +65,12 @@ class SentimentComparisonArguments(machinery.ComparisonOptions):
     prompt_template: str | None = field(default=None, metadata={"help": "Default: the data set's known template."})
     target_template: str | None = field(default=None, metadata={"help": "Default: ' {label}'."})
     label_words: str | None = field(default=None, metadata={"help": "JSON label -> word; default: the known ones."})
+    label_word_loss: bool = field(
+        default=False,
+        metadata={"help": "Train every method on the label word alone, with the cross-entropy over the classes' "
+                  "label words (a head's label_word_ids; for the others the same loss as the Trainer's "
+                  "compute_loss_func). Default: the cross-entropy over the vocabulary at every target token."},
+    )  # fmt: skip
     output_dir: str = field(default="benchmarks/results/compare_sentiment", metadata={"help": "Results (committed)."})
     work_dir: str = field(default="outputs/compare_sentiment", metadata={"help": "Checkpoints (not committed)."})
     validation_results: str = field(
@@ -77,7 +84,7 @@ class SentimentTask:
 
     arguments = SentimentComparisonArguments
     setup_fields = (*machinery.SETUP_FIELDS, "train_split", "eval_dataset", "prompt_template", "target_template",
-                    "label_words")  # fmt: skip
+                    "label_words", "label_word_loss")  # fmt: skip
     metrics = {
         "accuracy": ("correct", None, None, "accuracy"),
         "macro_f1": (None, None, None, "macro-F1"),  # not a mean of per-row values: see summarise
@@ -89,7 +96,7 @@ class SentimentTask:
     pareto = (("accuracy", "pareto_accuracy.png"), ("label_ce", "pareto_label_ce.png"))
 
     def __init__(self):
-        self.template = self.classes = None
+        self.template = self.classes = self.label_word_ids = None
 
     def examples(self, options, tokenizer) -> tuple[datasets.Dataset, datasets.Dataset]:
         if options.split_name == options.train_split and options.eval_dataset is None:
@@ -109,6 +116,12 @@ class SentimentTask:
             if skipped:  # bad rows (no text, an unknown label, too long) are skipped and counted, never fatal
                 print(f"{part}: skipped {dict(skipped)}", file=sys.stderr)
         train, held_out = tokenized["train"], tokenized["held out"]
+        if options.label_word_loss:  # the label word alone is labelled, and the loss is over the label words
+            candidates = label_candidates(tokenizer, self.template, self.classes)
+            if any(len(tokens) != 1 for tokens in candidates):
+                raise ValueError(f"--label_word_loss needs one-token label words; they tokenize as {candidates}.")
+            self.label_word_ids = [tokens[0] for tokens in candidates]
+            train = train.remove_columns("labels").rename_column("answer_labels", "labels")
         return train.remove_columns([c for c in train.column_names if c not in ("input_ids", "labels")]), held_out
 
     def groups(self, held_out: datasets.Dataset) -> list:
@@ -132,6 +145,17 @@ class SentimentTask:
             "references": scored["references"],
             "log_likelihoods": scored["log_likelihoods"].tolist(),
         }
+
+    def training_loss(self, model):
+        """With ``label_word_loss``: a head trains with its ``label_word_ids`` set (scoring is unchanged: the option
+        acts in training only); any other model gets the same loss as the Trainer's ``compute_loss_func``."""
+        if self.label_word_ids is None:
+            return None
+        if hasattr(model, "heads"):
+            for head in model.heads.values():
+                head.config.label_word_ids = list(self.label_word_ids)
+            return None
+        return LabelWordLoss(self.label_word_ids)
 
     def summarise(self, scores: dict, base: dict | None, groups: list, n_resamples: int) -> dict:
         """The comparison's metrics, with macro-F1 (a mean of per-class ratios) on the same resamples."""

@@ -410,3 +410,43 @@ def test_comparison_reads_a_yaml_file_then_flags_override_it(tmp_path):
     settings.write_text("split_name: validation\nlearning_rate: 0.01\n")  # a typo of learning_rates
     with pytest.raises(ValueError, match=r"unknown argument\(s\) learning_rate \(did you mean learning_rates"):
         script.parse_command_line(script.ComparisonArguments, [str(settings), "--seed", "7"])
+
+
+def test_compare_sentiment_with_the_label_word_loss_trains_every_method_on_it(tiny_llama_and_rows, tmp_path):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from backattn.data.sft_data import sft_tokenizer
+    from backattn.head_loss import LabelWordLoss
+
+    script = load_script("compare_sentiment")
+    for name, count in (("train", 12), ("held_out", 8)):
+        with open(tmp_path / f"{name}.jsonl", "w") as handle:
+            for i in range(count):
+                row = {"text": f"A film, part {i}.", "label": "fresh" if i % 2 else "rotten", "group": f"m{i % 3}"}
+                handle.write(json.dumps(row) + "\n")
+    model_dir = str(tiny_llama_and_rows / "model")
+    argv = ["--model_name_or_path", model_dir, "--dataset", str(tmp_path / "train.jsonl"),
+            "--eval_dataset", str(tmp_path / "held_out.jsonl"), "--label_words", '{"fresh": "positive", "rotten": '
+            '"negative"}', "--label_word_loss", "true", "--methods", "head hidden", "LoRA attention",
+            "--learning_rates", "0.003", "--budgets", "1", "--budget_problems", "8", "--batch_size", "4",
+            "--calibration_steps", "1", "--n_resamples", "20", "--output_dir", str(tmp_path / "out"),
+            "--work_dir", str(tmp_path / "work")]  # fmt: skip
+    task = script.SentimentTask()
+    (options,) = script.machinery.parse_command_line(task.arguments, argv)
+    tokenizer = sft_tokenizer(model_dir)
+    train, _ = task.examples(options, tokenizer)
+    words = [tokenizer(" positive", add_special_tokens=False)["input_ids"][0],
+             tokenizer(" negative", add_special_tokens=False)["input_ids"][0]]  # fmt: skip
+    assert task.label_word_ids == words
+    for labels in train["labels"]:  # each row labels its label word alone
+        assert [t for t in labels if t != -100] in ([words[0]], [words[1]])
+    head = script.machinery.METHODS["head hidden"].build(model_dir, 100)
+    assert task.training_loss(head) is None and head.heads.default.config.label_word_ids == words
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(target_modules=["q_proj"]))
+    loss = task.training_loss(lora)
+    assert isinstance(loss, LabelWordLoss) and loss.label_word_ids == words
+    summary = script.main(argv)  # and the whole run trains and scores with it
+    assert set(summary["rows"]) == {"frozen base", "head hidden lr=0.003 @1T", "LoRA attention lr=0.003 @1T"}

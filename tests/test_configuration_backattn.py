@@ -52,6 +52,11 @@ def test_presets_and_overrides():
         ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number"),
         ({"score_maps": "triple"}, "score_maps must be one of 'single', 'differential', got 'triple'"),
         ({"copy_attention": 1}, "copy_attention must be True or False"),
+        ({"label_word_ids": [4]}, "label_word_ids must be None or a list of at least two token ids"),
+        ({"label_word_ids": "4 5"}, "label_word_ids must be None or a list of at least two token ids"),
+        ({"label_word_ids": [4, -5]}, r"label_word_ids must hold token ids \(integers from 0\)"),
+        ({"label_word_ids": [4, 4]}, "label_word_ids must name each token once"),
+        ({"label_word_ids": [4, 99], "vocab_size": 99}, "label_word_ids holds 99, outside the vocabulary of 99"),
         ({"query_layers": [], "use_hidden_state": True}, "query_layers must be None or a non-empty list"),
         ({"query_layers": 3, "use_hidden_state": True}, "query_layers must be None or a non-empty list"),
         ({"query_layers": [1, -1], "use_hidden_state": True}, r"query_layers must hold decoder block indices"),
@@ -130,7 +135,7 @@ def test_every_option_is_typed_and_documented():
     assert typing.get_args(types["score_mode"]) == ("add", "gate", "replace")
     assert typing.get_args(types["score_maps"]) == ("single", "differential")
     assert types["copy_attention"] is bool and types["query_layers"] == list[int] | None
-    for name in ("query_layers", "score_maps", "copy_attention"):  # each in the steps of the docstring
+    for name in ("query_layers", "score_maps", "copy_attention", "label_word_ids"):  # each in the docstring
         assert f"``{name}" in BackwardAttentionConfig.__doc__, name
     for formula in (
         "2410.05258",

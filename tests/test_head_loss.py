@@ -313,3 +313,121 @@ def test_beta_is_saved_with_the_head_and_loads_back(gpt2_base_dir, tmp_path):
     again = GPT2BackwardAttentionForCausalLM.from_pretrained(gpt2_base_dir).double()
     again.load_head(tmp_path / "head", head_name="math")
     assert again.heads.math.config.base_kl_weight == 0.3
+
+
+# --------------------------------------------------------------------------------------------------------
+# the label-word loss: -log softmax(z_t[C])[y_t] over the label words C = label_word_ids
+
+WORDS = [5, 17, 2]
+
+
+def label_word_batch(seed=0):
+    """Three rows whose labels mark one or two label-word targets each (the rest -100), the ids holding them."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 9), generator=generator)
+    labels = torch.full_like(ids, -100)
+    for row, position in ((0, 5), (1, 8), (2, 3), (2, 6)):
+        ids[row, position] = WORDS[(row + position) % 3]
+        labels[row, position] = ids[row, position]
+    return ids, labels
+
+
+def label_word_reference(model, ids, labels, heads=None, num_items=None, beta=0.0):
+    """The loss in float64 by hand from the full logits (a forward without labels), with gradients."""
+    model.zero_grad()
+    z = model(ids, heads=heads).logits.double()
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = targets != -100
+    classes = torch.tensor([WORDS.index(t) for t in targets[keep].tolist()])
+    loss = -torch.log_softmax(z[keep][:, WORDS], -1).gather(-1, classes[:, None]).sum()
+    if beta:
+        with torch.no_grad(), model.disable_heads():
+            log_p = torch.log_softmax(model(ids).logits.double(), -1)[keep]
+        loss = loss + beta * (log_p.exp() * (log_p - torch.log_softmax(z, -1)[keep])).sum()
+    loss = loss / (keep.sum() if num_items is None else num_items)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.heads.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("options", KL_CASES.values(), ids=KL_CASES.keys())
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+@pytest.mark.parametrize("beta", [0.0, 0.4])
+def test_label_word_loss_and_gradients_equal_a_float64_reference(gpt2_base_dir, options, chunk, beta):
+    ids, labels = label_word_batch()
+    model = training_model(gpt2_base_dir, options, chunk)
+    model.heads.default.config.label_word_ids = WORDS
+    model.heads.default.config.base_kl_weight = beta
+    for num_items in (None, torch.tensor(9)):
+        expected, expected_grads = label_word_reference(model, ids, labels, num_items=num_items, beta=beta)
+        output, grads = loss_and_gradients(model, ids, labels, num_items_in_batch=num_items)
+        assert (output.logits is None) == (chunk is not None)
+        assert torch.allclose(output.loss.double(), expected, rtol=2e-6, atol=0)
+        for name, grad in expected_grads.items():
+            assert torch.allclose(grads[f"heads.{name}"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
+    model.heads.default.config.label_word_ids = None  # the whole vocabulary's cross-entropy is another loss
+    assert not torch.allclose(model(ids, labels=labels).loss.double(), expected)
+
+
+def test_the_label_word_loss_is_left_out_in_evaluation_and_the_same_from_cached_features(gpt2_base_dir):
+    ids, labels = label_word_batch(1)
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    plain = model(ids, labels=labels).loss
+    model.heads.default.config.label_word_ids = WORDS
+    restricted = model(ids, labels=labels).loss
+    assert restricted < plain  # three classes instead of the vocabulary's 99 tokens
+    with torch.no_grad():
+        hidden = model.base_model(ids).last_hidden_state
+    assert torch.equal(model(labels=labels, base_hidden_states=hidden).loss, restricted)
+    model.eval()
+    assert torch.allclose(model(ids, labels=labels).loss, plain, rtol=1e-6)
+
+
+def test_a_target_that_is_not_a_label_word_is_refused_by_both_paths(gpt2_base_dir):
+    ids, labels = label_word_batch(2)
+    labels[1, 2] = ids[1, 2] = 40  # not a label word
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    model.heads.default.config.label_word_ids = WORDS
+    for heads in (None, ["default"] * 3):  # the chunked path, then the full-logits path
+        with pytest.raises(BackattnValueError, match=r"label_word_ids are \[5, 17, 2\].*e\.g\. \[40\]"):
+            model(ids, labels=labels, heads=heads)
+
+
+def test_a_mixed_batch_over_heads_with_other_label_words_is_refused_one_setting_is_taken(gpt2_base_dir):
+    ids, labels = label_word_batch(3)
+    model = training_model(gpt2_base_dir, "hidden", None)
+    model.add_head("hidden", head_name="other", freeze_others=False)
+    randomise(model.heads.other, seed=5)
+    model.heads.default.config.label_word_ids = WORDS
+    rows = ["other", "default", "other"]
+    with pytest.raises(BackattnValueError, match="label_word_ids differ"):
+        model(ids, labels=labels, heads=rows)
+    model.heads.other.config.label_word_ids = list(WORDS)
+    expected, _ = label_word_reference(model, ids, labels, heads=rows)
+    assert torch.allclose(model(ids, labels=labels, heads=rows).loss.double(), expected, rtol=2e-6, atol=0)
+
+
+def test_label_words_are_saved_with_the_head_and_load_back(gpt2_base_dir, tmp_path):
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    model.heads.default.config.label_word_ids = WORDS
+    model.save_head(tmp_path / "head")
+    again = GPT2BackwardAttentionForCausalLM.from_pretrained(gpt2_base_dir).double()
+    again.load_head(tmp_path / "head", head_name="sentiment")
+    assert again.heads.sentiment.config.label_word_ids == WORDS
+
+
+def test_label_word_loss_as_a_trainers_loss_for_a_model_without_a_head(gpt2_base_dir):
+    """LabelWordLoss on a plain causal LM's logits (what Trainer's compute_loss_func gets) is the reference."""
+    from transformers import AutoModelForCausalLM
+
+    from backattn.head_loss import LabelWordLoss
+
+    ids, labels = label_word_batch(4)
+    base = AutoModelForCausalLM.from_pretrained(gpt2_base_dir).double()
+    outputs = base(ids)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    classes = torch.tensor([WORDS.index(t) for t in targets[keep].tolist()])
+    expected = torch.nn.functional.cross_entropy(outputs.logits[:, :-1][keep][:, WORDS], classes)
+    assert torch.allclose(LabelWordLoss(WORDS)(outputs, labels).double(), expected, rtol=1e-6)
+    halved = LabelWordLoss(WORDS)(outputs, labels, num_items_in_batch=8).double()
+    assert torch.allclose(halved, expected * 4 / 8, rtol=1e-6)  # 4 targets, divided as by 8

@@ -226,6 +226,36 @@ def test_each_heads_kl_to_base_is_its_own_in_training_and_left_out_in_evaluation
     torch.testing.assert_close(evaluated, torch.stack(plain), rtol=1e-6, atol=0)
 
 
+def test_a_label_word_head_in_a_sweep_takes_its_own_loss_in_training_and_the_plain_one_in_evaluation(
+    gpt2_base_dir, cached
+):
+    batch = pad_collator([cached[i] for i in range(6)])
+    targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+    words = [int(t) for t in torch.unique(targets, return_counts=True)[0][:3]]
+    batch["labels"][~torch.isin(batch["labels"], torch.tensor(words))] = -100  # label words alone
+    heads = [SweepHead("plain", "hidden"), SweepHead("words", "hidden", {"label_word_ids": words})]
+    sweep = make_sweep(gpt2_base_dir, heads, chunk=5).train()
+    output = sweep(**batch)
+    output.loss.backward()
+    model = sweep.model
+    for k, head in enumerate(sweep.heads.values()):
+        gradients = [p.grad.clone() for p in head.parameters()]
+        head.zero_grad()
+        arguments = (head, batch["base_hidden_states"], batch["labels"], model.lm_head.weight,
+                     model.get_input_embeddings().weight, 5)  # fmt: skip
+        alone = head_cross_entropy(*arguments)
+        assert torch.equal(output.head_losses[k], alone)
+        alone.backward()
+        for mine, theirs in zip(gradients, (p.grad for p in head.parameters())):
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+    assert output.head_losses[1] < output.head_losses[0]  # three classes, not the vocabulary
+    with torch.no_grad():
+        evaluated = sweep.eval()(**batch).head_losses
+        sweep.heads["words"].config.label_word_ids = None
+        plain = head_cross_entropy(sweep.heads["words"], *arguments[1:])
+    torch.testing.assert_close(evaluated[1], plain, rtol=1e-6, atol=0)
+
+
 def test_saved_heads_load_with_the_ordinary_api_and_reproduce_their_logits(gpt2_base_dir, cached, tmp_path):
     sweep = make_sweep(gpt2_base_dir, HEADS[:3])
     trainer = SweepTrainer(model=sweep, args=arguments(tmp_path / "run", max_steps=2), train_dataset=cached,

@@ -67,6 +67,29 @@ def test_a_sentiment_head_end_to_end(tiny_gpt2_dir, sentiment_jsonl, tmp_path, c
     assert "| frozen base |" in printed and "| macro-F1 |" in printed and "head minus base, accuracy:" in printed
 
 
+def test_the_label_word_loss_trains_on_the_label_word_alone_over_the_classes(tiny_gpt2_dir, sentiment_jsonl, tmp_path):
+    """--label_word_loss: the head records the label words' ids and trains on the two-way cross-entropy (near
+    ln 2 on this random tiny base) instead of the cross-entropy over GPT-2's 50,257 tokens (near ln 50257)."""
+    train_sft.main(arguments(tiny_gpt2_dir, sentiment_jsonl, tmp_path, label_word_loss="true"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    record = json.loads((tmp_path / "out" / "head" / "head_config.json").read_text())
+    words = [tokenizer(" positive")["input_ids"], tokenizer(" negative")["input_ids"]]
+    assert [[i] for i in record["head_options"]["label_word_ids"]] == words
+    assert max(training_losses(tmp_path / "out")) < 2.0
+    train_sft.main(arguments(tiny_gpt2_dir, sentiment_jsonl, tmp_path, output_dir=str(tmp_path / "plain")))
+    assert min(training_losses(tmp_path / "plain")) > 5.0
+    math = arguments(tiny_gpt2_dir, sentiment_jsonl, tmp_path, task="math", label_word_loss="true")
+    for option in ("--prompt_template", "--target_template", "--label_words"):
+        del math[math.index(option) : math.index(option) + 2]
+    with pytest.raises(BackattnValueError, match="--label_word_loss is for --task classification, not math"):
+        train_sft.main(math)
+
+
+def training_losses(output_dir):
+    state = json.loads((output_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
 def test_label_words_imply_classification_and_the_default_templates_apply(tiny_gpt2_dir, tmp_path):
     data = tmp_path / "plain.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"Film {i}.", "label": i % 2}) for i in range(30)) + "\n")
