@@ -253,6 +253,11 @@ def check_arguments(
     template = task_template(data_args)
     if head_args.label_word_loss and data_args.task != "classification":
         raise BackattnValueError("--label_word_loss is for --task classification, not math.")
+    if head_args.label_word_loss and head_config.label_word_ids is not None:
+        raise BackattnValueError(
+            "--label_word_loss sets the head's label_word_ids from the tokenizer; --head_options gives them too: "
+            "keep one of the two."
+        )
     if data_args.streaming and data_args.max_train_samples is None:
         raise BackattnValueError("--streaming keeps the first --max_train_samples rows: set --max_train_samples.")
     if data_args.feature_cache_dtype not in ("float16", "float32"):
@@ -400,12 +405,20 @@ def load_splits(data_args, seed: int) -> tuple[datasets.Dataset, datasets.Datase
     return train, held_out, source
 
 
+def training_loss_name(head_config: BackwardAttentionConfig) -> str:
+    """What the head's training loss is, for the loss curve: ``training loss``, with ``(CE + beta KL to base)`` for a
+    ``base_kl_weight`` and ``(label-word CE)`` for ``label_word_ids``."""
+    ce = "label-word CE" if head_config.label_word_ids is not None else "CE"
+    beta = head_config.base_kl_weight
+    return f"training loss ({ce} + {beta:g} KL to base)" if beta else f"training loss ({ce})"
+
+
 def plot_loss_curve(
-    log_history: list[dict], path: Path, references: dict[str, float] | None = None, base_kl_weight: float = 0.0
+    log_history: list[dict], path: Path, references: dict[str, float] | None = None, name: str = "training loss (CE)"
 ) -> None:
     """Training loss by step (as logged, faint, and its exponential moving average), held-out loss where it
-    was evaluated, and held-out reference levels (the base's and the head's) as horizontal lines. With a
-    ``base_kl_weight`` ``beta`` the training loss is ``CE + beta KL(base || head)``, and its label says so."""
+    was evaluated, and held-out reference levels (the base's and the head's) as horizontal lines. ``name`` says
+    what the training loss is (:func:`training_loss_name`): the held-out figures are always the plain CE."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,7 +429,6 @@ def plot_loss_curve(
     figure, axis = plt.subplots(figsize=(7, 4.5))
     if train:
         steps, losses = zip(*train)
-        name = f"training loss (CE + {base_kl_weight:g} KL to base)" if base_kl_weight else "training loss"
         axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label=f"{name}, logged")
         smoothed, average, weight = [], losses[0], 0.8 if len(losses) > 10 else 0.5
         for loss in losses:
@@ -428,7 +440,7 @@ def plot_loss_curve(
     for (label, value), style in zip((references or {}).items(), ("--", ":")):
         axis.axhline(value, linestyle=style, color="gray" if style == "--" else "black", label=f"{label} {value:.3f}")
     axis.set_xlabel("step")
-    axis.set_ylabel("target-token cross-entropy" + (" (+ KL term in training)" if base_kl_weight else ""))
+    axis.set_ylabel("cross-entropy (held out: over the vocabulary, every target token)")
     axis.set_title("Head-only fine-tuning")
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -537,8 +549,8 @@ def finish_classification(model, trainer, results, head_dir, card, output_dir, e
     table = classification_table(results["comparison"])
     write_text_atomically(output_dir / "comparison.md", table + "\n")
     references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
-    beta = model.heads[model.active_head()].config.base_kl_weight
-    plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references, beta)
+    name = training_loss_name(model.heads[model.active_head()].config)
+    plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references, name)
     low, high = head["accuracy_difference_ci"]
     difference = f"{head['accuracy_difference']:+.1%} [{low:+.1%}, {high:+.1%}]"
     print(f"\nHeld-out comparison ({len(eval_examples)} rows, classes by label-word likelihood; 95% intervals):\n"
@@ -661,8 +673,8 @@ def main(argv: list[str] | None = None) -> dict:
         table = results_table({name: scores["summary"] for name, scores in results["comparison"].items()})
         write_text_atomically(output_dir / "comparison.md", table + "\n")
         references = {f"{name}, held-out": scores["target_ce"] for name, scores in results["comparison"].items()}
-        beta = model.heads[model.active_head()].config.base_kl_weight
-        plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references, beta)
+        name = training_loss_name(model.heads[model.active_head()].config)
+        plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", references, name)
         print(f"\nHeld-out comparison ({len(eval_examples)} problems for the loss and multiple choice, "
               f"{head['answers_scored']} solved by greedy generation; 95% intervals):\n{table}")  # fmt: skip
         print(f"\nExample (held out):\n{eval_examples[0]['prompt']}{head['example_solution']}")

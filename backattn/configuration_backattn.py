@@ -395,6 +395,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: held-out loss. ``BackwardAttentionConfig()`` itself holds the seed's options.
 DEFAULT_PRESET = "hidden"
 
+#: The options that act on the training loss alone: a head's weights and logits do not depend on them.
+TRAINING_ONLY_OPTIONS = ("base_kl_weight", "label_word_ids")
+
 LOGIT_WEIGHTINGS = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["logit_weighting"])
 HEAD_COMBINES = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["attention_head_combine"])
 SCORE_MODES = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["score_mode"])

@@ -136,7 +136,7 @@ def token_losses(
     in float32 as ``transformers``' causal-LM loss takes it. With ``label_word_ids`` ``C`` the cross-entropy is
     over ``z_t[C]`` alone (:func:`label_word_targets`); the KL term stays over the whole vocabulary."""
     z = z.float()
-    if label_word_ids is not None:
+    if label_word_ids is not None:  # the targets were checked once for the batch (check_label_word_targets)
         ce = F.cross_entropy(z[:, label_word_ids], label_word_targets(targets, label_word_ids), reduction="sum")
         return ce if not base_kl_weight else ce + base_kl_weight * base_kl(torch.log_softmax(z, -1), logits).sum()
     if not base_kl_weight:
@@ -146,18 +146,26 @@ def token_losses(
 
 
 def label_word_targets(targets: torch.Tensor, label_word_ids: list[int]) -> torch.Tensor:
-    """Each target token's index in ``label_word_ids`` (the classes of the label-word loss); a clear error when
-    a target is not a label word (eager mode only: ``torch.compile`` graphs skip the check)."""
-    ids = torch.as_tensor(label_word_ids, device=targets.device)
-    matches = targets[..., None] == ids
-    if not torch.compiler.is_compiling() and not bool(matches.any(-1).all()):
-        strays = sorted(set(targets[~matches.any(-1)].tolist()))[:5]
+    """Each target token's index in ``label_word_ids`` (the classes of the label-word loss); -1 for a target that
+    is not a label word (which :func:`check_label_word_targets` refuses)."""
+    matches = targets[..., None] == torch.as_tensor(label_word_ids, device=targets.device)
+    return torch.where(matches.any(-1), matches.long().argmax(-1), -1)
+
+
+def check_label_word_targets(targets: torch.Tensor, label_word_ids: list[int] | None) -> None:
+    """A clear error when a labelled target is not one of ``label_word_ids`` (once per batch, in eager mode; under
+    ``torch.compile`` :func:`label_word_loss` makes such a batch's loss NaN instead)."""
+    if label_word_ids is None or torch.compiler.is_compiling():
+        return
+    stray = label_word_targets(targets, label_word_ids) < 0
+    if bool(stray.any()):
+        examples = sorted(set(targets[stray].tolist()))[:5]
         raise BackattnValueError(
-            f"The head's label_word_ids are {label_word_ids}, but the labels hold other tokens too (e.g. {strays}): "
-            "the label-word loss needs every labelled target to be a label word. Label the label word alone "
-            "(a classification row's answer_labels do; train_sft.py --label_word_loss trains on them)."
+            f"The head's label_word_ids are {label_word_ids}, but the labels hold other tokens too (e.g. "
+            f"{examples}): the label-word loss needs every labelled target to be a label word. Label the label word "
+            "alone (a classification row's answer_labels do; train_sft.py --label_word_loss trains on them), or "
+            "train this head on the whole vocabulary: model.heads.set_training_options(name, label_word_ids=None)."
         )
-    return matches.long().argmax(-1)
 
 
 def base_kl(log_q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -199,20 +207,24 @@ def label_word_loss(
     position ``-log softmax(z_t[C])[y_t]`` over the label words ``C = label_word_ids``, divided as the causal-LM
     loss is (:func:`per_target`). The straightforward path's counterpart of :func:`token_losses` with
     ``label_word_ids``, and, through :class:`LabelWordLoss`, a ``Trainer``'s ``compute_loss_func`` for any model
-    (a PEFT LoRA, say) trained with the same objective."""
+    (a PEFT LoRA, say) trained with the same objective. A labelled target that is not a label word is refused
+    (:func:`check_label_word_targets`), or while compiling makes the loss NaN (never a wrong class)."""
     keep, targets = _labelled(logits, labels, shift_labels, ignore_index)
     # masked rather than indexed: no data-dependent shapes (torch.compile's fullgraph)
     targets = torch.where(keep, targets, label_word_ids[0])
+    check_label_word_targets(targets, label_word_ids)
     classes = label_word_targets(targets, label_word_ids)
     words = logits[..., label_word_ids].float()
-    losses = F.cross_entropy(words.flatten(0, -2), classes.flatten(), reduction="none").view_as(classes)
+    losses = F.cross_entropy(words.flatten(0, -2), classes.clamp(min=0).flatten(), reduction="none").view_as(keep)
+    losses = torch.where(classes < 0, torch.nan, losses)  # a stray target (only unchecked, while compiling): NaN
     return per_target((losses * keep).sum(), keep.sum(), num_items_in_batch)
 
 
 class LabelWordLoss:
     """``compute_loss_func`` for ``transformers.Trainer``: :func:`label_word_loss` of the model's ``logits``, so
     that a model without a head (a PEFT LoRA, say) trains on the objective of a head with ``label_word_ids``.
-    Train on rows whose labels mark the label word alone (a classification row's ``answer_labels``)."""
+    Train on rows whose labels mark the label word alone (a classification row's ``answer_labels``). The
+    ``Trainer`` calls it for its evaluation loss too, where a head's own loss is the plain cross-entropy."""
 
     def __init__(self, label_word_ids: list[int]):
         self.label_word_ids = list(label_word_ids)
@@ -268,8 +280,9 @@ def head_cross_entropy(
     output_bias: torch.Tensor | None = None,
     transform_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Steps 1-4: the causal-LM cross-entropy of ``head``'s logits over the base logits, chunk by chunk, plus
-    ``beta KL(softmax(l_t) || softmax(z_t))`` at each position when the head's ``base_kl_weight`` ``beta`` is set.
+    """Steps 1-4: the causal-LM cross-entropy of ``head``'s logits over the base logits, chunk by chunk (over the
+    label words alone when the head's ``label_word_ids`` are set), plus ``beta KL(softmax(l_t) || softmax(z_t))``
+    at each position when the head's ``base_kl_weight`` ``beta`` is set.
 
     ``hidden`` (``batch x sequence x d``) are the base's final hidden states and ``output_weight`` its output
     layer ``W`` (``V x d``); the base logits are ``l_t = f(h_t W^T + b)``, with the output layer's bias ``b``
@@ -283,6 +296,7 @@ def head_cross_entropy(
     positions, targets = hidden[keep], shift_targets[keep]
     layer_states, copy = labelled_context(head, context, keep)
     check_has_targets(positions, num_items_in_batch, ignore_index)
+    check_label_word_targets(targets, head.config.label_word_ids)
     linear = output_bias is None and transform_logits is None  # l_t = h_t W^T: the W^T Vv shortcut holds
     tables = weight_tables(head, embeddings, output_weight if linear else None)
     dtype = head.layers[0].w_key.dtype

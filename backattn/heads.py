@@ -10,6 +10,7 @@ see the heads that are resident.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .configuration_backattn import BackwardAttentionConfig
+from .configuration_backattn import TRAINING_ONLY_OPTIONS, BackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_kernels import head_logits
 from .modeling_backattn import BackwardAttentionHead, SequenceContext
@@ -266,7 +267,10 @@ class BackwardAttentionHeads(nn.ModuleDict):
             return None
         if heads is None:  # decided on the configs, never on a tensor's values (torch.compile)
             return self[self.active].config.label_word_ids
-        settings = {name: self[name].config.label_word_ids for name in self.names()}
+        # the heads named (a tensor's indices cannot be read while compiling: then every resident head)
+        routed = [heads] if isinstance(heads, str) else heads
+        names = self.names() if isinstance(heads, torch.Tensor) else [n for n in dict.fromkeys(routed) if n in self]
+        settings = {name: self[name].config.label_word_ids for name in names}
         if len({None if ids is None else tuple(ids) for ids in settings.values()}) > 1:
             raise BackattnValueError(
                 f"heads= routes this training batch over heads whose label_word_ids differ ({settings}), and one "
@@ -274,6 +278,42 @@ class BackwardAttentionHeads(nn.ModuleDict):
                 "them the same label_word_ids."
             )
         return next(iter(settings.values()), None)
+
+    def check_no_training_terms(self, heads, path: str) -> None:
+        """Refuse to train through ``path`` (a loss that takes the plain log-likelihood of every label, such as
+        TRL's fused LM head or fan-out) heads whose own training loss adds a term or restricts the vocabulary
+        (``base_kl_weight``, ``label_word_ids``): they would be silently left out."""
+        if heads is None:
+            names = [] if self.active is None else [self.active]
+        elif isinstance(heads, torch.Tensor):
+            names = self.names()
+        else:
+            names = [n for n in dict.fromkeys([heads] if isinstance(heads, str) else heads) if n in self]
+        terms = {
+            name: [option for option in TRAINING_ONLY_OPTIONS if getattr(self[name].config, option)] for name in names
+        }
+        terms = {name: options for name, options in terms.items() if options}
+        if terms:
+            raise BackattnValueError(
+                f"Training through {path} takes each label's plain log-likelihood, which would leave out what these "
+                f"heads' training loss adds ({terms}). Train them through forward(labels=...) (HeadTrainer, "
+                "Trainer, train_sft.py), or clear the options: model.heads.set_training_options(name, "
+                "base_kl_weight=0.0, label_word_ids=None)."
+            )
+
+    def set_training_options(self, head_name: str, **options) -> None:
+        """Change what a resident head's training loss takes (its ``base_kl_weight``, ``label_word_ids``: options
+        that act in training only and leave its weights and logits as they are), validated and recorded in the
+        model's config, so that ``save_pretrained`` and ``save_head`` keep them."""
+        head = self.require(head_name)
+        other = sorted(set(options) - set(TRAINING_ONLY_OPTIONS))
+        if other:
+            raise BackattnValueError(
+                f"set_training_options changes {', '.join(TRAINING_ONLY_OPTIONS)} only, not {other}: those shape the "
+                "head's weights or logits; build a new head with them (add_head) instead."
+            )
+        head.config = dataclasses.replace(head.config, **options)
+        self._sync_config()
 
     def check_enabled_for(self, heads) -> None:
         """Refuse ``heads=`` while heads are disabled: it would be ignored and every row get the base's logits."""

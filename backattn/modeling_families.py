@@ -824,6 +824,8 @@ class BackwardAttentionForCausalLMMixin:
                 "fused_lm_head=True (TRL's fused loss) scores the labels, but no labels were given: pass labels=, "
                 "or drop fused_lm_head=True for the logits."
             )
+        if self.training and torch.is_grad_enabled():
+            self.heads.check_no_training_terms(heads, "fused_lm_head=True (TRL's fused loss)")
         embeddings, weight = self.get_input_embeddings().weight, self._output_weight()
         rerank_top_k = self._rerank_top_k(rerank_top_k)
         active = self.active_head()
@@ -886,7 +888,9 @@ class BackwardAttentionForCausalLMMixin:
         r"""The base model's forward, then the active head on the positions kept.
 
         ``logits`` are the active head's next-token logits (the base model's own when no head is active or
-        heads are disabled); ``loss`` is the usual shifted cross-entropy over labels that are not ``-100``.
+        heads are disabled); ``loss`` is the usual shifted cross-entropy over labels that are not ``-100`` (in
+        training, plus the head's KL-to-base term and over its label words alone, with ``base_kl_weight`` and
+        ``label_word_ids``; fan-out and ``fused_lm_head=True`` refuse to train heads with those options).
         ``heads`` (one head name, or ``None`` for the base, per batch row) serves different heads to the rows
         of one batch; each row gets what it would get alone with its head active. ``base_hidden_states``
         (batch x sequence x hidden) are the frozen base's final hidden states for ``input_ids``, precomputed
@@ -972,6 +976,8 @@ class BackwardAttentionForCausalLMMixin:
                 self.base_logits(hidden), hidden, embeddings, weight, fan_out, self._rerank_top_k(rerank_top_k), context
             )
             if labels is not None:
+                if self.training and torch.is_grad_enabled():
+                    self.heads.check_no_training_terms([n for n in fan_out if n is not None], "fan_out=")
                 loss = {
                     name: self.loss_function(logits=z, labels=labels, vocab_size=vocab_size, **kwargs)
                     for name, z in logits.items()

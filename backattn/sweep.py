@@ -46,7 +46,15 @@ from transformers.utils import ModelOutput
 from .configuration_backattn import DEFAULT_PRESET, BackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_kernels import head_logits, weight_tables
-from .head_loss import _labelled, base_logits, check_has_targets, labelled_context, per_target, token_losses
+from .head_loss import (
+    _labelled,
+    base_logits,
+    check_has_targets,
+    check_label_word_targets,
+    labelled_context,
+    per_target,
+    token_losses,
+)
 from .heads import BackwardAttentionHeads
 from .modeling_backattn import BackwardAttentionHead, CopyInputs, LayerTables, SequenceContext
 
@@ -272,6 +280,7 @@ def sweep_cross_entropy(
         names, parameters = zip(*scorer.named_parameters())
         own = (*parameters, *flat_tables, *copy_weights)
         beta, words = (head.config.base_kl_weight, head.config.label_word_ids) if training_terms else (0.0, None)
+        check_label_word_targets(targets, words)
         chunk_losses.append(_head_chunk_loss(scorer, names, tables, layer_states, copy, len(copy_weights), embeddings,
                                              shortcut, targets, beta, words))  # fmt: skip
         sizes.append(len(own))

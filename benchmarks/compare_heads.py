@@ -254,7 +254,11 @@ class BudgetTrainer(Trainer):
             hidden, labels = inputs["base_hidden_states"], inputs["labels"]
             output = model.get_output_embeddings()
             logits = output(hidden.to(output.weight.dtype))
-            loss = model.loss_function(logits, labels, model.config.vocab_size, num_items_in_batch=num_items_in_batch)
+            count = num_items_in_batch
+            if self.compute_loss_func is not None:  # a task's own objective (the sentiment label-word loss)
+                loss = self.compute_loss_func(CausalLMOutput(logits=logits), labels, num_items_in_batch=count)
+            else:
+                loss = model.loss_function(logits, labels, model.config.vocab_size, num_items_in_batch=count)
             return (loss, {"logits": logits}) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 

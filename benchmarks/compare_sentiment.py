@@ -36,6 +36,7 @@ from backattn.data.classification_data import (  # noqa: E402
     template_for,
     tokenize_classification,
 )
+from backattn.errors import BackattnValueError  # noqa: E402
 from backattn.evaluation import summarise_scores  # noqa: E402
 from backattn.head_loss import LabelWordLoss  # noqa: E402
 
@@ -119,7 +120,10 @@ class SentimentTask:
         if options.label_word_loss:  # the label word alone is labelled, and the loss is over the label words
             candidates = label_candidates(tokenizer, self.template, self.classes)
             if any(len(tokens) != 1 for tokens in candidates):
-                raise ValueError(f"--label_word_loss needs one-token label words; they tokenize as {candidates}.")
+                raise BackattnValueError(
+                    f"--label_word_loss needs one-token label words, but they tokenize as {candidates}: choose "
+                    "one-token words (--label_words) or a --target_template that makes them so."
+                )
             self.label_word_ids = [tokens[0] for tokens in candidates]
             train = train.remove_columns("labels").rename_column("answer_labels", "labels")
         return train.remove_columns([c for c in train.column_names if c not in ("input_ids", "labels")]), held_out
@@ -152,8 +156,8 @@ class SentimentTask:
         if self.label_word_ids is None:
             return None
         if hasattr(model, "heads"):
-            for head in model.heads.values():
-                head.config.label_word_ids = list(self.label_word_ids)
+            for name in model.heads.names():
+                model.heads.set_training_options(name, label_word_ids=list(self.label_word_ids))
             return None
         return LabelWordLoss(self.label_word_ids)
 

@@ -412,7 +412,9 @@ def test_comparison_reads_a_yaml_file_then_flags_override_it(tmp_path):
         script.parse_command_line(script.ComparisonArguments, [str(settings), "--seed", "7"])
 
 
-def test_compare_sentiment_with_the_label_word_loss_trains_every_method_on_it(tiny_llama_and_rows, tmp_path):
+def test_compare_sentiment_with_the_label_word_loss_trains_every_method_on_it(
+    tiny_llama_and_rows, tmp_path, monkeypatch
+):
     import json
 
     from peft import LoraConfig, get_peft_model
@@ -448,5 +450,9 @@ def test_compare_sentiment_with_the_label_word_loss_trains_every_method_on_it(ti
     lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(target_modules=["q_proj"]))
     loss = task.training_loss(lora)
     assert isinstance(loss, LabelWordLoss) and loss.label_word_ids == words
-    summary = script.main(argv)  # and the whole run trains and scores with it
+    calls = []
+    original = LabelWordLoss.__call__
+    monkeypatch.setattr(LabelWordLoss, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    summary = script.main(argv)  # and the whole run trains and scores with it: LoRA through LabelWordLoss
     assert set(summary["rows"]) == {"frozen base", "head hidden lr=0.003 @1T", "LoRA attention lr=0.003 @1T"}
+    assert calls  # LoRA's steps (calibration and training) took the label-word loss

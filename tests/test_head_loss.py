@@ -401,9 +401,30 @@ def test_a_mixed_batch_over_heads_with_other_label_words_is_refused_one_setting_
     rows = ["other", "default", "other"]
     with pytest.raises(BackattnValueError, match="label_word_ids differ"):
         model(ids, labels=labels, heads=rows)
-    model.heads.other.config.label_word_ids = list(WORDS)
+    model.heads.set_training_options("other", label_word_ids=list(WORDS))
     expected, _ = label_word_reference(model, ids, labels, heads=rows)
     assert torch.allclose(model(ids, labels=labels, heads=rows).loss.double(), expected, rtol=2e-6, atol=0)
+    model.add_head("hidden", head_name="math", freeze_others=False)  # resident, not routed: it does not matter
+    assert torch.allclose(model(ids, labels=labels, heads=rows).loss.double(), expected, rtol=2e-6, atol=0)
+
+
+def test_training_options_are_set_validated_and_recorded_and_other_paths_refuse_them(gpt2_base_dir):
+    ids, labels = label_word_batch(5)
+    model = training_model(gpt2_base_dir, "hidden", 4)
+    with pytest.raises(BackattnValueError, match=f"label_word_ids holds {VOCAB}, outside the vocabulary of {VOCAB} "):
+        model.heads.set_training_options("default", label_word_ids=[3, VOCAB])
+    with pytest.raises(BackattnValueError, match=r"changes base_kl_weight, label_word_ids only, not \['out_dim'\]"):
+        model.heads.set_training_options("default", out_dim=8)
+    assert model.heads.default.config.label_word_ids is None  # nothing changed by a refused call
+    model.heads.set_training_options("default", label_word_ids=WORDS)
+    assert model.config.heads["default"]["label_word_ids"] == WORDS  # save_pretrained keeps it
+    for path, call in (("fused_lm_head", dict(fused_lm_head=True)), ("fan_out", dict(fan_out=["default"]))):
+        with pytest.raises(BackattnValueError, match=r"would leave out.*\{'default': \['label_word_ids'\]\}"):
+            model(ids, labels=labels, **call)
+    with torch.no_grad():  # scoring through them is fine
+        assert model(ids, labels=labels, fused_lm_head=True).log_probs.shape == (3, 8)
+    model.heads.set_training_options("default", label_word_ids=None)
+    assert model(ids, labels=labels, fused_lm_head=True).loss.requires_grad
 
 
 def test_label_words_are_saved_with_the_head_and_load_back(gpt2_base_dir, tmp_path):

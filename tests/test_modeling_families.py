@@ -359,6 +359,14 @@ def test_torch_compile_fullgraph_with_the_active_head(llama_base_dir):
     penalised = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels=ids).loss
     torch.testing.assert_close(penalised, model(ids, labels=ids).loss)
     assert penalised > loss
+    labels = torch.full_like(ids, -100)  # the label-word loss compiles too: label words at two positions a row
+    labels[:, 2], labels[:, 4] = 7, 11
+    model.heads.set_training_options("default", base_kl_weight=0.0, label_word_ids=[7, 11, 3])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ids, labels=labels).loss, model(ids, labels=labels).loss)
+    labels[0, 4] = 12  # not a label word: no check runs while compiling, so the loss says so with NaN
+    assert torch.isnan(compiled(ids, labels=labels).loss)
     torch._dynamo.reset()
 
 
