@@ -552,9 +552,12 @@ def hotswap_weights(resident: torch.nn.Module, loaded: torch.nn.Module, head_nam
     """Copy ``loaded``'s weights into ``resident`` in place (as PEFT's ``hotswap``: an optimiser holding the
     resident parameters keeps them); the two heads' options must be the same."""
     if resident.config != loaded.config:
+        mine, theirs = resident.config.to_dict(), loaded.config.to_dict()
+        changed = {key: (theirs[key], mine[key]) for key in mine if mine[key] != theirs.get(key)}
         raise BackattnValueError(
-            f"Cannot hotswap head {head_name!r}: the saved head's options {loaded.config.to_dict()} differ from "
-            f"the resident head's {resident.config.to_dict()}."
+            f"Cannot hotswap head {head_name!r}: the saved head's options differ from the resident head's in "
+            f"{changed} (saved, resident). Load it under another name, or build the resident head with the "
+            "saved options (resuming a run: the same --preset, --head_options and --label_word_loss)."
         )
     with torch.no_grad():
         for name, tensor in loaded.state_dict().items():

@@ -20,7 +20,7 @@ from conftest import (
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, pipeline
 
 from backattn import GPT2BackwardAttentionForCausalLM, LlamaBackwardAttentionForCausalLM
-from backattn.errors import BackattnTypeError
+from backattn.errors import BackattnTypeError, BackattnValueError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -469,6 +469,9 @@ def test_heads_with_the_new_options_round_trip_through_head_files_and_checkpoint
         assert torch.equal(fresh(ids).logits, expected)
         assert torch.equal(reloaded(ids).logits, expected)
     fresh.load_head(tmp_path / "head", hotswap=True)  # same options: the weights swap in place
+    fresh.heads.set_training_options("default", label_word_ids=[3, 4])  # other options: refused, naming them
+    with pytest.raises(BackattnValueError, match=r"differ .* in \{'label_word_ids': \(None, \[3, 4\]\)\}"):
+        fresh.load_head(tmp_path / "head", hotswap=True)
 
 
 @pytest.mark.parametrize("options", [NEW_OPTIONS["copy"], NEW_OPTIONS["all-three"]], ids=["copy", "all-three"])
