@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_heads as machinery  # noqa: E402  (the comparison's machinery, beside this file)
@@ -90,7 +91,10 @@ class SentimentTask:
         "accuracy": ("correct", None, None, "accuracy"),
         "macro_f1": (None, None, None, "macro-F1"),  # not a mean of per-row values: see summarise
         "label_ce": ("label_loss", "label_tokens", None, "label CE"),
+        "choice_ce": ("choice_loss", None, None, "label-word CE"),  # over the classes' label words alone
     }
+    #: The metric that chooses learning rates: the label CE, or with ``label_word_loss`` the label-word CE (the
+    #: loss those runs train; the vocabulary-wide label CE is no objective of theirs).
     selection = "label_ce"
     group_name = "movies"
     sections = (("Held-out classification", ["accuracy", "macro_f1", "label_ce"], ".3f"),)
@@ -118,6 +122,7 @@ class SentimentTask:
                 print(f"{part}: skipped {dict(skipped)}", file=sys.stderr)
         train, held_out = tokenized["train"], tokenized["held out"]
         if options.label_word_loss:  # the label word alone is labelled, and the loss is over the label words
+            self.selection = "choice_ce"
             candidates = label_candidates(tokenizer, self.template, self.classes)
             if any(len(tokens) != 1 for tokens in candidates):
                 raise BackattnValueError(
@@ -148,6 +153,7 @@ class SentimentTask:
             "predictions": scored["predictions"],
             "references": scored["references"],
             "log_likelihoods": scored["log_likelihoods"].tolist(),
+            "choice_loss": choice_losses(scored["log_likelihoods"].tolist(), scored["references"], self.classes),
         }
 
     def training_loss(self, model):
@@ -163,6 +169,13 @@ class SentimentTask:
 
     def summarise(self, scores: dict, base: dict | None, groups: list, n_resamples: int) -> dict:
         """The comparison's metrics, with macro-F1 (a mean of per-class ratios) on the same resamples."""
+        classes = self.classes or sorted(set(scores["references"]))
+        scores, base = (
+            {**s, "choice_loss": choice_losses(s["log_likelihoods"], s["references"], classes)}
+            if s is not None
+            else None
+            for s in (scores, base)
+        )  # fmt: skip  (results written before it)
         out = summarise_scores(scores, base, groups, n_resamples, self.metrics)
         options = {"groups": groups, "n_resamples": n_resamples}
         references = scores["references"]
@@ -175,6 +188,13 @@ class SentimentTask:
             paired = bootstrap_statistic(lambda w: f1(w) - f1_base(w), len(references), **options)
             out["macro_f1"]["minus_base"] = {"value": paired.estimate, "low": paired.low, "high": paired.high}
         return out
+
+
+def choice_losses(log_likelihoods: list[list[float]], references: list[str], classes) -> list[float]:
+    """Each row's ``-log softmax(ll)[gold]`` over its classes' label-word log-likelihoods ``ll``: the label-word
+    CE, what ``label_word_loss`` trains (for one-token label words)."""
+    gold = [list(classes).index(label) for label in references]
+    return [float(np.logaddexp.reduce(row) - row[k]) for row, k in zip(np.asarray(log_likelihoods), gold)]
 
 
 def main(argv: list[str] | None = None) -> dict:

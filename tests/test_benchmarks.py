@@ -456,3 +456,8 @@ def test_compare_sentiment_with_the_label_word_loss_trains_every_method_on_it(
     summary = script.main(argv)  # and the whole run trains and scores with it: LoRA through LabelWordLoss
     assert set(summary["rows"]) == {"frozen base", "head hidden lr=0.003 @1T", "LoRA attention lr=0.003 @1T"}
     assert calls  # LoRA's steps (calibration and training) took the label-word loss
+    assert task.selection == "choice_ce"  # rates are chosen on the loss these runs train
+    assert "choice_ce" in summary["rows"]["LoRA attention lr=0.003 @1T"]["metrics"]
+    # the label-word CE by hand: -log(e^-1 / (e^-1 + e^-3)) for a gold first class, the same with a gold second
+    losses = script.choice_losses([[-1.0, -3.0], [-1.0, -3.0]], ["positive", "negative"], ["positive", "negative"])
+    assert losses == pytest.approx([math.log(1 + math.exp(-2)), 2 + math.log(1 + math.exp(-2))])
