@@ -197,6 +197,24 @@ def test_base_logits_and_their_softmax_are_computed_once_per_chunk(gpt2_base_dir
     assert int(output.target_tokens) == int((batch["labels"][:, 1:] != -100).sum())
 
 
+def each_head_alone(sweep, output, batch, chunk) -> list[tuple]:
+    """Check that each head's entry of a sweep's (backpropagated) output, and its gradients, are those of its own
+    chunked loss; returns each head's arguments of ``head_cross_entropy``."""
+    model, calls = sweep.model, []
+    for k, head in enumerate(sweep.heads.values()):
+        gradients = [p.grad.clone() for p in head.parameters()]
+        head.zero_grad()
+        arguments = (head, batch["base_hidden_states"], batch["labels"], model.lm_head.weight,
+                     model.get_input_embeddings().weight, chunk)  # fmt: skip
+        alone = head_cross_entropy(*arguments)
+        assert torch.equal(output.head_losses[k], alone)
+        alone.backward()
+        for mine, theirs in zip(gradients, (p.grad for p in head.parameters())):
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+        calls.append(arguments)
+    return calls
+
+
 def test_each_heads_kl_to_base_is_its_own_in_training_and_left_out_in_evaluation(gpt2_base_dir, cached):
     """A sweep of KL weights: each head's entry (and gradients) equals its own chunked loss with its own beta;
     in evaluation mode every entry is the plain cross-entropy."""
@@ -205,17 +223,8 @@ def test_each_heads_kl_to_base_is_its_own_in_training_and_left_out_in_evaluation
     sweep = make_sweep(gpt2_base_dir, heads, chunk=8).train()
     output = sweep(**batch)
     output.loss.backward()
-    model, plain = sweep.model, []
-    for k, head in enumerate(sweep.heads.values()):
-        gradients = [p.grad.clone() for p in head.parameters()]
-        head.zero_grad()
-        arguments = (head, batch["base_hidden_states"], batch["labels"], model.lm_head.weight,
-                     model.get_input_embeddings().weight, 8)  # fmt: skip
-        alone = head_cross_entropy(*arguments)
-        assert torch.equal(output.head_losses[k], alone)
-        alone.backward()
-        for mine, theirs in zip(gradients, (p.grad for p in head.parameters())):
-            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+    plain = []
+    for head, arguments in zip(sweep.heads.values(), each_head_alone(sweep, output, batch, 8)):
         beta, head.config.base_kl_weight = head.config.base_kl_weight, 0.0
         with torch.no_grad():
             plain.append(head_cross_entropy(*arguments))
@@ -237,17 +246,7 @@ def test_a_label_word_head_in_a_sweep_takes_its_own_loss_in_training_and_the_pla
     sweep = make_sweep(gpt2_base_dir, heads, chunk=5).train()
     output = sweep(**batch)
     output.loss.backward()
-    model = sweep.model
-    for k, head in enumerate(sweep.heads.values()):
-        gradients = [p.grad.clone() for p in head.parameters()]
-        head.zero_grad()
-        arguments = (head, batch["base_hidden_states"], batch["labels"], model.lm_head.weight,
-                     model.get_input_embeddings().weight, 5)  # fmt: skip
-        alone = head_cross_entropy(*arguments)
-        assert torch.equal(output.head_losses[k], alone)
-        alone.backward()
-        for mine, theirs in zip(gradients, (p.grad for p in head.parameters())):
-            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+    arguments = each_head_alone(sweep, output, batch, 5)[-1]
     assert output.head_losses[1] < output.head_losses[0]  # three classes, not the vocabulary
     with torch.no_grad():
         evaluated = sweep.eval()(**batch).head_losses
