@@ -502,18 +502,11 @@ def committed_comparison(preset: str, path: Path | None = None) -> str | None:
 
 def label_word_training(head_config, train_examples, tokenizer, template, classes):
     """``--label_word_loss``: the head config with the classes' label-word ids (``label_word_ids``) and the training
-    rows labelled at the label word alone (their ``answer_labels``)."""
-    from backattn.classification import label_candidates
+    rows labelled at the label word alone (``backattn.classification.label_word_training_rows``)."""
+    from backattn.classification import label_word_training_rows
 
-    candidates = label_candidates(tokenizer, template, classes)
-    if any(len(tokens) != 1 for tokens in candidates):
-        spelled = {word: tokenizer.convert_ids_to_tokens(tokens) for word, tokens in zip(classes, candidates)}
-        raise BackattnValueError(
-            f"--label_word_loss needs every class's label word to be one token, but they tokenize as {spelled}: "
-            "choose one-token label words (--label_words) or a --target_template that makes them so."
-        )
-    head_config = dataclasses.replace(head_config, label_word_ids=[tokens[0] for tokens in candidates])
-    return head_config, train_examples.remove_columns("labels").rename_column("answer_labels", "labels")
+    ids, rows = label_word_training_rows(train_examples, tokenizer, template, classes)
+    return dataclasses.replace(head_config, label_word_ids=ids), rows
 
 
 def compare_classifiers(model, tokenizer, eval_examples, scored, template, classes, batch_size) -> dict:

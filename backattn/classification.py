@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .bootstrap import Interval, bootstrap_interval, bootstrap_statistic
 from .data.sft_data import IGNORE_INDEX
+from .errors import BackattnValueError
 from .evaluation import continuation_log_likelihoods
 
 N_RESAMPLES = 2000
@@ -38,6 +39,21 @@ def label_candidates(tokenizer, template, classes) -> list[list[int]]:
     if len({tuple(tokens) for tokens in candidates}) < len(candidates):
         raise ValueError(f"Two classes' targets tokenize alike, so no score can tell them apart: {classes}.")
     return candidates
+
+
+def label_word_training_rows(examples, tokenizer, template, classes):
+    """For the label-word loss: the classes' one-token label-word ids (a head's ``label_word_ids``) and the
+    training rows labelled at the label word alone (their ``answer_labels``); a clear error when a label word is
+    more than one token."""
+    candidates = label_candidates(tokenizer, template, classes)
+    if any(len(tokens) != 1 for tokens in candidates):
+        spelled = {word: tokenizer.convert_ids_to_tokens(tokens) for word, tokens in zip(classes, candidates)}
+        raise BackattnValueError(
+            f"--label_word_loss needs every class's label word to be one token, but they tokenize as {spelled}: "
+            "choose one-token label words (--label_words) or a --target_template that makes them so."
+        )
+    rows = examples.remove_columns("labels").rename_column("answer_labels", "labels")
+    return [tokens[0] for tokens in candidates], rows
 
 
 def prompt_tokens(example: dict) -> list[int]:

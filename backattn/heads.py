@@ -267,10 +267,7 @@ class BackwardAttentionHeads(nn.ModuleDict):
             return None
         if heads is None:  # decided on the configs, never on a tensor's values (torch.compile)
             return self[self.active].config.label_word_ids
-        # the heads named (a tensor's indices cannot be read while compiling: then every resident head)
-        routed = [heads] if isinstance(heads, str) else heads
-        names = self.names() if isinstance(heads, torch.Tensor) else [n for n in dict.fromkeys(routed) if n in self]
-        settings = {name: self[name].config.label_word_ids for name in names}
+        settings = {name: self[name].config.label_word_ids for name in self._routed_names(heads)}
         if len({None if ids is None else tuple(ids) for ids in settings.values()}) > 1:
             raise BackattnValueError(
                 f"heads= routes this training batch over heads whose label_word_ids differ ({settings}), and one "
@@ -279,18 +276,22 @@ class BackwardAttentionHeads(nn.ModuleDict):
             )
         return next(iter(settings.values()), None)
 
+    def _routed_names(self, heads) -> list[str]:
+        """The resident heads a call's ``heads=`` serves (``None``: the active one; a tensor's indices cannot be
+        read while compiling, so then every resident head)."""
+        if heads is None:
+            return [] if self.active is None else [self.active]
+        if isinstance(heads, torch.Tensor):
+            return self.names()
+        return [n for n in dict.fromkeys([heads] if isinstance(heads, str) else heads) if n in self]
+
     def check_no_training_terms(self, heads, path: str) -> None:
         """Refuse to train through ``path`` (a loss that takes the plain log-likelihood of every label, such as
         TRL's fused LM head or fan-out) heads whose own training loss adds a term or restricts the vocabulary
         (``base_kl_weight``, ``label_word_ids``): they would be silently left out."""
-        if heads is None:
-            names = [] if self.active is None else [self.active]
-        elif isinstance(heads, torch.Tensor):
-            names = self.names()
-        else:
-            names = [n for n in dict.fromkeys([heads] if isinstance(heads, str) else heads) if n in self]
         terms = {
-            name: [option for option in TRAINING_ONLY_OPTIONS if getattr(self[name].config, option)] for name in names
+            name: [option for option in TRAINING_ONLY_OPTIONS if getattr(self[name].config, option)]
+            for name in self._routed_names(heads)
         }
         terms = {name: options for name, options in terms.items() if options}
         if terms:

@@ -30,14 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_heads as machinery  # noqa: E402  (the comparison's machinery, beside this file)
 
 from backattn.bootstrap import bootstrap_statistic  # noqa: E402
-from backattn.classification import classify, label_candidates, macro_f1_statistic  # noqa: E402
+from backattn.classification import classify, label_word_training_rows, macro_f1_statistic  # noqa: E402
 from backattn.data.classification_data import (  # noqa: E402
     data_classes,
     load_classification_dataset,
     template_for,
     tokenize_classification,
 )
-from backattn.errors import BackattnValueError  # noqa: E402
 from backattn.evaluation import summarise_scores  # noqa: E402
 from backattn.head_loss import LabelWordLoss  # noqa: E402
 
@@ -123,14 +122,7 @@ class SentimentTask:
         train, held_out = tokenized["train"], tokenized["held out"]
         if options.label_word_loss:  # the label word alone is labelled, and the loss is over the label words
             self.selection = "choice_ce"
-            candidates = label_candidates(tokenizer, self.template, self.classes)
-            if any(len(tokens) != 1 for tokens in candidates):
-                raise BackattnValueError(
-                    f"--label_word_loss needs one-token label words, but they tokenize as {candidates}: choose "
-                    "one-token words (--label_words) or a --target_template that makes them so."
-                )
-            self.label_word_ids = [tokens[0] for tokens in candidates]
-            train = train.remove_columns("labels").rename_column("answer_labels", "labels")
+            self.label_word_ids, train = label_word_training_rows(train, tokenizer, self.template, self.classes)
         return train.remove_columns([c for c in train.column_names if c not in ("input_ids", "labels")]), held_out
 
     def groups(self, held_out: datasets.Dataset) -> list:
