@@ -27,6 +27,7 @@ from transformers.utils import logging
 from backattn import LlamaBackwardAttentionForCausalLM
 from backattn.attention_rebalancing import disable_attention_rebalancing, enable_attention_rebalancing
 from backattn.offline import smollm2_path
+from backattn.run_files import write_text_atomically
 
 SETTINGS = ("base, SDPA", "base, eager", "re-balanced (alpha 0.2)")
 
@@ -100,8 +101,9 @@ def main(argv=None) -> None:
             print(f"| {setting} | " + " | ".join(cells) + " |")
         print()
     if options.output is not None:
-        figures = {"options": {k: str(v) for k, v in vars(options).items()}, "seconds": seconds, "tokens_per_s": rate}
-        options.output.write_text(json.dumps(figures, indent=2) + "\n")
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()}
+        figures = {"options": settings, "seconds": seconds, "tokens_per_s": rate}
+        write_text_atomically(options.output, json.dumps(figures, indent=2) + "\n")
 
 
 def cpu_seconds(function, calls: int = 3) -> float:
