@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/compare_rebalancing.py benchmarks/compare_rebalancing_validation.yaml  # 1. alpha
     .venv/bin/python benchmarks/compare_rebalancing.py                                                # 2. held out
+    .venv/bin/python benchmarks/compare_rebalancing.py --report_only true      # the models scored so far, reported
 
 Four models on the held-out GSM-Symbolic problems of ``compare_heads.py`` (templates 80-99): the frozen base;
 the re-balanced base (``backattn.attention_rebalancing``: no training; ``alpha`` chosen in stage 1 by target CE
@@ -123,10 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
     run, base, tokenizer, train_examples, eval_examples, groups = machinery.prepare_run(options, task)
     setup = json.loads((run.output / "setup.json").read_text())
 
-    def scored(name: str, build, generate: bool = True) -> dict:
-        """``name``'s per-problem scores: read if written before, else computed and written."""
+    def scored(name: str, build, generate: bool = True) -> dict | None:
+        """``name``'s per-problem scores: read if written before, else computed and written (with
+        ``--report_only``, ``None``: the report shows the models scored so far)."""
         path = run.result_path(name, None)
         if run.read(path) is None:
+            if options.report_only:
+                return None
             model = build()
             run.write(path, {"scores": task.score(model.eval(), tokenizer, eval_examples, options, generate)})
             del model
@@ -163,11 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{HEAD} ({options.head_method}, {steps} steps)": scored(HEAD, head(None)),
         f"{BOTH}, alpha {alpha:g}": scored(f"{BOTH} alpha={alpha:g}", head(alpha)),
     }  # fmt: skip
+    extra = {"alpha": alpha, "learning_rate": learning_rate, "head_steps": steps}
     ours, theirs = rows[f"{HEAD} ({options.head_method}, {steps} steps)"], head_result["scores"]
-    difference = max(abs(a - b) for a, b in zip(ours["target_loss"], theirs["target_loss"]))
-    extra = {"alpha": alpha, "learning_rate": learning_rate, "head_steps": steps,
-             "head_against_comparison": {"largest_target_loss_difference": difference}}  # fmt: skip
-    return report(run, options, rows, groups, started, task, extra)
+    if ours is not None:
+        difference = max(abs(a - b) for a, b in zip(ours["target_loss"], theirs["target_loss"]))
+        extra["head_against_comparison"] = {"largest_target_loss_difference": difference}
+    return report(run, options, {name: scores for name, scores in rows.items() if scores is not None}, groups,
+                  started, task, extra)  # fmt: skip
 
 
 def report(run, options, rows: dict, groups: list, started: float, task, extra: dict) -> dict:
@@ -220,6 +226,8 @@ def plot(summaries: dict, path: Path, split: str) -> None:
                                           ("mc_direct", "MC-direct accuracy (higher is better)"),
                                           ("repetition_rate", "greedy repetition rate (lower is better)"))
               if any("minus_base" in s.get(m, {}) for s in summaries.values())]  # fmt: skip
+    if not panels:  # only the frozen base so far: nothing to compare
+        return
     figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1, 4.2), squeeze=False)
     for axis, (metric, label) in zip(axes[0], panels):
         names = [n for n in summaries if "minus_base" in summaries[n].get(metric, {})]

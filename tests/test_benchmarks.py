@@ -377,10 +377,14 @@ def test_compare_rebalancing_chooses_alpha_on_validation_and_stacks_on_the_compa
         stage_1["frozen base"]["target_ce"]["value"], rel=1e-5
     )  # alpha 0 is the base (eager attention against SDPA: float noise only)
 
-    summary = script.main(common + held_out + ["--validation_results", str(tmp_path / "rv/results.json"),
-                          "--head_validation_results", str(tmp_path / "hv/results.json"),
-                          "--comparison_dir", str(tmp_path / "h"), "--output_dir", str(tmp_path / "r"),
-                          "--work_dir", str(tmp_path / "rw")])  # fmt: skip
+    stage_2 = common + held_out + ["--validation_results", str(tmp_path / "rv/results.json"),
+                                   "--head_validation_results", str(tmp_path / "hv/results.json"),
+                                   "--comparison_dir", str(tmp_path / "h"), "--output_dir", str(tmp_path / "r"),
+                                   "--work_dir", str(tmp_path / "rw")]  # fmt: skip
+    # before anything is scored, a report shows only the comparison's frozen base, and trains nothing
+    assert list(script.main(stage_2 + ["--report_only", "true"])["rows"]) == ["frozen base"]
+    assert not (tmp_path / "rw/features").exists()
+    summary = script.main(stage_2)
     rows, steps = summary["rows"], summary["head_steps"]
     assert list(rows) == ["frozen base", "re-balanced base, alpha 0", f"head (head hidden, {steps} steps)",
                           "head on the re-balanced base, alpha 0"]  # fmt: skip
@@ -398,6 +402,9 @@ def test_compare_rebalancing_chooses_alpha_on_validation_and_stacks_on_the_compa
     assert (tmp_path / "r/rebalancing.png").stat().st_size > 0 and "### Greedy" in (
         tmp_path / "r/results.md"
     ).read_text()
+    again = script.main(stage_2 + ["--report_only", "true"])["rows"]  # every model read back, none scored again
+    target_ce = {name: row["target_ce"]["value"] for name, row in rows.items()}
+    assert {name: row["target_ce"]["value"] for name, row in again.items()} == target_ce
 
 
 def test_comparison_reads_a_yaml_file_then_flags_override_it(tmp_path):
