@@ -57,7 +57,11 @@ class BackwardAttentionConfig:
        from 0), taken by a forward hook *before* the base's final RMSNorm / LayerNorm (the base applies that
        norm to its last block's output only, so every chosen state is normalised here by the head's own
        ``RMSNorm_q``, learned scale of size ``d`` starting at 1), and ``a = softmax(w_a)`` with ``w_a``
-       starting at 0 (a uniform mix);
+       starting at 0 (a uniform mix). With ``standardize_query_state`` the query state is standardised per
+       dimension, ``r_t <- (r_t - mu) / sqrt(sigma^2 + eps)``, where ``mu`` and ``sigma^2`` (buffers of size ``d``,
+       not trained) are the means and variances of ``r_t`` over the labelled positions of the first training
+       rows, fixed once before training, as linear probes standardise their features (the base's states carry
+       a few dimensions with large constant offsets, which otherwise slow ``W_h``'s training and unsettle it);
     6. ``s_t = sum_j c_j q_t^j (K^j)^T / sqrt(out_dim / num_attention_heads)`` over the attention sub-heads
        ``j`` (slices of ``out_dim``), with ``c_j = 1`` (``attention_head_combine="sum"``, the seed) or
        learned, starting at 1 (``"mix"``). With ``score_maps="differential"`` (the Differential Transformer,
@@ -184,6 +188,14 @@ class BackwardAttentionConfig:
             "normalised by the head's own RMSNorm); None: the base's final hidden state h_t.",
         },
     )
+    standardize_query_state: bool = field(
+        default=False,
+        metadata={
+            "help": "Step 5: the query state becomes (r_t - mu) / sqrt(sigma^2 + eps) per dimension, mu and sigma^2 "
+            "the means and variances of r_t over the labelled positions of the first training rows, fixed once "
+            "before training (backattn.fit_query_standardization; the head Trainer does it); until then 0 and 1.",
+        },
+    )
     score_maps: Literal["single", "differential"] = field(
         default="single",
         metadata={
@@ -247,6 +259,11 @@ class BackwardAttentionConfig:
                     "query_layers feeds the query state r_t, which only use_hidden_state (r_t W_h) and "
                     "copy_attention read: turn one of them on, or leave query_layers None"
                 )
+        if self.standardize_query_state is True and not (self.use_hidden_state is True or self.copy_attention is True):
+            problems.append(
+                "standardize_query_state standardises the query state r_t, which only use_hidden_state (r_t W_h) "
+                "and copy_attention read: turn one of them on, or leave standardize_query_state False"
+            )
         words = self.label_word_ids
         if words is not None:
             vocab = self.vocab_size if type(self.vocab_size) is int else None  # a bool is no size

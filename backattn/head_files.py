@@ -559,9 +559,10 @@ def hotswap_weights(resident: torch.nn.Module, loaded: torch.nn.Module, head_nam
             f"{changed} (saved, resident). Load it under another name, or build the resident head with the "
             "saved options (resuming a run: the same --preset, --head_options and --label_word_loss)."
         )
+    resident_state = resident.state_dict(keep_vars=True)  # parameters and buffers (standardize_query_state's)
     with torch.no_grad():
         for name, tensor in loaded.state_dict().items():
-            resident.get_parameter(name).copy_(tensor)
+            resident_state[name].copy_(tensor)
 
 
 def push_head_to_hub(

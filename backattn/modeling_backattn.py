@@ -194,6 +194,9 @@ class BackwardAttentionHead(nn.Module):
         d, layers = config.hidden_size, config.query_layers
         self.query_norm = nn.RMSNorm(d, eps=config.rms_norm_eps) if layers is not None else None
         self.query_mix = nn.Parameter(torch.empty(len(layers))) if layers is not None else None
+        standardize = config.standardize_query_state
+        self.register_buffer("query_mean", torch.empty(d) if standardize else None)  # mu: fixed, not trained
+        self.register_buffer("query_variance", torch.empty(d) if standardize else None)  # sigma^2
         copying = config.copy_attention
         self.copy_query = nn.Parameter(torch.empty(d, config.out_dim)) if copying else None
         self.copy_key = nn.Parameter(torch.empty(d, config.out_dim)) if copying else None
@@ -213,6 +216,9 @@ class BackwardAttentionHead(nn.Module):
             init.constant_(self.layer_mix, 1.0 / self.config.num_layers)
         if self.query_norm is not None:
             init.ones_(self.query_norm.weight)
+        if self.query_mean is not None:  # the identity until fit_query_standardization sets them
+            init.zeros_(self.query_mean)
+            init.ones_(self.query_variance)
         for weight in (self.copy_query, self.copy_key, self.copy_gate_weight):
             if weight is not None:
                 bound = 1 / math.sqrt(weight.shape[0])
@@ -276,12 +282,36 @@ class BackwardAttentionHead(nn.Module):
 
     def query_state(self, hidden: torch.Tensor, layer_states: torch.Tensor | None) -> torch.Tensor:
         """``r_t`` (... x d): ``h_t``, or with ``query_layers`` ``sum_k a_k RMSNorm_q(y_t^k)`` for ``layer_states``
-        (... x len(query_layers) x d), ``a = softmax(w_a)``."""
+        (... x len(query_layers) x d), ``a = softmax(w_a)``; then ``(r_t - mu) / sqrt(sigma^2 + eps)`` with
+        ``standardize_query_state``."""
+        state = self.unstandardized_query_state(hidden, layer_states)
+        if self.query_mean is None:
+            return state
+        mean, variance = self.query_mean.to(state.dtype), self.query_variance.to(state.dtype)
+        return (state - mean) / torch.sqrt(variance + self.config.rms_norm_eps)
+
+    def unstandardized_query_state(self, hidden: torch.Tensor, layer_states: torch.Tensor | None) -> torch.Tensor:
+        """``r_t`` before ``standardize_query_state``'s standardisation (what its statistics are taken of)."""
         if self.query_mix is None:
             return hidden
         dtype = self.query_mix.dtype
         a = torch.softmax(self.query_mix, dim=0)  # len(query_layers)
         return torch.einsum("...kd,k->...d", self.query_norm(layer_states.to(dtype)), a)
+
+    @torch.no_grad()
+    def set_query_standardization(self, states: torch.Tensor) -> None:
+        """``mu`` and ``sigma^2`` of ``standardize_query_state``: the per-dimension mean and (biased) variance of
+        ``states`` (N x d, unstandardised query states ``r_t``), computed in float64."""
+        if self.query_mean is None:
+            raise BackattnValueError("This head does not standardise its query state (standardize_query_state=False).")
+        states = states.reshape(-1, states.shape[-1]).double()
+        if states.shape[0] < 2 or not torch.isfinite(states).all():
+            raise BackattnValueError(
+                f"The query standardisation needs at least 2 finite states, got {states.shape[0]} "
+                f"({int((~torch.isfinite(states)).sum())} non-finite values): give rows with labelled positions."
+            )
+        self.query_mean.copy_(states.mean(0))
+        self.query_variance.copy_(states.var(0, unbiased=False))
 
     def meet(self, logits: torch.Tensor, scores: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """Step 7: ``l_t + dropout(s_t)``, ``l_t + g * dropout(s_t)`` or ``dropout(s_t)`` (by ``score_mode``)."""

@@ -85,6 +85,7 @@ from backattn.evaluation import (
     summarise_scores,
 )
 from backattn.offline import smollm2_path
+from backattn.query_standardization import fit_query_standardization
 from backattn.run_files import parse_command_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +180,11 @@ class Method:
     build: Callable  # (base path, reference parameters) -> model whose trainable parameters are the method's
     features: bool = False
     output_side: bool = False
+    standardizes: bool = False  # a head with standardize_query_state: its statistics read STANDARDIZATION_ROWS rows
+
+
+#: Training rows a head with ``standardize_query_state`` reads for its statistics before training.
+STANDARDIZATION_ROWS = 256
 
 
 def _head(preset: str, **options) -> Method:
@@ -187,7 +193,8 @@ def _head(preset: str, **options) -> Method:
         return family_for(AutoConfig.from_pretrained(base).model_type).from_pretrained(base, head_config=head)
 
     # a copy head reads the input ids too, so it is scored by full forwards, not from the base's final states
-    return Method(build, features=True, output_side=not options.get("copy_attention"))
+    return Method(build, features=True, output_side=not options.get("copy_attention"),
+                  standardizes=bool(options.get("standardize_query_state")))  # fmt: skip
 
 
 def _head_and_lora(preset: str) -> Method:
@@ -227,6 +234,8 @@ METHODS: dict[str, Method] = {
     # issue 15: the hidden head trained with CE + beta KL(base || head); beta = 1 was fixed before any run
     "head hidden + KL": _head("hidden", base_kl_weight=1.0),
     "head hidden + copy": _head("hidden", copy_attention=True),
+    # issue 16: the query state standardised per dimension (the sentiment probes of probe_sentiment_layers.py)
+    "head hidden + standardized": _head("hidden", standardize_query_state=True),
 }
 #: The rate of the LoRA run that times one step to set ``T`` (step time does not depend on it).
 CALIBRATION_LEARNING_RATE = 3e-3
@@ -290,22 +299,25 @@ def load_trainable(model, source: Path | dict) -> None:
             parameters[name].copy_(tensor)
 
 
-def budget_steps(seconds: float, step: float, cache: float, problems: int, batch_size: int) -> int:
+def budget_steps(seconds: float, step: float, cache: float, problems: int, batch_size: int, extra_rows: int = 0) -> int:
     """The training steps a budget of ``seconds`` affords.
 
     A method trained from cached features pays for the cache as a run that caches while it trains would: in
     its first epoch each step also costs the base forward over its batch (``cache / problems`` a problem);
-    after that, each step costs ``step``.
+    after that, each step costs ``step``. ``extra_rows`` more rows are paid up front (the rows a head with
+    ``standardize_query_state`` reads for its statistics, charged as if no training step read them again).
     """
     first_epoch = math.ceil(problems / batch_size)
     if seconds >= first_epoch * step + cache:
         return first_epoch + int((seconds - first_epoch * step - cache) // step)
-    return int(seconds // (step + batch_size * cache / problems))
+    return max(0, int((seconds - cache * extra_rows / problems) // (step + batch_size * cache / problems)))
 
 
-def charged_seconds(steps: int, step: float, cache: float, problems: int, batch_size: int) -> float:
+def charged_seconds(
+    steps: int, step: float, cache: float, problems: int, batch_size: int, extra_rows: int = 0
+) -> float:
     """The training seconds of ``steps`` steps, charged as :func:`budget_steps` charges them."""
-    return steps * step + cache * min(1.0, steps * batch_size / problems)
+    return steps * step + cache * min(1.0, (steps * batch_size + extra_rows) / problems)
 
 
 #: The learning-rate scale a sweep extends on: 1e-6, 3e-6, 1e-5, ..., 0.3.
@@ -675,32 +687,38 @@ def main(argv: list[str] | None = None, task=None) -> dict:
         run.write(base_path, {"scores": task.score(model, tokenizer, eval_examples, options, True)})
         del model
 
-    features: dict[str, object] = {}
+    features: dict[tuple, tuple] = {}  # the decoder blocks a cache stores -> (its dataset, its build seconds)
+    cache_seconds: dict[str, float] = {}  # method -> the build seconds of the cache it trains from
     held_out = task.held_out_states(base, tokenizer, eval_examples, options, run.work / "held_out_states")
 
     def feature_dataset(model):
-        """The cached-features training set; its build time is recorded once and charged to every user."""
-        if "dataset" not in features:
+        """The cached-features training set (with the decoder blocks the model's heads read, ``query_layers``); its
+        build time is recorded once per set of blocks and charged to every user."""
+        layers = tuple(model.feature_layers()) if hasattr(model, "feature_layers") else ()
+        if layers not in features:
             key = f"feature_cache_seconds:{options.split_name}:{len(train_examples)}"
+            key += f":layers={','.join(map(str, layers))}" if layers else ""  # the final states' key is unchanged
+            directory = run.work / ("features" if not layers else f"features-layers-{'-'.join(map(str, layers))}")
             if key not in run.calibration():  # its build time is unknown: build it afresh and time that
-                shutil.rmtree(run.work / "features", ignore_errors=True)
+                shutil.rmtree(directory, ignore_errors=True)
             started_cache = time.perf_counter()
-            cache = FeatureCache.build_or_load(model, train_examples["input_ids"], run.work / "features", "float16",
+            cache = FeatureCache.build_or_load(model, train_examples["input_ids"], directory, "float16",
                                                options.batch_size)  # fmt: skip
             if key not in run.calibration():
                 run.calibrate(key, time.perf_counter() - started_cache)
-            features["dataset"], features["seconds"] = (
-                CachedFeaturesDataset(train_examples, cache),
-                run.calibration()[key],
-            )
-        return features["dataset"], features["seconds"]
+            features[layers] = CachedFeaturesDataset(train_examples, cache), run.calibration()[key]
+        return features[layers]
 
     def trainer_for(name: str, learning_rate: float, max_steps: int = 0, callbacks=None):
         """A fresh model of the method and its trainer (``max_steps=0``: to time its steps)."""
         set_seed(options.seed)
         method = METHODS[name]
         model = method.build(base, budget_parameters)
-        dataset = feature_dataset(model)[0] if method.features else train_examples
+        dataset = train_examples
+        if method.features:
+            dataset, cache_seconds[name] = feature_dataset(model)
+        if method.standardizes:  # mu and sigma^2 from the first rows, the same in every sitting (charged as rows)
+            fit_query_standardization(model, dataset, collator, STANDARDIZATION_ROWS, options.batch_size)
         directory = run.work / (f"{name} lr={learning_rate:g}" if max_steps else f"calibration/{name}").replace(
             " ", "_"
         )
@@ -713,7 +731,7 @@ def main(argv: list[str] | None = None, task=None) -> dict:
 
     # Every method's step time, back to back (one machine state for all), before anything trains.
     for name in dict.fromkeys(["LoRA attention", *options.methods]):
-        if step_key(name) not in run.calibration() or (METHODS[name].features and not features):
+        if step_key(name) not in run.calibration() or (METHODS[name].features and name not in cache_seconds):
             trainer = trainer_for(name, CALIBRATION_LEARNING_RATE)
             if step_key(name) not in run.calibration():
                 run.calibrate(step_key(name), step_seconds(trainer, options.calibration_steps))
@@ -730,13 +748,14 @@ def main(argv: list[str] | None = None, task=None) -> dict:
         """Train once to the largest budget, checkpointing at each; score every budget's checkpoint."""
         run_name = f"{name} lr={learning_rate:g}"
         seconds_per_step = run.calibration()[step_key(name)]
-        cache = features["seconds"] if METHODS[name].features and options.charge_feature_cache else 0.0
+        cache = cache_seconds[name] if METHODS[name].features and options.charge_feature_cache else 0.0
         problems = len(train_examples)
-        steps = {b: budget_steps(b * unit, seconds_per_step, cache, problems, options.batch_size)
+        extra = STANDARDIZATION_ROWS if METHODS[name].standardizes else 0
+        steps = {b: budget_steps(b * unit, seconds_per_step, cache, problems, options.batch_size, extra)
                  for b in options.budgets}  # fmt: skip
 
         def charges(budget: float) -> dict:
-            seconds = charged_seconds(steps[budget], seconds_per_step, cache, problems, options.batch_size)
+            seconds = charged_seconds(steps[budget], seconds_per_step, cache, problems, options.batch_size, extra)
             return {"steps": steps[budget], "training_seconds": seconds, "T_seconds": unit,
                     "step_seconds": seconds_per_step, "feature_cache_seconds": cache}  # fmt: skip
 

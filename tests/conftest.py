@@ -117,25 +117,36 @@ def head_model(base_dir, head_config, family=GPT2BackwardAttentionForCausalLM):
 
 
 def randomise(module, seed=1):
-    """Give every parameter (zero-initialised gates and W_h too) a random value, so no term hides."""
+    """Give every parameter (zero-initialised gates and W_h too) a random value, so no term hides; and the
+    statistics of standardize_query_state (mu, sigma^2 > 0), which start as the identity."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
+        for name, buffer in module.named_buffers():
+            if name.endswith("query_mean"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator, dtype=buffer.dtype))
+            elif name.endswith("query_variance"):
+                buffer.copy_(torch.rand(buffer.shape, generator=generator, dtype=buffer.dtype) * 3 + 0.2)
     return module
 
 
 def reference_query_state(head, h, layer_states=None):
-    """Step 5's r_t for one position: h_t, or sum_k softmax(w_a)_k RMSNorm_q(y_t^k) with query_layers."""
+    """Step 5's r_t for one position: h_t, or sum_k softmax(w_a)_k RMSNorm_q(y_t^k) with query_layers; then
+    (r_t - mu) / sqrt(sigma^2 + eps), one dimension at a time, with standardize_query_state."""
     config = head.config
     if config.query_layers is None:
-        return h
-    weights = torch.exp(head.query_mix) / torch.exp(head.query_mix).sum()
-    state = torch.zeros_like(h)
-    for k in range(len(config.query_layers)):
-        y = layer_states[k]
-        state = state + weights[k] * y / torch.sqrt((y**2).mean() + config.rms_norm_eps) * head.query_norm.weight
-    return state
+        state = h
+    else:
+        weights = torch.exp(head.query_mix) / torch.exp(head.query_mix).sum()
+        state = torch.zeros_like(h)
+        for k in range(len(config.query_layers)):
+            y = layer_states[k]
+            state = state + weights[k] * y / torch.sqrt((y**2).mean() + config.rms_norm_eps) * head.query_norm.weight
+    if not config.standardize_query_state:
+        return state
+    mu, variance = head.query_mean.double(), head.query_variance.double()
+    return torch.stack([(state[i] - mu[i]) / math.sqrt(variance[i] + config.rms_norm_eps) for i in range(len(state))])
 
 
 def reference_head_logits(head, logits, hidden, embeddings, layer_states=None):
@@ -251,6 +262,7 @@ OPTION_CASES = {
     "sequential-raw": {"num_layers": 2, "layer_mode": "sequential", "logit_weighting": "raw", "num_attention_heads": 2},
     "hidden-state": {"use_hidden_state": True, "score_mode": "gate", "divide_by_vocab": False},
     "differential": {"score_maps": "differential"},
+    "hidden-standardized": {"use_hidden_state": True, "standardize_query_state": True, "score_mode": "gate"},
     "differential-raw-sequential": {
         "score_maps": "differential",
         "logit_weighting": "raw",
@@ -284,6 +296,8 @@ SEQUENCE_CASES = {
         "num_attention_heads": 2,
     },  # fmt: skip
     "copy": {"copy_attention": True},
+    "copy-query-layers-standardized": {"copy_attention": True, "query_layers": [2, 0], "use_hidden_state": True,
+                                       "standardize_query_state": True, "score_mode": "gate"},  # fmt: skip
     "copy-gate": {"copy_attention": True, "score_mode": "gate", "use_hidden_state": True, "divide_by_vocab": False},
     "copy-replace": {"copy_attention": True, "score_mode": "replace", "num_layers": 2},
     "copy-query-layers-sequential": {

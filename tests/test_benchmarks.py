@@ -468,3 +468,38 @@ def test_compare_sentiment_with_the_label_word_loss_trains_every_method_on_it(
     # the label-word CE by hand: -log(e^-1 / (e^-1 + e^-3)) for a gold first class, the same with a gold second
     losses = script.choice_losses([[-1.0, -3.0], [-1.0, -3.0]], ["positive", "negative"], ["positive", "negative"])
     assert losses == pytest.approx([math.log(1 + math.exp(-2)), 2 + math.log(1 + math.exp(-2))])
+
+
+def test_compare_sentiment_runs_the_standardized_head_and_charges_its_statistics_rows(tiny_llama_and_rows, tmp_path):
+    """Issue 16's standardised head: its mu and sigma^2 are the first STANDARDIZATION_ROWS training rows' statistics
+    (the same in every sitting, so a resumed run scores the head it trained), and those rows are charged."""
+    import json
+
+    script = load_script("compare_sentiment")
+    compare = script.machinery
+    method = compare.METHODS["head hidden + standardized"]
+    assert method.features and method.output_side and method.standardizes
+    # the rows are charged up front, as cache reads: 100 problems, a 50 s cache, 256 rows read: 128 s before step 1
+    assert compare.charged_seconds(0, 1.0, 50.0, 100, 10, extra_rows=256) == 50.0  # at most the whole cache
+    assert compare.charged_seconds(2, 1.0, 50.0, 1000, 10, extra_rows=256) == pytest.approx(2 + 50 * 276 / 1000)
+    assert compare.budget_steps(2 + 50 * 276 / 1000, 1.0, 50.0, 1000, 10, extra_rows=256) == 2
+    assert compare.budget_steps(10.0, 1.0, 50.0, 1000, 10, extra_rows=256) == 0  # the statistics cost 12.8 s
+    for name, count in (("train", 12), ("held_out", 8)):
+        with open(tmp_path / f"{name}.jsonl", "w") as handle:
+            for i in range(count):
+                row = {"text": f"A film, part {i}.", "label": "fresh" if i % 2 else "rotten", "group": f"m{i % 3}"}
+                handle.write(json.dumps(row) + "\n")
+    model_dir = str(tiny_llama_and_rows / "model")
+    argv = ["--model_name_or_path", model_dir, "--dataset", str(tmp_path / "train.jsonl"),
+            "--eval_dataset", str(tmp_path / "held_out.jsonl"), "--label_words", '{"fresh": "positive", "rotten": '
+            '"negative"}', "--label_word_loss", "true", "--methods", "head hidden + standardized",
+            "--learning_rates", "0.003", "--budgets", "1", "--budget_problems", "8", "--batch_size", "4",
+            "--calibration_steps", "1", "--n_resamples", "20", "--output_dir", str(tmp_path / "out"),
+            "--work_dir", str(tmp_path / "work")]  # fmt: skip
+    calibration = script.main([*argv, "--calibrate_only", "true"])
+    timings = {key: 0.25 for key in calibration if key.startswith("step_seconds") and "LoRA" not in key}
+    timings["step_seconds:LoRA attention:4"] = 1.0
+    timings = {**calibration, **timings, **{k: 0.5 for k in calibration if k.startswith("feature_cache_seconds")}}
+    (tmp_path / "out" / "calibration.json").write_text(json.dumps(timings))
+    row = script.main(argv)["rows"]["head hidden + standardized lr=0.003 @1T"]
+    assert row["steps"] > 0 and math.isfinite(row["metrics"]["accuracy"]["value"])

@@ -21,6 +21,7 @@ CASES = {
         "vocab_chunk_size": 20,
     },
     "query-layers": {"query_layers": [1, 0], "use_hidden_state": True, "score_mode": "gate"},
+    "hidden-standardized": {"use_hidden_state": True, "standardize_query_state": True, "score_mode": "gate"},
     "differential-raw": {"score_maps": "differential", "logit_weighting": "raw", "score_mode": "gate"},
     "copy": {"copy_attention": True, "score_mode": "gate"},
     "all-three-sequential": {

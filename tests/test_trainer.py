@@ -152,3 +152,21 @@ def test_a_plain_base_and_the_same_base_with_heads_share_one_feature_cache(tmp_p
     second = FeatureCache.build_or_load(with_heads, ids, tmp_path, dtype="float32", progress=False)
     assert first.directory == second.directory
     assert base_fingerprint(LlamaForCausalLM(config)) != base_fingerprint(plain)  # other weights, another key
+
+
+def test_a_fresh_run_fixes_the_query_statistics_and_a_resumed_run_keeps_the_checkpoints(tiny_gpt2_dir, setup, tmp_path):
+    from backattn.query_standardization import fit_query_standardization
+
+    preset = {"use_hidden_state": True, "standardize_query_state": True, "score_mode": "gate"}
+    straight = make_trainer(tiny_gpt2_dir, setup, tmp_path / "straight", preset=preset)
+    straight.train()
+    head = straight.model.heads["default"]
+    expected = make_trainer(tiny_gpt2_dir, setup, tmp_path / "expected", preset=preset).model
+    fit_query_standardization(expected, setup[1], SFTCollator(setup[0]), batch_size=4)
+    assert torch.equal(head.query_mean, expected.heads["default"].query_mean)  # the first 256 rows' statistics
+    assert not torch.equal(head.query_mean, torch.zeros_like(head.query_mean))
+
+    resumed = make_trainer(tiny_gpt2_dir, setup, tmp_path / "straight", preset=preset)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-4"))  # statistics from the file
+    for name, tensor in head_state(straight).items():
+        assert torch.allclose(head_state(resumed)[name], tensor, atol=1e-6), name

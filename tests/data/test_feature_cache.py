@@ -83,7 +83,7 @@ def test_forward_from_cached_states_equals_forward_from_ids(model, tmp_path):
 
 READING = {
     "query_layers": [1, 0], "use_hidden_state": True, "copy_attention": True, "score_maps": "differential",
-    "score_mode": "gate", "divide_by_vocab": False,
+    "score_mode": "gate", "divide_by_vocab": False, "standardize_query_state": True,
 }  # fmt: skip
 
 
@@ -93,6 +93,8 @@ def reading_model(gpt2_base_dir):
     with torch.no_grad():
         for parameter in model.heads.parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.5)
+        model.heads.default.query_mean.normal_()
+        model.heads.default.query_variance.uniform_(0.2, 3.0)
     return model
 
 
