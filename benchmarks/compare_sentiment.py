@@ -42,7 +42,7 @@ from backattn.head_loss import LabelWordLoss  # noqa: E402
 
 #: Heads and the PEFT methods of about their size (LoReFT, output-layer LoRA and the stacked method are left
 #: to the math comparison, which found them behind LoRA on attention).
-SENTIMENT_METHODS = ["head hidden", "LoRA attention", "head gated", "head seed"]
+SENTIMENT_METHODS = ["head hidden", "LoRA attention", "head hidden + standardized", "head gated", "head seed"]
 
 
 @dataclass

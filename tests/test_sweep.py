@@ -443,3 +443,21 @@ def test_bases_whose_logits_are_not_h_w_share_them_too(model_type, options, tmp_
         torch.testing.assert_close(output.head_losses[k], alone.loss, rtol=1e-6, atol=1e-7)
         for mine, theirs in zip(together[name], (p.grad for p in head.parameters())):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_a_standardized_head_in_a_sweep_gets_the_statistics_it_gets_alone(gpt2_base_dir, cached, tmp_path):
+    """standardize_query_state: the sweep fixes mu and sigma^2 from the same first rows as HeadTrainer alone, then
+    trains the head to the same bits."""
+    spec = SweepHead("standardized", "hidden", {"standardize_query_state": True}, learning_rate=3e-2)
+    sweep = HeadSweep(GPT2BackwardAttentionForCausalLM.from_pretrained(gpt2_base_dir), [spec])
+    head = sweep.heads["standardized"]
+    with torch.no_grad():  # live weights, identity statistics: the trainer must fit them
+        for parameter in head.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.5)
+    initial = {k: v.clone() for k, v in head.state_dict().items()}
+    SweepTrainer(model=sweep, args=arguments(tmp_path / "sweep"), train_dataset=cached,
+                 data_collator=pad_collator).train()  # fmt: skip
+    assert not torch.equal(head.query_mean, initial["query_mean"])
+    alone = train_alone(gpt2_base_dir, spec, initial, cached, tmp_path / "alone")
+    for key, value in alone.items():
+        assert torch.equal(head.state_dict()[key], value), key
