@@ -296,8 +296,13 @@ SEQUENCE_CASES = {
         "num_attention_heads": 2,
     },  # fmt: skip
     "copy": {"copy_attention": True},
-    "copy-query-layers-standardized": {"copy_attention": True, "query_layers": [2, 0], "use_hidden_state": True,
-                                       "standardize_query_state": True, "score_mode": "gate"},  # fmt: skip
+    "copy-query-layers-standardized": {
+        "copy_attention": True,
+        "query_layers": [2, 0],
+        "use_hidden_state": True,
+        "standardize_query_state": True,
+        "score_mode": "gate",
+    },  # fmt: skip
     "copy-gate": {"copy_attention": True, "score_mode": "gate", "use_hidden_state": True, "divide_by_vocab": False},
     "copy-replace": {"copy_attention": True, "score_mode": "replace", "num_layers": 2},
     "copy-query-layers-sequential": {

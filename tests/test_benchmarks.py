@@ -419,18 +419,10 @@ def test_comparison_reads_a_yaml_file_then_flags_override_it(tmp_path):
         script.parse_command_line(script.ComparisonArguments, [str(settings), "--seed", "7"])
 
 
-def test_compare_sentiment_with_the_label_word_loss_trains_every_method_on_it(
-    tiny_llama_and_rows, tmp_path, monkeypatch
-):
+def label_word_run(tiny_llama_and_rows, tmp_path, *methods):
+    """The tiny base and the arguments of a label-word sentiment comparison of ``methods`` on 12 + 8 snippets."""
     import json
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from backattn.data.sft_data import sft_tokenizer
-    from backattn.head_loss import LabelWordLoss
-
-    script = load_script("compare_sentiment")
     for name, count in (("train", 12), ("held_out", 8)):
         with open(tmp_path / f"{name}.jsonl", "w") as handle:
             for i in range(count):
@@ -439,10 +431,25 @@ def test_compare_sentiment_with_the_label_word_loss_trains_every_method_on_it(
     model_dir = str(tiny_llama_and_rows / "model")
     argv = ["--model_name_or_path", model_dir, "--dataset", str(tmp_path / "train.jsonl"),
             "--eval_dataset", str(tmp_path / "held_out.jsonl"), "--label_words", '{"fresh": "positive", "rotten": '
-            '"negative"}', "--label_word_loss", "true", "--methods", "head hidden", "LoRA attention",
+            '"negative"}', "--label_word_loss", "true", "--methods", *methods,
             "--learning_rates", "0.003", "--budgets", "1", "--budget_problems", "8", "--batch_size", "4",
             "--calibration_steps", "1", "--n_resamples", "20", "--output_dir", str(tmp_path / "out"),
             "--work_dir", str(tmp_path / "work")]  # fmt: skip
+    return model_dir, argv
+
+
+def test_compare_sentiment_with_the_label_word_loss_trains_every_method_on_it(
+    tiny_llama_and_rows, tmp_path, monkeypatch
+):
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from backattn.data.sft_data import sft_tokenizer
+    from backattn.head_loss import LabelWordLoss
+
+    script = load_script("compare_sentiment")
+    model_dir, argv = label_word_run(tiny_llama_and_rows, tmp_path, "head hidden", "LoRA attention")
     task = script.SentimentTask()
     (options,) = script.machinery.parse_command_line(task.arguments, argv)
     tokenizer = sft_tokenizer(model_dir)
@@ -484,18 +491,7 @@ def test_compare_sentiment_runs_the_standardized_head_and_charges_its_statistics
     assert compare.charged_seconds(2, 1.0, 50.0, 1000, 10, extra_rows=256) == pytest.approx(2 + 50 * 276 / 1000)
     assert compare.budget_steps(2 + 50 * 276 / 1000, 1.0, 50.0, 1000, 10, extra_rows=256) == 2
     assert compare.budget_steps(10.0, 1.0, 50.0, 1000, 10, extra_rows=256) == 0  # the statistics cost 12.8 s
-    for name, count in (("train", 12), ("held_out", 8)):
-        with open(tmp_path / f"{name}.jsonl", "w") as handle:
-            for i in range(count):
-                row = {"text": f"A film, part {i}.", "label": "fresh" if i % 2 else "rotten", "group": f"m{i % 3}"}
-                handle.write(json.dumps(row) + "\n")
-    model_dir = str(tiny_llama_and_rows / "model")
-    argv = ["--model_name_or_path", model_dir, "--dataset", str(tmp_path / "train.jsonl"),
-            "--eval_dataset", str(tmp_path / "held_out.jsonl"), "--label_words", '{"fresh": "positive", "rotten": '
-            '"negative"}', "--label_word_loss", "true", "--methods", "head hidden + standardized",
-            "--learning_rates", "0.003", "--budgets", "1", "--budget_problems", "8", "--batch_size", "4",
-            "--calibration_steps", "1", "--n_resamples", "20", "--output_dir", str(tmp_path / "out"),
-            "--work_dir", str(tmp_path / "work")]  # fmt: skip
+    model_dir, argv = label_word_run(tiny_llama_and_rows, tmp_path, "head hidden + standardized")
     calibration = script.main([*argv, "--calibrate_only", "true"])
     timings = {key: 0.25 for key in calibration if key.startswith("step_seconds") and "LoRA" not in key}
     timings["step_seconds:LoRA attention:4"] = 1.0
