@@ -72,6 +72,15 @@ def fit_query_standardization(
     return names
 
 
+def fit_for_a_fresh_run(trainer, model, train_args: tuple, train_kwargs: dict) -> None:
+    """What a head trainer's ``train(*train_args, **train_kwargs)`` does first: unless it resumes from a checkpoint
+    (which holds the statistics), fit those of ``model``'s heads from the trainer's training set."""
+    resuming = train_kwargs.get("resume_from_checkpoint") or (train_args[0] if train_args else None)
+    if not resuming and trainer.train_dataset is not None:
+        fit_query_standardization(model, trainer.train_dataset, trainer.data_collator,
+                                  batch_size=trainer.args.per_device_train_batch_size)  # fmt: skip
+
+
 def _base_states(model, batch: dict, device) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The base's final hidden states of a batch and the outputs of the blocks its heads read."""
     if "base_hidden_states" in batch:

@@ -57,7 +57,7 @@ from .head_loss import (
 )
 from .heads import BackwardAttentionHeads
 from .modeling_backattn import BackwardAttentionHead, CopyInputs, LayerTables, SequenceContext
-from .query_standardization import fit_query_standardization
+from .query_standardization import fit_for_a_fresh_run
 
 # --------------------------------------------------------------------------------------------------------
 # what a sweep trains
@@ -548,10 +548,7 @@ class SweepTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         """``Trainer.train``; a fresh run first fixes the statistics of heads with ``standardize_query_state``."""
-        resuming = kwargs.get("resume_from_checkpoint") or (args[0] if args else None)
-        if not resuming and self.train_dataset is not None:
-            fit_query_standardization(self._sweep().model, self.train_dataset, self.data_collator,
-                                      batch_size=self.args.per_device_train_batch_size)  # fmt: skip
+        fit_for_a_fresh_run(self, self._sweep().model, args, kwargs)  # standardize_query_state's statistics
         return super().train(*args, **kwargs)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:

@@ -9,7 +9,7 @@ from transformers import Trainer
 
 from .errors import BackattnValueError
 from .head_files import MODEL_CARD_NAME, is_backattn_card
-from .query_standardization import fit_query_standardization
+from .query_standardization import fit_for_a_fresh_run
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,7 @@ class HeadTrainer(Trainer):
                 "checkpoint. Train a LoRA and a head together with transformers.Trainer (or TRL's SFTTrainer): "
                 "save_pretrained keeps the adapter and every head. Or freeze them (model.freeze_base())."
             )
-        resuming = kwargs.get("resume_from_checkpoint") or (args[0] if args else None)
-        if not resuming and self.train_dataset is not None:  # a resumed head has its statistics in its checkpoint
-            fit_query_standardization(self._head_model(), self.train_dataset, self.data_collator,
-                                      batch_size=self.args.per_device_train_batch_size)  # fmt: skip
+        fit_for_a_fresh_run(self, self._head_model(), args, kwargs)  # standardize_query_state's statistics
         return super().train(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs) -> None:
