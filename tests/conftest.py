@@ -79,6 +79,19 @@ def math_jsonl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2_math_rows(tiny_gpt2_dir, math_jsonl):
+    """The tiny GPT-2's tokenizer (padding with EOS) and the math rows tokenized for SFT."""
+    from transformers import AutoTokenizer
+
+    from backattn.data.sft_data import PromptTemplate, load_math_dataset, tokenize_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    examples, _ = tokenize_examples(load_math_dataset(str(math_jsonl)), tokenizer, PromptTemplate(), 128)
+    return tokenizer, examples
+
+
+@pytest.fixture(scope="session")
 def gpt2_base_dir(tmp_path_factory):
     """A tiny random GPT-2 (vocabulary 97, width 24) saved as a plain base checkpoint."""
     torch.manual_seed(0)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from backattn import BackwardAttentionConfig, GPT2BackwardAttentionForCausalLM
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
-from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
+from backattn.data.sft_data import SFTCollator
 from backattn.errors import BackattnValueError
 from backattn.query_standardization import fit_query_standardization, needs_standardization
 
@@ -15,11 +15,8 @@ STANDARDIZED = {"use_hidden_state": True, "standardize_query_state": True, "scor
 
 
 @pytest.fixture(scope="module")
-def rows(tiny_gpt2_dir, math_jsonl):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    examples, _ = tokenize_examples(load_math_dataset(str(math_jsonl)), tokenizer, PromptTemplate(), 128)
-    return tokenizer, examples
+def rows(tiny_gpt2_math_rows):
+    return tiny_gpt2_math_rows
 
 
 def reference_statistics(base_dir, examples, num_rows):

@@ -4,21 +4,18 @@ import os
 
 import pytest
 import torch
-from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from backattn import GPT2BackwardAttentionForCausalLM
 from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
-from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, tokenize_examples
+from backattn.data.sft_data import SFTCollator
 from backattn.head_files import HEAD_WEIGHTS_NAME
 from backattn.trainer import HeadTrainer, is_backattn_card
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_gpt2_dir, math_jsonl):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    examples, _ = tokenize_examples(load_math_dataset(str(math_jsonl)), tokenizer, PromptTemplate(), 128)
-    return tokenizer, examples
+def setup(tiny_gpt2_math_rows):
+    return tiny_gpt2_math_rows
 
 
 def make_trainer(tiny_gpt2_dir, setup, output_dir, dataset=None, preset="hidden", callbacks=None, **overrides):
