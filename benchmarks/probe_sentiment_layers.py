@@ -73,6 +73,27 @@ def probe_accuracy(train_x, train_y, test_x, test_y, weight_decay: float) -> flo
         return float(((test_x.double() @ w + b > 0).double() == test_y.double()).double().mean())
 
 
+def adam_probe_accuracy(train_x, train_y, test_x, test_y, lr: float, standardise: bool, steps: int = 309) -> float:
+    """A logistic probe trained as a head is: Adam, batches of 8, 5 warm-up steps then a constant rate."""
+    torch.manual_seed(0)
+    mu, sigma = (train_x[:256].mean(0), train_x[:256].std(0)) if standardise else (0.0, 1.0)
+    train_x, test_x = (train_x - mu) / sigma, (test_x - mu) / sigma
+    w = torch.zeros(train_x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    optimiser = torch.optim.Adam([w, b], lr=lr)
+    order = torch.randperm(len(train_x))
+    for step in range(steps):
+        for group in optimiser.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 5)
+        rows = order[(step * 8) % len(order) :][:8]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(train_x[rows] @ w + b, train_y[rows].float())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        return float(((test_x @ w + b > 0).long() == test_y).float().mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="benchmarks/results/probe_sentiment_layers.json")
@@ -108,6 +129,14 @@ def main() -> None:
                          for wd in args.weight_decays}  # fmt: skip
         results["layers"].append(row)
         print(row["state"], {n: max(row[n].values()) for n in ("last_token", "mean_over_prompt")}, flush=True)
+    # What a head's optimiser sees: Adam, 309 steps of 8 (the `hidden` head's budget at 4T), on the final state,
+    # raw or standardised per dimension with the first 256 rows' statistics (standardize_query_state).
+    final = (features["train"][0][:, -1], labels["train"], features["validation"][0][:, -1], labels["validation"])
+    results["final_state_offsets"] = {"max_abs_mean": float(final[0].mean(0).abs().max()),
+                                      "median_std": float(final[0].std(0).median())}  # fmt: skip
+    results["adam_309_steps"] = {f"{kind} lr={lr:g}": adam_probe_accuracy(*final, lr, kind == "standardised")
+                                 for kind in ("raw", "standardised") for lr in (1e-3, 3e-3, 1e-2)}  # fmt: skip
+    print(results["final_state_offsets"], results["adam_309_steps"], flush=True)
     temporary = Path(args.output).with_suffix(".tmp")
     temporary.parent.mkdir(parents=True, exist_ok=True)
     temporary.write_text(json.dumps(results, indent=1) + "\n")
