@@ -121,8 +121,11 @@ class BackwardAttentionConfig:
     cross-entropy is taken over those tokens' logits alone, ``-log softmax(z_t[C])[y_t]``, the label-word
     (verbalizer) loss of PET and LM-BFF (Schick and Schuetze 2021; Gao et al. 2021): every labelled target must
     be one of ``C``, and all of the gradient goes to telling the classes apart rather than to putting mass on
-    the label words. Both are applied in training mode only (like dropout), so evaluation losses stay the plain
-    cross-entropy.
+    the label words. With ``copy_loss_weight`` ``gamma`` (and ``copy_attention``) the loss adds
+    ``gamma * -log c_t(x_{t+1})`` at each labelled position whose target is copyable (``x_{j+1} = x_{t+1}`` for
+    some ``j`` in ``J_t``): the copy attention is taught where to look even while its gate ``lambda_t`` is
+    small, as pointer networks supervise their attention where the target occurs in the input. All three are
+    applied in training mode only (like dropout), so evaluation losses stay the plain cross-entropy.
 
     ``vocab_size`` and ``hidden_size`` record the base model a head was built for; they are filled in when
     the head is attached and checked against the base every time after.
@@ -173,6 +176,15 @@ class BackwardAttentionConfig:
             "help": "Training only, for classification: the token ids C of the classes' label words; the "
             "cross-entropy at each labelled position is then taken over z_t[C] alone, and every label must be in C. "
             "None: the cross-entropy over the whole vocabulary.",
+        },
+    )
+    copy_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Training only, with copy_attention: gamma in the loss term gamma * -log c_t(x_{t+1}) at each "
+            "labelled position whose target followed an attended earlier position (x_{j+1} = x_{t+1}, j in J_t): "
+            "it supervises the copy attention directly, whatever its gate. 0: no such term.",
+            "domain": ("a finite number >= 0", lambda x: x >= 0),
         },
     )
     num_layers: int = field(default=1, metadata={"help": "Backward-attention layers in the head."})
@@ -263,6 +275,11 @@ class BackwardAttentionConfig:
             problems.append(
                 "standardize_query_state standardises the query state r_t, which only use_hidden_state (r_t W_h) "
                 "and copy_attention read: turn one of them on, or leave standardize_query_state False"
+            )
+        if self.copy_loss_weight and self.copy_attention is not True:
+            problems.append(
+                f"copy_loss_weight={self.copy_loss_weight} supervises the copy attention, which this head lacks: "
+                "turn copy_attention on, or leave copy_loss_weight 0"
             )
         words = self.label_word_ids
         if words is not None:
@@ -413,7 +430,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = "hidden"
 
 #: The options that act on the training loss alone: a head's weights and logits do not depend on them.
-TRAINING_ONLY_OPTIONS = ("base_kl_weight", "label_word_ids")
+TRAINING_ONLY_OPTIONS = ("base_kl_weight", "label_word_ids", "copy_loss_weight")
 
 LOGIT_WEIGHTINGS = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["logit_weighting"])
 HEAD_COMBINES = typing.get_args(typing.get_type_hints(BackwardAttentionConfig)["attention_head_combine"])

@@ -57,7 +57,8 @@ def per_problem_scores(model, dataset, collator, batch_size: int = 8, progress: 
 
     ``target_loss`` / ``target_tokens``: summed cross-entropy and count of the target tokens (labels not
     ``-100``); with a collator that gives ``answer_labels``, also ``answer_loss`` / ``answer_tokens`` /
-    ``answer_correct`` over the final-answer tokens alone (``answer_correct``: those the model ranks first).
+    ``answer_correct`` over the final-answer tokens alone (``answer_correct``: those the model ranks first), and
+    ``answer_exact``: 1 where it ranks every one of them first (the whole number copied right), else 0.
     """
     model.eval()
     scores: dict[str, list] = {}
@@ -77,7 +78,22 @@ def per_problem_scores(model, dataset, collator, batch_size: int = 8, progress: 
             if key == "answer_labels":
                 correct = (logits.argmax(-1) == shifted) & mask
                 scores.setdefault("answer_correct", []).extend(correct.sum(1).tolist())
+    if "answer_correct" in scores:
+        scores["answer_exact"] = answer_exact(scores)
     return scores
+
+
+def _with_answer_exact(scores: dict | None) -> dict | None:
+    """``scores`` with :func:`answer_exact` added where they lack it (score files written before it)."""
+    if scores is None or "answer_correct" not in scores or "answer_exact" in scores:
+        return scores
+    return {**scores, "answer_exact": answer_exact(scores)}
+
+
+def answer_exact(scores: dict[str, list]) -> list[float]:
+    """Per problem, 1.0 where every final-answer token is ranked first (``answer_correct == answer_tokens > 0``):
+    the whole number copied right under teacher forcing. Derived, so older score files get it too."""
+    return [float(0 < n == c) for c, n in zip(scores["answer_correct"], scores["answer_tokens"])]
 
 
 def target_token_loss(model, dataset, collator, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
@@ -398,6 +414,7 @@ HELD_OUT_METRICS = {
     "perplexity": ("target_loss", "target_tokens", math.exp, "perplexity"),
     "answer_ce": ("answer_loss", "answer_tokens", None, "answer-token CE"),
     "answer_accuracy": ("answer_correct", "answer_tokens", None, "answer-token accuracy"),
+    "answer_exact": ("answer_exact", None, None, "whole answer ranked first"),
     "mc_direct": ("mc_direct", None, None, "MC direct"),
     "mc_direct_normalised": ("mc_direct_normalised", None, None, "MC direct (per token)"),
     "mc_after_solution": ("mc_after_solution", None, None, "MC after solution"),
@@ -416,6 +433,7 @@ def summarise_scores(
     difference to ``base`` (the compared model's scores on the same problems) as ``minus_base``."""
     from .bootstrap import bootstrap_interval
 
+    scores, base = (_with_answer_exact(s) for s in (scores, base))
     out = {}
     for metric, (numerator, denominator, transform, _) in metrics.items():
         if numerator not in scores:

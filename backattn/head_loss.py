@@ -18,6 +18,8 @@ layer), so nothing vocabulary-sized outlives its chunk and nothing is recomputed
 A head that reads the sequence around each position (``query_layers``, ``copy_attention``) gets its per-position
 inputs once for the whole batch (:meth:`~backattn.modeling_backattn.BackwardAttentionHead.context_inputs`; the
 copy attention's ``log a_tj`` with autograd, as the tables) and each chunk takes its positions' rows of them.
+A copy head's ``copy_loss_weight`` term (:func:`copy_supervision`) reads those ``N x S`` weights alone, so it is
+taken once for the batch, outside the chunks.
 
 Results and gradients equal the straightforward computation's to float rounding (tested). A batch with
 no labelled position is refused (:class:`~backattn.errors.BackattnValueError`: the mean over no tokens is
@@ -28,6 +30,7 @@ states, output layer and embeddings are frozen.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -233,6 +236,19 @@ class LabelWordLoss:
         return label_word_loss(outputs.logits, labels, self.label_word_ids, num_items_in_batch=num_items_in_batch)
 
 
+def copy_supervision(copy: CopyInputs, targets: torch.Tensor) -> torch.Tensor:
+    """``-log c_t(y_t)`` at each position whose target is copyable (``x_{j+1} = y_t`` for some attended ``j``), 0
+    elsewhere: the term ``copy_loss_weight`` weighs. ``c_t(y) = sum_{j: x_{j+1} = y} a_tj`` from step 8's
+    ``log a_tj`` (``copy.log_weights``, ``... x S``, ``-inf`` outside ``J_t``) and the tokens ``x_{j+1}``
+    (``copy.next_ids``), for the targets ``y_t`` (``...``; an ignored label matches no token). Nothing
+    vocabulary-sized is made."""
+    hits = (copy.next_ids == targets[..., None].to(copy.next_ids.device)) & torch.isfinite(copy.log_weights)
+    copyable = hits.any(-1, keepdim=True)
+    # rows with no hit take logsumexp over zeros (finite, and dropped below): no -inf - -inf in the backward
+    log_weights = torch.where(copyable, copy.log_weights.float().masked_fill(~hits, -math.inf), 0.0)
+    return -torch.where(copyable[..., 0], torch.logsumexp(log_weights, dim=-1), 0.0)
+
+
 def per_target(total: torch.Tensor, count, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
     """A loss summed over target tokens, divided as ``transformers``' causal-LM loss divides it: by
     ``num_items_in_batch`` when the Trainer passes it (gradient accumulation), else by the ``count`` of targets."""
@@ -282,7 +298,8 @@ def head_cross_entropy(
 ) -> torch.Tensor:
     """Steps 1-4: the causal-LM cross-entropy of ``head``'s logits over the base logits, chunk by chunk (over the
     label words alone when the head's ``label_word_ids`` are set), plus ``beta KL(softmax(l_t) || softmax(z_t))``
-    at each position when the head's ``base_kl_weight`` ``beta`` is set.
+    at each position when the head's ``base_kl_weight`` ``beta`` is set, plus ``gamma`` times
+    :func:`copy_supervision` when its ``copy_loss_weight`` ``gamma`` is.
 
     ``hidden`` (``batch x sequence x d``) are the base's final hidden states and ``output_weight`` its output
     layer ``W`` (``V x d``); the base logits are ``l_t = f(h_t W^T + b)``, with the output layer's bias ``b``
@@ -323,6 +340,8 @@ def head_cross_entropy(
         return token_losses(z, logits, targets[rows], head.config.base_kl_weight, head.config.label_word_ids)
 
     total = _EagerChunkedLoss.apply(chunk_loss, num_chunks, *parameters, *flat_tables, *copy_weights)
+    if head.config.copy_loss_weight:  # copy is set: the option needs copy_attention
+        total = total + head.config.copy_loss_weight * copy_supervision(copy, targets).sum()
     return per_target(total, positions.shape[0], num_items_in_batch)
 
 

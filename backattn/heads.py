@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 from .configuration_backattn import TRAINING_ONLY_OPTIONS, BackwardAttentionConfig
 from .errors import BackattnTypeError, BackattnValueError
 from .head_kernels import head_logits
+from .head_loss import _labelled, copy_supervision, per_target
 from .modeling_backattn import BackwardAttentionHead, SequenceContext
 
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -259,6 +260,34 @@ class BackwardAttentionHeads(nn.ModuleDict):
             return None
         return torch.tensor([*per_head, 0.0])[self.route(heads, rows=rows)]  # index -1: the base's rows, 0
 
+    def copy_supervision(
+        self,
+        heads: str | list | tuple | torch.Tensor | None,
+        context: SequenceContext | None,
+        labels: torch.Tensor,
+        shift_labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor | None:
+        """The straightforward training loss's ``copy_loss_weight`` terms: ``sum_rows gamma_row
+        sum_t copy_supervision`` over each row's labelled positions (``gamma_row`` its head's; 0 for the base's
+        rows), divided as the cross-entropy is; ``None`` when no head the call serves has a ``gamma``
+        (see :func:`~backattn.head_loss.copy_supervision`). Masked, not indexed (torch.compile)."""
+        if not self.enabled or context is None:
+            return None
+        weighted = [name for name in self._routed_names(heads) if self[name].config.copy_loss_weight]
+        if not weighted:
+            return None
+        keep, targets = _labelled(context.hidden, labels, shift_labels, ignore_index)
+        rows = None if heads is None else self.route(heads, rows=labels.shape[0]).to(labels.device)
+        total = context.hidden.new_zeros((), dtype=torch.float32)
+        for name in weighted:
+            head = self[name]
+            _, copy = head.context_inputs(context)  # B x S x S: every row's, the other heads' rows masked out
+            mask = keep if rows is None else keep & (rows == self.names().index(name))[:, None]
+            total = total + head.config.copy_loss_weight * (copy_supervision(copy, targets) * mask).sum()
+        return per_target(total, keep.sum(), num_items_in_batch)
+
     def label_word_ids(self, heads: str | list | tuple | torch.Tensor | None) -> list[int] | None:
         """The ``label_word_ids`` of the training loss (see :func:`~backattn.head_loss.label_word_loss`): the active
         head's, or with ``heads=`` the one setting every resident head shares; ``None`` for the plain
@@ -299,13 +328,13 @@ class BackwardAttentionHeads(nn.ModuleDict):
                 f"Training through {path} takes each label's plain log-likelihood, which would leave out what these "
                 f"heads' training loss adds ({terms}). Train them through forward(labels=...) (HeadTrainer, "
                 "Trainer, train_sft.py), or clear the options: model.heads.set_training_options(name, "
-                "base_kl_weight=0.0, label_word_ids=None)."
+                "base_kl_weight=0.0, label_word_ids=None, copy_loss_weight=0.0)."
             )
 
     def set_training_options(self, head_name: str, **options) -> None:
-        """Change what a resident head's training loss takes (its ``base_kl_weight``, ``label_word_ids``: options
-        that act in training only and leave its weights and logits as they are), validated and recorded in the
-        model's config, so that ``save_pretrained`` and ``save_head`` keep them."""
+        """Change what a resident head's training loss takes (its ``base_kl_weight``, ``label_word_ids``,
+        ``copy_loss_weight``: options that act in training only and leave its weights and logits as they are),
+        validated and recorded in the model's config, so that ``save_pretrained`` and ``save_head`` keep them."""
         head = self.require(head_name)
         other = sorted(set(options) - set(TRAINING_ONLY_OPTIONS))
         if other:

@@ -51,6 +51,7 @@ from .head_loss import (
     base_logits,
     check_has_targets,
     check_label_word_targets,
+    copy_supervision,
     labelled_context,
     per_target,
     token_losses,
@@ -238,8 +239,8 @@ def sweep_cross_entropy(
 ) -> torch.Tensor:
     """Each head's :func:`~backattn.head_loss.head_cross_entropy` (a tensor of ``len(heads)`` losses), in one pass.
     ``training_terms=False`` leaves out what each head's config adds in training only (the KL-to-base term of
-    ``base_kl_weight``, the label-word restriction of ``label_word_ids``): the plain cross-entropy over the
-    vocabulary, as the model's evaluation loss.
+    ``base_kl_weight``, the label-word restriction of ``label_word_ids``, the copy term of ``copy_loss_weight``):
+    the plain cross-entropy over the vocabulary, as the model's evaluation loss.
 
     For each chunk of ``chunk_size`` labelled positions, the base logits ``l = f(h W^T + b)`` (:func:`base_logits`;
     ``output_bias`` ``b`` and ``transform_logits`` ``f`` as in the one-head loss) and what depends on them alone
@@ -271,7 +272,7 @@ def sweep_cross_entropy(
         logits = base_logits(h, output_weight, output_bias, transform_logits)
         return rows, h, logits, {}  # {}: what the heads share of these logits (head_logits' shared)
 
-    chunk_losses, sizes, tensors = [], [], []
+    chunk_losses, sizes, tensors, copy_terms = [], [], [], []
     for head in heads:
         layer_states, copy = labelled_context(head, context, keep)
         tables = weight_tables(head, embeddings, tables_weight)
@@ -282,6 +283,8 @@ def sweep_cross_entropy(
         own = (*parameters, *flat_tables, *copy_weights)
         beta, words = (head.config.base_kl_weight, head.config.label_word_ids) if training_terms else (0.0, None)
         check_label_word_targets(targets, words)
+        gamma = head.config.copy_loss_weight if training_terms else 0.0
+        copy_terms.append(gamma * copy_supervision(copy, targets).sum() if gamma else None)
         chunk_losses.append(_head_chunk_loss(scorer, names, tables, layer_states, copy, len(copy_weights), embeddings,
                                              shortcut, targets, beta, words))  # fmt: skip
         sizes.append(len(own))
@@ -297,6 +300,8 @@ def sweep_cross_entropy(
             inputs = shared(chunk)
             for k, chunk_loss in enumerate(chunk_losses):
                 totals[k] += chunk_loss(chunk, inputs, *tensors[bounds[k] : bounds[k + 1]])
+    if any(term is not None for term in copy_terms):  # each head's copy_loss_weight term, outside the chunks
+        totals = totals + torch.stack([totals.new_zeros(()) if t is None else t.to(totals.dtype) for t in copy_terms])
     return per_target(totals, positions.shape[0], num_items_in_batch)
 
 

@@ -234,6 +234,8 @@ METHODS: dict[str, Method] = {
     # issue 15: the hidden head trained with CE + beta KL(base || head); beta = 1 was fixed before any run
     "head hidden + KL": _head("hidden", base_kl_weight=1.0),
     "head hidden + copy": _head("hidden", copy_attention=True),
+    # the copy attention supervised where the target followed an earlier position (copy_loss_weight, fixed at 1)
+    "head hidden + copy, supervised": _head("hidden", copy_attention=True, copy_loss_weight=1.0),
     # issue 16: the query state standardised per dimension (the sentiment probes of probe_sentiment_layers.py)
     "head hidden + standardized": _head("hidden", standardize_query_state=True),
 }
@@ -545,8 +547,9 @@ class MathTask:
     group_name = "templates"
     #: The report's tables: (title, metrics, format).
     sections = (
-        ("Teacher-forced and multiple-choice", ["target_ce", "perplexity", "answer_ce", "answer_accuracy", "mc_direct",
-         "mc_after_solution", "mc_direct_normalised", "mc_after_solution_normalised"], ".3f"),
+        ("Teacher-forced and multiple-choice", ["target_ce", "perplexity", "answer_ce", "answer_accuracy",
+         "answer_exact", "mc_direct", "mc_after_solution", "mc_direct_normalised", "mc_after_solution_normalised"],
+         ".3f"),
         ("Greedy", ["greedy_accuracy", "parse_rate", "repetition_rate"], ".2f"),
     )  # fmt: skip
     #: Metrics plotted against training seconds, and their files.

@@ -117,6 +117,36 @@ def test_per_problem_scores_match_one_problem_at_a_time(three_sums):
     assert all(0 <= c <= n for c, n in zip(batched["answer_correct"], batched["answer_tokens"]))
 
 
+def test_answer_exact_is_one_only_where_every_answer_token_is_ranked_first(three_sums):
+    """An oracle whose logits peak at each next token gets every whole answer right; moving one answer token of
+    one problem off the top makes that problem's answer_exact 0 and leaves the others at 1."""
+    import torch
+
+    from backattn.evaluation import per_problem_scores, summarise_scores
+
+    examples, _, collator = three_sums
+    spoiled = 1, next(t for t, label in enumerate(examples[1]["answer_labels"]) if label != -100)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            logits = torch.nn.functional.one_hot(input_ids.roll(-1, dims=1), 50257).float()
+            if input_ids.shape[0] == 3:  # the batch of all three: spoil one answer token of the second problem
+                logits[spoiled[0], spoiled[1] - 1] = 0.0
+            return type("Output", (), {"logits": logits})
+
+    scores = per_problem_scores(Oracle(), examples, collator, batch_size=3)
+    assert scores["answer_exact"] == [1.0, 0.0, 1.0]
+    assert scores["answer_correct"][1] == scores["answer_tokens"][1] - 1
+    older = {key: value for key, value in scores.items() if key != "answer_exact"}  # a score file from before it
+    summary = summarise_scores(older, older, None, n_resamples=50)
+    assert summary["answer_exact"]["value"] == pytest.approx(2 / 3)
+    assert summary["answer_exact"]["minus_base"]["value"] == 0.0
+
+
 @pytest.mark.parametrize(
     "text, loops",
     [

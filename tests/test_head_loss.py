@@ -1,8 +1,10 @@
 """The chunked training loss equals the straightforward one, and keeps nothing vocabulary-sized."""
 
+import math
+
 import pytest
 import torch
-from conftest import VOCAB, randomise
+from conftest import VOCAB, randomise, reference_query_state
 
 from backattn import GPT2BackwardAttentionForCausalLM
 from backattn.errors import BackattnValueError
@@ -317,6 +319,132 @@ def test_beta_is_saved_with_the_head_and_loads_back(gpt2_base_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
+# the copy supervision: CE(z_t, y_t) + gamma * -log c_t(y_t) where y_t followed an attended earlier position
+
+
+def copy_batch():
+    """Rows that repeat a stretch of tokens, so that many targets followed an earlier position (copyable)."""
+    ids = torch.tensor([
+        [5, 9, 14, 3, 77, 5, 9, 14, 3, 77, 41],
+        [60, 2, 60, 2, 60, 2, 88, 12, 88, 12, 1],
+        [30, 31, 32, 33, 34, 35, 30, 31, 32, 90, 91],
+    ])  # fmt: skip
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt
+    labels[2, 8:] = -100  # padding
+    return ids, labels
+
+
+def copy_reference(model, ids, labels, gammas, heads=None, num_items=None):
+    """The loss in float64 by hand, with gradients: the plain cross-entropy of the head's full logits, plus for
+    each labelled position whose target y followed some earlier j < t (x_{j+1} = y) gamma * -log of the copy
+    attention's weight on those j, written out one position at a time from the query states r_t."""
+    model.zero_grad()
+    z = model(ids, heads=heads).logits.double()
+    hidden = model.base_model(ids).last_hidden_state.double()
+    names = [None] * len(ids) if heads is None else heads
+    total, count = 0.0, 0
+    for b in range(len(ids)):
+        head = model.heads[names[b] or model.heads.active] if gammas[b] or heads is None else None
+        states = None if head is None else [reference_query_state(head, hidden[b, t]) for t in range(ids.shape[1])]
+        for t in range(ids.shape[1] - 1):
+            y = int(labels[b, t + 1])
+            if y == -100:
+                continue
+            count += 1
+            total = total - torch.log_softmax(z[b, t], -1)[y]
+            hits = [j for j in range(t) if int(ids[b, j + 1]) == y]
+            if not gammas[b] or not hits:
+                continue
+            query = states[t] @ head.copy_query
+            scores = torch.stack(
+                [query @ (states[j] @ head.copy_key) / math.sqrt(head.config.out_dim) for j in range(t)]
+            )
+            attention = torch.softmax(scores, 0)
+            total = total - gammas[b] * torch.log(sum(attention[j] for j in hits))
+    loss = total / (count if num_items is None else num_items)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.heads.named_parameters() if p.grad is not None}
+
+
+COPY_CASES = {
+    "copy-gate": CASES["copy"],
+    "copy-standardized": {"copy_attention": True, "standardize_query_state": True},
+}
+
+
+@pytest.mark.parametrize("options", COPY_CASES.values(), ids=COPY_CASES.keys())
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_copy_supervision_loss_and_gradients_equal_a_float64_reference(gpt2_base_dir, options, chunk):
+    ids, labels = copy_batch()
+    model = training_model(gpt2_base_dir, {**options, "copy_loss_weight": 0.6}, chunk)
+    for num_items in (None, torch.tensor(40)):
+        expected, expected_grads = copy_reference(model, ids, labels, [0.6] * 3, num_items=num_items)
+        output, grads = loss_and_gradients(model, ids, labels, num_items_in_batch=num_items)
+        assert (output.logits is None) == (chunk is not None)
+        assert torch.allclose(output.loss.double(), expected, rtol=2e-6, atol=0)
+        for name, grad in expected_grads.items():
+            assert torch.allclose(grads[f"heads.{name}"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_copy_supervision_teaches_the_copy_attention_while_its_gate_is_shut(gpt2_base_dir, chunk):
+    """A fresh gated copy head gives the base's logits (g_c = 0), so the cross-entropy gives W_cq and W_ck no
+    gradient at all; gamma > 0 gives them one, and changes the loss by exactly gamma times the term."""
+    ids, labels = copy_batch()
+    model = GPT2BackwardAttentionForCausalLM.from_pretrained(gpt2_base_dir, head_config=CASES["copy"]).double()
+    model.train().config.loss_chunk_size = chunk
+    plain, plain_grads = loss_and_gradients(model, ids, labels)
+    assert not torch.count_nonzero(plain_grads["heads.default.copy_query"])
+    assert not torch.count_nonzero(plain_grads["heads.default.copy_key"])
+    model.heads.set_training_options("default", copy_loss_weight=2.0)
+    supervised, grads = loss_and_gradients(model, ids, labels)
+    assert torch.count_nonzero(grads["heads.default.copy_query"]) and torch.count_nonzero(
+        grads["heads.default.copy_key"]
+    )
+    assert supervised.loss > plain.loss
+    model.heads.set_training_options("default", copy_loss_weight=1.0)
+    once, _ = loss_and_gradients(model, ids, labels)
+    assert torch.allclose(supervised.loss - plain.loss, 2 * (once.loss - plain.loss), rtol=1e-5)  # float32 losses
+    model.eval()  # evaluation: the plain cross-entropy
+    assert torch.allclose(model(ids, labels=labels).loss, plain.loss, rtol=1e-6)
+
+
+def test_a_mixed_batch_takes_each_rows_own_gamma(gpt2_base_dir):
+    ids, labels = copy_batch()
+    model = training_model(gpt2_base_dir, {**CASES["copy"], "copy_loss_weight": 0.5}, None)
+    model.add_head({**CASES["copy"], "copy_loss_weight": 1.5}, head_name="other", freeze_others=False)
+    randomise(model.heads.other, seed=4)
+    rows = ["other", None, "default"]
+    expected, expected_grads = copy_reference(model, ids, labels, [1.5, 0.0, 0.5], heads=rows)
+    output, grads = loss_and_gradients(model, ids, labels, heads=rows)
+    assert torch.allclose(output.loss.double(), expected, rtol=2e-6, atol=0)
+    for name, grad in expected_grads.items():
+        assert torch.allclose(grads[f"heads.{name}"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
+
+
+def test_the_copy_term_is_the_same_from_cached_features_and_saved_with_the_head(gpt2_base_dir, tmp_path):
+    ids, labels = copy_batch()
+    model = training_model(gpt2_base_dir, {**CASES["copy"], "copy_loss_weight": 0.3}, 4)
+    with torch.no_grad():
+        hidden = model.base_model(ids).last_hidden_state
+    assert torch.equal(model(ids, labels=labels, base_hidden_states=hidden).loss, model(ids, labels=labels).loss)
+    model.save_head(tmp_path / "head")
+    again = GPT2BackwardAttentionForCausalLM.from_pretrained(gpt2_base_dir).double()
+    again.load_head(tmp_path / "head", head_name="copy")
+    assert again.heads.copy.config.copy_loss_weight == 0.3
+
+
+def test_copy_loss_weight_needs_a_copy_head_and_a_number_at_least_zero():
+    from backattn import BackwardAttentionConfig
+
+    with pytest.raises(BackattnValueError, match="copy_loss_weight=0.5 supervises the copy attention"):
+        BackwardAttentionConfig.from_preset("hidden", copy_loss_weight=0.5)
+    with pytest.raises(BackattnValueError, match="copy_loss_weight"):
+        BackwardAttentionConfig.from_preset("hidden", copy_attention=True, copy_loss_weight=-1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
 # the label-word loss: -log softmax(z_t[C])[y_t] over the label words C = label_word_ids
 
 WORDS = [5, 17, 2]
@@ -414,7 +542,8 @@ def test_training_options_are_set_validated_and_recorded_and_other_paths_refuse_
     model = training_model(gpt2_base_dir, "hidden", 4)
     with pytest.raises(BackattnValueError, match=f"label_word_ids holds {VOCAB}, outside the vocabulary of {VOCAB} "):
         model.heads.set_training_options("default", label_word_ids=[3, VOCAB])
-    with pytest.raises(BackattnValueError, match=r"changes base_kl_weight, label_word_ids only, not \['out_dim'\]"):
+    only = r"changes base_kl_weight, label_word_ids, copy_loss_weight only, not \['out_dim'\]"
+    with pytest.raises(BackattnValueError, match=only):
         model.heads.set_training_options("default", out_dim=8)
     assert model.heads.default.config.label_word_ids is None  # nothing changed by a refused call
     model.heads.set_training_options("default", label_word_ids=WORDS)

@@ -235,6 +235,40 @@ def test_each_heads_kl_to_base_is_its_own_in_training_and_left_out_in_evaluation
     torch.testing.assert_close(evaluated, torch.stack(plain), rtol=1e-6, atol=0)
 
 
+def test_each_copy_heads_supervision_is_its_own_in_training_and_left_out_in_evaluation(gpt2_base_dir, cached):
+    """Three copy heads with the same weights and copy_loss_weight 0, 0.5, 1.5: each entry equals its own chunked
+    loss (the sequence context made as the sweep makes it); the entries move by gamma times one positive term,
+    their gradients likewise; in evaluation mode all three give the plain cross-entropy."""
+    heads = [
+        SweepHead(f"gamma-{k}", "hidden", {"copy_attention": True, "copy_loss_weight": g})
+        for k, g in enumerate((0, 0.5, 1.5))
+    ]
+    batch = pad_collator([cached[i] for i in range(6)])
+    sweep = make_sweep(gpt2_base_dir, heads, chunk=8).train()
+    for head in sweep.heads.values():
+        randomise(head, seed=7)  # one set of weights: only gamma differs
+    output = sweep(**batch)
+    output.loss.backward()
+    model = sweep.model
+    context = model._sequence_context(batch["base_hidden_states"], None, batch["input_ids"], batch["attention_mask"],
+                                      None, 0, 0, None)  # fmt: skip
+    gradients = []
+    for k, head in enumerate(sweep.heads.values()):
+        gradients.append([p.grad.clone() for p in head.parameters()])
+        alone = head_cross_entropy(head, batch["base_hidden_states"], batch["labels"], model.lm_head.weight,
+                                   model.get_input_embeddings().weight, 8, context=context)  # fmt: skip
+        torch.testing.assert_close(output.head_losses[k], alone, rtol=1e-6, atol=0)
+    losses = output.head_losses.detach()
+    term = (losses[1] - losses[0]) / 0.5
+    assert term > 0.1
+    torch.testing.assert_close(losses[2] - losses[0], 1.5 * term, rtol=1e-4, atol=0)
+    for g0, g1, g2 in zip(*gradients):
+        torch.testing.assert_close(g2 - g0, 3 * (g1 - g0), rtol=1e-3, atol=1e-6)
+    with torch.no_grad():
+        evaluated = sweep.eval()(**batch).head_losses
+    torch.testing.assert_close(evaluated, losses[:1].expand(3), rtol=1e-6, atol=0)
+
+
 def test_a_label_word_head_in_a_sweep_takes_its_own_loss_in_training_and_the_plain_one_in_evaluation(
     gpt2_base_dir, cached
 ):
