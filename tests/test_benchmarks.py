@@ -232,23 +232,55 @@ def test_compare_heads_runs_the_kl_and_copy_heads_of_issue_15(tiny_llama_and_row
     script = load_script("compare_heads")
     base = str(tiny_llama_and_rows / "model")
     kl, copy = script.METHODS["head hidden + KL"], script.METHODS["head hidden + copy"]
-    assert kl.features and kl.output_side and copy.features and not copy.output_side
+    supervised = script.METHODS["head hidden + copy, supervised"]
+    assert kl.features and kl.output_side and copy.features and not copy.output_side and not supervised.output_side
     assert kl.build(base, 500).heads.default.config.base_kl_weight == 1.0
     assert copy.build(base, 500).heads.default.config.copy_attention
+    assert supervised.build(base, 500).heads.default.config.copy_loss_weight == 1.0
     argv = ["--model_name_or_path", base, "--dataset", str(tiny_llama_and_rows / "rows.jsonl"),
             "--train_templates", "0-3", "--eval_templates", "4-5", "--budgets", "1", "--budget_problems", "8",
             "--batch_size", "4", "--calibration_steps", "1", "--metrics", "teacher_forced", "--n_resamples", "50",
             "--max_eval_problems", "4", "--output_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"),
-            "--methods", "head hidden + KL", "head hidden + copy", "--learning_rates", "0.003",
+            "--methods", "head hidden + KL", "head hidden + copy", "head hidden + copy, supervised",
+            "--learning_rates", "0.003",
             "--validation_results", str(tmp_path / "none.json")]  # fmt: skip
     calibration = script.main([*argv, "--calibrate_only", "true"])
     timings = {key: 0.25 for key in calibration if key.startswith("step_seconds") and "LoRA" not in key}
     timings["step_seconds:LoRA attention:4"] = 1.0  # T = 2 s: some steps for each head, whatever this machine's speed
     (tmp_path / "out" / "calibration.json").write_text(json.dumps({**calibration, **timings}))
     rows = script.main(argv)["rows"]
-    for name in ("head hidden + KL", "head hidden + copy"):
+    for name in ("head hidden + KL", "head hidden + copy", "head hidden + copy, supervised"):
         row = rows[f"{name} lr=0.003 @1T"]
         assert row["steps"] > 0 and math.isfinite(row["metrics"]["target_ce"]["value"]), name
+        assert 0 <= row["metrics"]["answer_exact"]["value"] <= 1
+
+
+def test_copy_task_marks_the_copies_and_its_copy_head_learns_them(tmp_path):
+    """The synthetic rows: exactly the marked positions' next token is the one that followed the same token
+    earlier. A short run trains and scores every method, keeps a finished method's results on a rerun, and
+    writes its report and plot; the copy head already copies some tokens the base cannot."""
+    script = load_script("copy_task")
+    args = script.CopyTaskArguments(noise_tokens=20, span=4, vocab_size=200)
+    rows = script.copy_sequences(30, args, seed=5)
+    for ids, marks in zip(rows["input_ids"], rows["copy_mask"]):
+        start = len(ids) - args.span
+        assert [t for t, m in enumerate(marks) if m] == list(range(start, len(ids) - 1))
+        for t in range(start, len(ids) - 1):
+            assert any(ids[j] == ids[t] and ids[j + 1] == ids[t + 1] for j in range(start))
+    argv = ["--noise_tokens", "20", "--span", "4", "--train_sequences", "400", "--validation_sequences", "20",
+            "--test_sequences", "40", "--max_steps", "50", "--eval_every", "25", "--learning_rates", "0.01",
+            "--output_dir", str(tmp_path)]  # fmt: skip
+    results = script.main(argv)
+    methods = results["methods"]
+    assert list(methods) == list(script.METHODS)
+    assert [step for step, _ in methods["head hidden + copy"]["curve"]] == [25, 50]
+    base = methods["base"]["summary"]["copy accuracy"]["estimate"]
+    assert methods["head hidden + copy"]["summary"]["copy accuracy"]["estimate"] > base + 0.1
+    assert (tmp_path / "results.md").exists() and (tmp_path / "copy_task.png").exists()
+    trained = []
+    script.train = lambda *a, **k: trained.append(a) or (_ for _ in ()).throw(AssertionError("retrained"))
+    again = script.main(argv)  # every method finished: nothing trains again
+    assert not trained and again["methods"]["head hidden"] == json.loads(json.dumps(methods["head hidden"]))
 
 
 def test_compare_heads_charges_the_feature_cache_through_the_first_epoch():
