@@ -66,6 +66,14 @@ def loss_and_gradients(model, ids, labels, **kwargs):
     }
 
 
+def assert_equals_reference(output, grads, expected, expected_grads):
+    """A training forward's loss and head gradients against a float64 reference's (the cross-entropy and the
+    terms it adds are taken in float32, as transformers' loss takes it)."""
+    assert torch.allclose(output.loss.double(), expected, rtol=2e-6, atol=0)
+    for name, grad in expected_grads.items():
+        assert torch.allclose(grads[f"heads.{name}"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
+
+
 @pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_chunked_loss_and_gradients_equal_the_straightforward_ones(gpt2_base_dir, options, chunk):
@@ -245,10 +253,7 @@ def test_kl_to_base_loss_and_gradients_equal_a_float64_reference(gpt2_base_dir, 
         expected, expected_grads = kl_reference(model, ids, labels, [0.7] * 3, num_items=num_items)
         output, grads = loss_and_gradients(model, ids, labels, num_items_in_batch=num_items)
         assert (output.logits is None) == (chunk is not None)
-        # the cross-entropy and the KL term are taken in float32, as transformers' loss takes it
-        assert torch.allclose(output.loss.double(), expected, rtol=2e-6, atol=0)
-        for name, grad in expected_grads.items():
-            assert torch.allclose(grads[f"heads.{name}"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
+        assert_equals_reference(output, grads, expected, expected_grads)
 
 
 def test_the_kl_term_is_positive_for_a_trained_head_and_left_out_in_evaluation(gpt2_base_dir):
@@ -382,9 +387,7 @@ def test_copy_supervision_loss_and_gradients_equal_a_float64_reference(gpt2_base
         expected, expected_grads = copy_reference(model, ids, labels, [0.6] * 3, num_items=num_items)
         output, grads = loss_and_gradients(model, ids, labels, num_items_in_batch=num_items)
         assert (output.logits is None) == (chunk is not None)
-        assert torch.allclose(output.loss.double(), expected, rtol=2e-6, atol=0)
-        for name, grad in expected_grads.items():
-            assert torch.allclose(grads[f"heads.{name}"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
+        assert_equals_reference(output, grads, expected, expected_grads)
 
 
 @pytest.mark.parametrize("chunk", [None, 4])
@@ -418,9 +421,7 @@ def test_a_mixed_batch_takes_each_rows_own_gamma(gpt2_base_dir):
     rows = ["other", None, "default"]
     expected, expected_grads = copy_reference(model, ids, labels, [1.5, 0.0, 0.5], heads=rows)
     output, grads = loss_and_gradients(model, ids, labels, heads=rows)
-    assert torch.allclose(output.loss.double(), expected, rtol=2e-6, atol=0)
-    for name, grad in expected_grads.items():
-        assert torch.allclose(grads[f"heads.{name}"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
+    assert_equals_reference(output, grads, expected, expected_grads)
 
 
 def test_the_copy_term_is_the_same_from_cached_features_and_saved_with_the_head(gpt2_base_dir, tmp_path):
@@ -490,9 +491,7 @@ def test_label_word_loss_and_gradients_equal_a_float64_reference(gpt2_base_dir, 
         expected, expected_grads = label_word_reference(model, ids, labels, num_items=num_items, beta=beta)
         output, grads = loss_and_gradients(model, ids, labels, num_items_in_batch=num_items)
         assert (output.logits is None) == (chunk is not None)
-        assert torch.allclose(output.loss.double(), expected, rtol=2e-6, atol=0)
-        for name, grad in expected_grads.items():
-            assert torch.allclose(grads[f"heads.{name}"], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
+        assert_equals_reference(output, grads, expected, expected_grads)
     model.heads.default.config.label_word_ids = None  # the whole vocabulary's cross-entropy is another loss
     assert not torch.allclose(model(ids, labels=labels).loss.double(), expected)
 
