@@ -83,6 +83,14 @@ def per_problem_scores(model, dataset, collator, batch_size: int = 8, progress: 
     return scores
 
 
+def answer_is_copyable(problem: str, solution: str, answer: str) -> bool:
+    """Whether the final answer ``answer`` appears as a whole number earlier in the problem or in the solution
+    before its final-answer line: then ranking it first under teacher forcing is a copy."""
+    stated = _FINAL_ANSWER.search(solution)
+    earlier = problem + "\n" + (solution[: stated.start()] if stated else solution)
+    return re.search(r"(?<![\d.])" + re.escape(answer) + r"(?!\d)", earlier) is not None
+
+
 def _with_answer_exact(scores: dict | None) -> dict | None:
     """``scores`` with :func:`answer_exact` added where they lack it (score files written before it)."""
     if scores is None or "answer_correct" not in scores or "answer_exact" in scores:
@@ -415,6 +423,7 @@ HELD_OUT_METRICS = {
     "answer_ce": ("answer_loss", "answer_tokens", None, "answer-token CE"),
     "answer_accuracy": ("answer_correct", "answer_tokens", None, "answer-token accuracy"),
     "answer_exact": ("answer_exact", None, None, "whole answer ranked first"),
+    "copied_answer": ("answer_copied", "answer_copyable", None, "copyable answer ranked first"),
     "mc_direct": ("mc_direct", None, None, "MC direct"),
     "mc_direct_normalised": ("mc_direct_normalised", None, None, "MC direct (per token)"),
     "mc_after_solution": ("mc_after_solution", None, None, "MC after solution"),

@@ -75,6 +75,8 @@ from backattn.data.feature_cache import CachedFeaturesDataset, FeatureCache
 from backattn.data.sft_data import PromptTemplate, SFTCollator, load_math_dataset, sft_tokenizer, tokenize_examples
 from backattn.evaluation import (
     HELD_OUT_METRICS,
+    answer_exact,
+    answer_is_copyable,
     choice_tokens,
     continuation_scores,
     generate_solutions,
@@ -548,8 +550,8 @@ class MathTask:
     #: The report's tables: (title, metrics, format).
     sections = (
         ("Teacher-forced and multiple-choice", ["target_ce", "perplexity", "answer_ce", "answer_accuracy",
-         "answer_exact", "mc_direct", "mc_after_solution", "mc_direct_normalised", "mc_after_solution_normalised"],
-         ".3f"),
+         "answer_exact", "copied_answer", "mc_direct", "mc_after_solution", "mc_direct_normalised",
+         "mc_after_solution_normalised"], ".3f"),
         ("Greedy", ["greedy_accuracy", "parse_rate", "repetition_rate"], ".2f"),
     )  # fmt: skip
     #: Metrics plotted against training seconds, and their files.
@@ -561,6 +563,9 @@ class MathTask:
         keep = ("template_id", "problem", "generated_solution")
         train, _ = tokenize_examples(train_rows, tokenizer, PromptTemplate(), options.max_length)
         held_out, _ = tokenize_examples(eval_rows, tokenizer, PromptTemplate(), options.max_length, keep)
+        self.answer_copyable = [
+            float(answer_is_copyable(r["problem"], r["generated_solution"], r["expected_answer"])) for r in held_out
+        ]  # the held-out answers that appear earlier (copied_answer's denominator)
         return train.remove_columns(["prompt", "expected_answer"]), held_out
 
     def groups(self, held_out: datasets.Dataset) -> list:
@@ -580,7 +585,18 @@ class MathTask:
         return None
 
     def summarise(self, scores: dict, base: dict | None, groups: list, n_resamples: int) -> dict:
+        scores, base = (self.with_copied_answers(s) for s in (scores, base))
         return summarise_scores(scores, base, groups, n_resamples, self.metrics)
+
+    def with_copied_answers(self, scores: dict | None) -> dict | None:
+        """``answer_copyable`` (1 where the answer appears earlier) and ``answer_copied`` (it does, and the whole
+        answer is ranked first) for teacher-forced scores, so ``copied_answer`` is the share of those right."""
+        copyable = getattr(self, "answer_copyable", None)
+        if scores is None or copyable is None or "answer_correct" not in scores:
+            return scores
+        flags = copyable[: len(scores["answer_correct"])]
+        return {**scores, "answer_copyable": flags,
+                "answer_copied": [e * f for e, f in zip(answer_exact(scores), flags)]}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ def test_compare_heads_runs_the_kl_and_copy_heads_of_issue_15(tiny_llama_and_row
     for name in ("head hidden + KL", "head hidden + copy", "head hidden + copy, supervised"):
         row = rows[f"{name} lr=0.003 @1T"]
         assert row["steps"] > 0 and math.isfinite(row["metrics"]["target_ce"]["value"]), name
-        assert 0 <= row["metrics"]["answer_exact"]["value"] <= 1
+        assert 0 <= row["metrics"]["copied_answer"]["value"] <= 1 and 0 <= row["metrics"]["answer_exact"]["value"] <= 1
 
 
 def test_copy_task_marks_the_copies_and_its_copy_head_learns_them(tmp_path):

@@ -147,6 +147,15 @@ def test_answer_exact_is_one_only_where_every_answer_token_is_ranked_first(three
     assert summary["answer_exact"]["minus_base"]["value"] == 0.0
 
 
+def test_an_answer_is_copyable_where_it_appears_earlier_as_a_whole_number():
+    from backattn.evaluation import answer_is_copyable
+
+    assert answer_is_copyable("Tom has 18 apples.", "He keeps them.", "18")
+    assert answer_is_copyable("Tom has 3 boxes.", "3 * 6 = 18 apples.\nThe final answer is 18.", "18")
+    assert not answer_is_copyable("Tom has 3 boxes.", "He has 3 * 6 apples.\nThe final answer is 18.", "18")
+    assert not answer_is_copyable("It costs 118 or 1.18 or 180.", "So.", "18")  # a part of another number
+
+
 @pytest.mark.parametrize(
     "text, loops",
     [
