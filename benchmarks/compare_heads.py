@@ -793,6 +793,11 @@ def main(argv: list[str] | None = None, task=None) -> dict:
         if all(kept.values()):
             return
         last = max(steps.values())
+        work = run.work / run_name.replace(" ", "_")
+        if any(int(p.name.split("-")[1]) not in steps.values() for p in work.glob("checkpoint-*")):
+            # an unfinished run under an earlier calibration (other steps): its checkpoints are not these budgets'
+            print(f"\n{run_name}: its checkpoints are for other steps than {steps}: training afresh", file=sys.stderr)
+            shutil.rmtree(work)
         trainer = trainer_for(name, learning_rate, last, [SaveAtSteps(set(steps.values()))])
         model, directory = trainer.model, Path(trainer.args.output_dir)
         print(
@@ -850,18 +855,18 @@ def report(run: Run, options, base_scores: dict, groups: list, seconds: float, t
     results = [json.loads(path.read_text()) for path in (run.output / "runs").glob("*/budget-*.json")]
     for result in results:  # rates written by an earlier sitting as 0.00030000000000000003 read as 0.0003
         result["learning_rate"] = float(f"{result['learning_rate']:.12g}")
+    scores = {}  # row -> its per-problem scores, for the paired differences to LoRA below
     for result in sorted(results, key=lambda r: (order[r["method"]], r["learning_rate"], r["budget"])):
-        metrics = task.summarise(result.pop("scores"), base_scores, groups, options.n_resamples)
-        rows[f"{result['method']} lr={result['learning_rate']:g} @{result['budget']:g}T"] = {
-            **result,
-            "metrics": metrics,
-        }
+        key = f"{result['method']} lr={result['learning_rate']:g} @{result['budget']:g}T"
+        scores[key] = result.pop("scores")
+        rows[key] = {**result, "metrics": task.summarise(scores[key], base_scores, groups, options.n_resamples)}
     chosen = {}
     for name in METHODS:
         candidates = [r for r in rows.values() if r["method"] == name and r["budget"] == max(options.budgets)]
         if candidates and all(task.selection in r["metrics"] for r in candidates):
             best = min(candidates, key=lambda r: _finite(r["metrics"][task.selection]["value"]))
             chosen[name] = best["learning_rate"]
+    add_differences_to_lora(rows, scores, chosen.get(LORA), groups, options.n_resamples, task)
     summary = {"options": asdict(options), "rows": rows, "chosen_learning_rates": chosen,
                "held_out_problems": len(groups), f"held_out_{task.group_name}": len(set(groups)),
                "wall_seconds_this_sitting": seconds}  # fmt: skip
@@ -870,6 +875,23 @@ def report(run: Run, options, base_scores: dict, groups: list, seconds: float, t
     plot(rows, run.output, task)
     print(markdown(rows, options, task))
     return summary
+
+
+#: The competitor every method is also paired with, at the same budget (its chosen learning rate).
+LORA = "LoRA attention"
+
+
+def add_differences_to_lora(rows: dict, scores: dict, lora_rate: float | None, groups, n_resamples: int, task):
+    """``minus_lora`` in each trained row: every metric's paired difference to LoRA on attention at the same
+    budget and LoRA's chosen rate, on the same problems (the head-minus-LoRA intervals of the acceptance)."""
+    if lora_rate is None:
+        return
+    for key, row in rows.items():
+        lora = f"{LORA} lr={lora_rate:g} @{row['budget']:g}T"
+        if key not in scores or row["method"] == LORA or lora not in scores:
+            continue
+        paired = task.summarise(scores[key], scores[lora], groups, n_resamples)
+        row["minus_lora"] = {metric: value["minus_base"] for metric, value in paired.items() if "minus_base" in value}
 
 
 def _cell(metric: dict | None, spec: str) -> str:
@@ -910,6 +932,16 @@ def markdown(rows: dict, options, task=None) -> str:
         for name, r in differences:
             cells = [_cell(r["metrics"].get(k, {}).get("minus_base"), "+.3f") for k in present]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    versus = [(n, r) for n, r in rows.items() if r.get("minus_lora")]
+    if versus:
+        present = [k for k in every if any(k in r["minus_lora"] for _, r in versus)]
+        lines += [
+            f"\n### Paired difference to {LORA} at the same budget (its chosen rate; same problems)\n",
+            "| method | " + " | ".join(task.metrics[k][3] for k in present) + " |",
+            "|" + " --- |" * (1 + len(present)),
+        ]
+        for name, r in versus:
+            lines.append(f"| {name} | " + " | ".join(_cell(r["minus_lora"].get(k), "+.3f") for k in present) + " |")
     return "\n".join(lines) + "\n"
 
 

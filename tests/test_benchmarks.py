@@ -120,6 +120,14 @@ def test_compare_heads_runs_every_method_resumes_and_splits_by_template(tiny_lla
         assert ("greedy_accuracy" in metrics) == (row["budget"] == 2)
         assert metrics["target_ce"]["low"] <= metrics["target_ce"]["value"] <= metrics["target_ce"]["high"]
         assert "minus_base" in metrics["target_ce"]
+        lora = rows[f"LoRA attention lr=0.003 @{row['budget']:g}T"]["metrics"]
+        if row["method"] == "LoRA attention":
+            assert "minus_lora" not in row
+        else:  # paired to LoRA at the same budget: a difference of means is the difference of the two means
+            for metric in ("mc_direct", "copied_answer"):
+                difference = metrics[metric]["value"] - lora[metric]["value"]
+                assert row["minus_lora"][metric]["value"] == pytest.approx(difference, abs=1e-12), (name, metric)
+    assert "Paired difference to LoRA attention" in (tmp_path / "out" / "results.md").read_text()
     for name in ("results.json", "results.md", "pareto_target_ce.png", "pareto_mc.png", "greedy.png"):
         assert (tmp_path / "out" / name).is_file()
 
@@ -253,6 +261,14 @@ def test_compare_heads_runs_the_kl_and_copy_heads_of_issue_15(tiny_llama_and_row
         row = rows[f"{name} lr=0.003 @1T"]
         assert row["steps"] > 0 and math.isfinite(row["metrics"]["target_ce"]["value"]), name
         assert 0 <= row["metrics"]["copied_answer"]["value"] <= 1 and 0 <= row["metrics"]["answer_exact"]["value"] <= 1
+
+    # An unfinished run left by a sitting with another calibration (checkpoints at other steps) trains afresh.
+    (tmp_path / "out" / "runs" / "head_hidden_+_KL_lr=0.003" / "budget-1T.json").unlink()
+    (work,) = (tmp_path / "work").glob("*/head_hidden_+_KL_lr=0.003")
+    stale = work / "checkpoint-999"
+    stale.mkdir(parents=True)
+    again = script.main(argv)["rows"]["head hidden + KL lr=0.003 @1T"]
+    assert not stale.exists() and again["steps"] == rows["head hidden + KL lr=0.003 @1T"]["steps"]
 
 
 def test_copy_task_marks_the_copies_and_its_copy_head_learns_them(tmp_path):
