@@ -1018,12 +1018,10 @@ class BackwardAttentionForCausalLMMixin:
                         logits, base, kl_weights, labels, kwargs.get("shift_labels"),
                         kwargs.get("num_items_in_batch"), kwargs.get("ignore_index", -100),
                     )  # fmt: skip
-                copy_term = None
-                if self.training:
-                    copy_term = self.heads.copy_supervision(
-                        heads, context, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
-                        kwargs.get("ignore_index", -100),
-                    )  # fmt: skip
+                copy_term = None if not self.training else self.heads.copy_supervision(
+                    heads, context, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
+                    kwargs.get("ignore_index", -100),
+                )  # fmt: skip
                 if copy_term is not None:
                     loss = loss + copy_term
         self._check_loss_trains(loss, heads)
