@@ -30,6 +30,20 @@ from .errors import BackattnValueError
 DIFFERENTIAL_LAMBDA_INIT = 0.8
 
 
+def copied_token_slots(next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the tokens ``x_{j+1}`` (``... x S``): whether each ``j`` is the first of its token, and the index of
+    that first ``j`` (the slot where step 8 sums the token's ``a_tj``). Integer work over ``S``, no vocabulary."""
+    ordered, order = next_ids.sort(dim=-1, stable=True)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    rank = torch.arange(ordered.shape[-1], device=ordered.device).expand_as(ordered)
+    group_start = torch.where(starts, rank, 0).cummax(dim=-1).values  # each sorted j's group's first rank
+    slot_sorted = order.gather(-1, group_start)  # the first j (by position: the sort is stable) of that token
+    slot = torch.empty_like(order).scatter_(-1, order, slot_sorted)
+    first = slot == torch.arange(next_ids.shape[-1], device=next_ids.device)
+    return first, slot
+
+
 class LayerTables(NamedTuple):
     """The weight-only tables of one layer (steps 1-3)."""
 
@@ -372,18 +386,28 @@ class BackwardAttentionHead(nn.Module):
         return torch.log_softmax(scores, dim=-1).masked_fill(~attended, -math.inf)
 
     def add_copy(self, z: torch.Tensor, state: torch.Tensor, copy: CopyInputs) -> torch.Tensor:
-        """Step 8: ``z_t + g_c log(1 - lambda_t + lambda_t c_t / softmax(z_t))`` (0 where ``J_t`` is empty), in
-        log space: ``logaddexp(log(1 - lambda_t), log lambda_t + log c_t - log_softmax(z_t))``."""
-        log_weights, next_ids = copy.log_weights.to(z.dtype), copy.next_ids.to(z.device)
-        c = torch.zeros_like(z).scatter_add(-1, next_ids, log_weights.exp())  # c_t: ... x V
-        present = c > 0
-        log_c = torch.where(present, torch.log(torch.where(present, c, 1.0)), -math.inf)  # no log(0) in backward
-        gate_logit = (state @ self.copy_gate_weight + self.copy_gate_bias)[..., None]  # ... x 1
-        copied = F.logsigmoid(gate_logit) + log_c - torch.log_softmax(z, dim=-1)
-        term = torch.logaddexp(F.logsigmoid(-gate_logit), copied)  # log(1 - lambda + lambda c / softmax(z))
-        term = torch.where(torch.isfinite(log_weights).any(-1, keepdim=True), term, 0.0)  # J_t empty: no copy
-        return z + (self.copy_gate * term if self.copy_gate is not None else term)
+        """Step 8: ``z_t + g_c log(1 - lambda_t + lambda_t c_t / softmax(z_t))`` (0 where ``J_t`` is empty).
 
+        ``c_t`` is 0 outside the ``S`` tokens ``x_{j+1}``, where the term is the constant ``log(1 - lambda_t)``; so
+        the term is that constant everywhere plus, at each distinct copied token ``w``, ``logaddexp(log(1 -
+        lambda_t), log lambda_t + log c_t[w] - log_softmax(z_t)[w]) - log(1 - lambda_t)``: ``S`` values a
+        position instead of ``V``, and ``log_softmax(z_t)[w] = z_t[w] - logsumexp(z_t)`` needs one reduction."""
+        log_weights, next_ids = copy.log_weights.to(z.dtype), copy.next_ids.to(z.device)
+        first, slot = copied_token_slots(next_ids)  # the first j of each token, and each j's token's first j
+        weights = log_weights.exp()  # a_tj, 0 outside J_t
+        c = torch.zeros_like(weights).scatter_add(-1, slot, weights).gather(-1, slot)  # c_t[x_{j+1}]: ... x S
+        present = first & (c > 0)
+        log_c = torch.log(torch.where(present, c, 1.0))  # no log(0) in backward
+        gate_logit = (state @ self.copy_gate_weight + self.copy_gate_bias)[..., None]  # ... x 1
+        log_keep = F.logsigmoid(-gate_logit)  # log(1 - lambda_t)
+        log_p = z.gather(-1, next_ids) - torch.logsumexp(z, dim=-1, keepdim=True)  # log_softmax(z_t)[x_{j+1}]
+        raised = torch.logaddexp(log_keep, F.logsigmoid(gate_logit) + log_c - log_p) - log_keep
+        raised = torch.where(present, raised, 0.0)  # ... x S: once per distinct token, 0 where c_t is 0
+        attended = torch.isfinite(log_weights).any(-1, keepdim=True)  # J_t empty: no copy term at all
+        log_keep = torch.where(attended, log_keep, 0.0)
+        if self.copy_gate is not None:
+            log_keep, raised = self.copy_gate * log_keep, self.copy_gate * raised
+        return (z + log_keep).scatter_add(-1, next_ids, raised)
 
 __all__ = [
     "DIFFERENTIAL_LAMBDA_INIT",

@@ -240,6 +240,8 @@ METHODS: dict[str, Method] = {
     "head hidden + copy, supervised": _head("hidden", copy_attention=True, copy_loss_weight=1.0),
     # issue 16: the query state standardised per dimension (the sentiment probes of probe_sentiment_layers.py)
     "head hidden + standardized": _head("hidden", standardize_query_state=True),
+    # issue 15: the copy term for the final answer with the KL term for greedy health (beta = 1, as above)
+    "head hidden + copy + KL": _head("hidden", copy_attention=True, base_kl_weight=1.0),
 }
 #: The rate of the LoRA run that times one step to set ``T`` (step time does not depend on it).
 CALIBRATION_LEARNING_RATE = 3e-3

@@ -245,6 +245,8 @@ def test_compare_heads_runs_the_kl_and_copy_heads_of_issue_15(tiny_llama_and_row
     assert kl.build(base, 500).heads.default.config.base_kl_weight == 1.0
     assert copy.build(base, 500).heads.default.config.copy_attention
     assert supervised.build(base, 500).heads.default.config.copy_loss_weight == 1.0
+    both = script.METHODS["head hidden + copy + KL"].build(base, 500).heads.default.config
+    assert both.copy_attention and both.base_kl_weight == 1.0
     argv = ["--model_name_or_path", base, "--dataset", str(tiny_llama_and_rows / "rows.jsonl"),
             "--train_templates", "0-3", "--eval_templates", "4-5", "--budgets", "1", "--budget_problems", "8",
             "--batch_size", "4", "--calibration_steps", "1", "--metrics", "teacher_forced", "--n_resamples", "50",

@@ -20,7 +20,7 @@ from conftest import (
 )
 
 from backattn import BackwardAttentionConfig, BackwardAttentionHead
-from backattn.modeling_backattn import DIFFERENTIAL_LAMBDA_INIT, SequenceContext
+from backattn.modeling_backattn import DIFFERENTIAL_LAMBDA_INIT, SequenceContext, copied_token_slots
 
 
 @pytest.mark.parametrize("options", OPTION_CASES.values(), ids=OPTION_CASES.keys())
@@ -164,6 +164,34 @@ def test_the_copy_term_at_full_strength_is_the_pointer_generator_mixture():
         for b, t, j in [(0, 4, 3), (0, 5, 3), (1, 4, 1)]:  # padded positions are never attended, nor j >= t
             assert copy.log_weights[b, t, j] == -math.inf
         assert (copy.log_weights[0, 2, 2:] == -math.inf).all()
+
+
+def test_the_gated_copy_term_equals_its_definition_over_the_whole_vocabulary():
+    """0 < g_c < 1: z_t + g_c log(1 - lambda_t + lambda_t c_t / softmax(z_t)) with c_t scattered over all V tokens,
+    computed directly in float64, against the library's term at the S copied tokens (repeated tokens included)."""
+    head = random_head({"copy_attention": True, "score_mode": "gate", "num_layers": 1})
+    logits, hidden, embeddings, ids, mask, states, context = sequence_inputs(head)
+    ids[:, 1::2] = ids[:, :1]  # every other token repeats the first: c_t sums several a_tj into one token
+    context = context._replace(input_ids=ids)
+    with torch.no_grad():
+        head.copy_gate.fill_(0.37)
+        _, copy = head.context_inputs(context)
+        nothing = copy._replace(log_weights=torch.full_like(copy.log_weights, -math.inf))
+        z = head(logits, hidden, embeddings, copy=nothing)
+        out = head(logits, hidden, embeddings, copy=copy)
+        lam = torch.sigmoid(hidden @ head.copy_gate_weight + head.copy_gate_bias)[..., None]
+        c = torch.zeros_like(z).scatter_add(-1, copy.next_ids, copy.log_weights.exp())
+        expected = z + 0.37 * torch.log(1 - lam + lam * c / torch.softmax(z, -1))
+        attended = torch.isfinite(copy.log_weights).any(-1)
+        assert (c[attended] > 0).sum(-1).lt(copy.next_ids.shape[-1]).all()  # fewer distinct tokens than S
+        assert torch.allclose(out[attended], expected[attended], rtol=1e-10, atol=1e-12)
+        assert torch.equal(out[~attended], z[~attended])
+
+
+def test_copied_token_slots_point_each_position_at_the_first_of_its_token():
+    first, slot = copied_token_slots(torch.tensor([[7, 3, 7, 7, 3, 5], [1, 1, 1, 2, 2, 0]]))
+    assert slot.tolist() == [[0, 1, 0, 0, 1, 5], [0, 0, 0, 3, 3, 5]]
+    assert first.tolist() == [[True, True, False, False, False, True], [True, False, False, True, False, True]]
 
 
 def test_the_copy_term_has_finite_gradients_with_padding_and_saturated_gates():
