@@ -409,6 +409,7 @@ class BackwardAttentionHead(nn.Module):
             log_keep, raised = self.copy_gate * log_keep, self.copy_gate * raised
         return (z + log_keep).scatter_add(-1, next_ids, raised)
 
+
 __all__ = [
     "DIFFERENTIAL_LAMBDA_INIT",
     "BackwardAttentionHead",

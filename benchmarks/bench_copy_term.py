@@ -105,8 +105,10 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     unit = medians["hidden"]
     labelled = int((labels[:, 1:] != -100).sum())
-    print(f"{args.rows} problems, {labelled} labelled positions, S = {ids.shape[1]}, V = {weight.shape[0]}, "
-          f"{torch.get_num_threads()} threads; loss forward + backward, median of {args.rounds} rounds\n")
+    print(
+        f"{args.rows} problems, {labelled} labelled positions, S = {ids.shape[1]}, V = {weight.shape[0]}, "
+        f"{torch.get_num_threads()} threads; loss forward + backward, median of {args.rounds} rounds\n"
+    )
     print("| head | seconds | in plain-head steps |\n| --- | --- | --- |")
     for name, value in medians.items():
         print(f"| {name} | {value:.3f} | {value / unit:.2f} |")
