@@ -43,7 +43,7 @@ import torch
 import transformers
 from transformers import AutoConfig, TrainingArguments, set_seed
 
-from backattn import DEFAULT_PRESET, BackwardAttentionConfig, family_for
+from backattn import DEFAULT_PRESET, PRESETS, BackwardAttentionConfig, family_for
 from backattn.data.classification_data import (
     KNOWN_SOURCES,
     ROTTEN_TOMATOES,
@@ -477,25 +477,35 @@ def compare_with_base(model, tokenizer, eval_examples, scored, template, data_ar
 COMPARISON_RESULTS = Path(__file__).resolve().parent / "benchmarks" / "results" / "compare_heads" / "results.json"
 
 
-def same_setup_as_comparison(model_args, head_args, data_args) -> bool:
-    """Whether the committed comparison speaks for this run: the embedded base and data, a preset as it ships."""
-    embedded = (model_args.model_name_or_path, data_args.dataset) == (EMBEDDED_MODEL, EMBEDDED_DATASET)
-    return embedded and not head_args.head_options
+def same_setup_as_comparison(model_args, data_args) -> bool:
+    """Whether the committed comparison can speak for this run: the embedded base and data."""
+    return (model_args.model_name_or_path, data_args.dataset) == (EMBEDDED_MODEL, EMBEDDED_DATASET)
 
 
-def committed_comparison(preset: str, path: Path | None = None) -> str | None:
-    """The comparison's figures for the ``preset`` head, LoRA on attention and the frozen base at every budget,
-    as a :func:`backattn.evaluation.results_table` (``None`` when the file or a row for the preset is missing)."""
+def _comparison_head(row: dict) -> BackwardAttentionConfig | None:
+    """The head config of a comparison row (its ``head`` record; older files: a method named ``head <preset>``)."""
+    spec = row.get("head")
+    if spec is None and row["method"].startswith("head ") and row["method"][5:] in PRESETS:
+        spec = {"preset": row["method"][5:], "options": {}}
+    return None if spec is None else BackwardAttentionConfig.from_preset(spec["preset"], **spec["options"])
+
+
+def committed_comparison(head_config: BackwardAttentionConfig, path: Path | None = None) -> str | None:
+    """The comparison's figures for the method whose head has this run's options (preset and ``--head_options``),
+    LoRA on attention and the frozen base at every budget, as a :func:`backattn.evaluation.results_table`
+    (``None`` when the file or a row for such a head is missing)."""
     path = path or COMPARISON_RESULTS
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
     rows = record["rows"]
-    wanted = ("frozen base", f"head {preset}", "LoRA attention")
-    if not any(row["method"] == wanted[1] for row in rows.values()):
+    wanted = head_config.to_dict()
+    same = {row["method"] for row in rows.values() if (head := _comparison_head(row)) and head.to_dict() == wanted}
+    if not same:
         return None
-    picked = sorted((wanted.index(row["method"]), row["budget"], name, row["metrics"])
-                    for name, row in rows.items() if row["method"] in wanted)  # fmt: skip
+    order = ("frozen base", *sorted(same), "LoRA attention")
+    picked = sorted((order.index(row["method"]), row["budget"], name, row["metrics"])
+                    for name, row in rows.items() if row["method"] in order)  # fmt: skip
     table = results_table({name: metrics for _, _, name, metrics in picked})
     return f"{record['held_out_problems']} held-out problems, budgets in multiples of T (one LoRA epoch):\n{table}"
 
@@ -672,13 +682,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{head['answers_scored']} solved by greedy generation; 95% intervals):\n{table}")  # fmt: skip
         print(f"\nExample (held out):\n{eval_examples[0]['prompt']}{head['example_solution']}")
         committed = (
-            committed_comparison(head_args.preset)
-            if same_setup_as_comparison(model_args, head_args, data_args)
+            committed_comparison(head_args.head_config())
+            if same_setup_as_comparison(model_args, data_args)
             else None
         )
         if committed:
-            print(f"\nThe same preset in the full comparison (benchmarks/compare_heads.py; BENCHMARKS.md, issue 12), "
-                  f"{committed}")  # fmt: skip
+            print(f"\nThe same head in the full comparison (benchmarks/compare_heads.py; BENCHMARKS.md), {committed}")
         print(f"\nSaved the head and its model card to {head_dir}, and loss_curve.png to {output_dir}")
     return results
 

@@ -183,6 +183,7 @@ class Method:
     features: bool = False
     output_side: bool = False
     standardizes: bool = False  # a head with standardize_query_state: its statistics read STANDARDIZATION_ROWS rows
+    head: dict | None = None  # a head alone: {"preset": ..., "options": {...}}, recorded in results.json's rows
 
 
 #: Training rows a head with ``standardize_query_state`` reads for its statistics before training.
@@ -196,7 +197,8 @@ def _head(preset: str, **options) -> Method:
 
     # a copy head reads the input ids too, so it is scored by full forwards, not from the base's final states
     return Method(build, features=True, output_side=not options.get("copy_attention"),
-                  standardizes=bool(options.get("standardize_query_state")))  # fmt: skip
+                  standardizes=bool(options.get("standardize_query_state")),
+                  head={"preset": preset, "options": options})  # fmt: skip
 
 
 def _head_and_lora(preset: str) -> Method:
@@ -862,6 +864,8 @@ def report(run: Run, options, base_scores: dict, groups: list, seconds: float, t
         key = f"{result['method']} lr={result['learning_rate']:g} @{result['budget']:g}T"
         scores[key] = result.pop("scores")
         rows[key] = {**result, "metrics": task.summarise(scores[key], base_scores, groups, options.n_resamples)}
+        if METHODS[result["method"]].head is not None:  # train_sft.py finds a run's head config here
+            rows[key]["head"] = METHODS[result["method"]].head
     chosen = {}
     for name in METHODS:
         candidates = [r for r in rows.values() if r["method"] == name and r["budget"] == max(options.budgets)]

@@ -263,6 +263,7 @@ def test_compare_heads_runs_the_kl_and_copy_heads_of_issue_15(tiny_llama_and_row
         row = rows[f"{name} lr=0.003 @1T"]
         assert row["steps"] > 0 and math.isfinite(row["metrics"]["target_ce"]["value"]), name
         assert 0 <= row["metrics"]["copied_answer"]["value"] <= 1 and 0 <= row["metrics"]["answer_exact"]["value"] <= 1
+    assert rows["head hidden + KL lr=0.003 @1T"]["head"] == {"preset": "hidden", "options": {"base_kl_weight": 1.0}}
 
     # An unfinished run left by a sitting with another calibration (checkpoints at other steps) trains afresh.
     (tmp_path / "out" / "runs" / "head_hidden_+_KL_lr=0.003" / "budget-1T.json").unlink()

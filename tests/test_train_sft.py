@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 import train_sft
+from backattn import BackwardAttentionConfig
 from backattn.errors import BackattnValueError, RunDirectoryError
 from backattn.head_files import HEAD_WEIGHTS_NAME
 
@@ -241,11 +242,21 @@ def test_the_committed_comparison_is_shown_for_the_same_preset(tmp_path):
             "head hidden lr=0.001 @1T": row("head hidden", 1, 1.2)}  # fmt: skip
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"rows": rows, "held_out_problems": 340}))
-    lines = train_sft.committed_comparison("hidden", path).splitlines()
+    hidden = BackwardAttentionConfig.from_preset("hidden")
+    lines = train_sft.committed_comparison(hidden, path).splitlines()
     assert lines[0].startswith("340 held-out problems")
     names = [line.split(" | ")[0][2:] for line in lines[3:]]
     heads, lora = ["head hidden lr=0.001 @1T", "head hidden lr=0.001 @2T"], "LoRA attention lr=0.01 @1T"
     assert names == ["frozen base", *heads, lora, *(f"{name} minus frozen base" for name in (*heads, lora))]
     assert lines[-1].endswith("| -0.4000 [-0.5000, -0.3000] |")
-    assert train_sft.committed_comparison("gated", path) is None
-    assert train_sft.committed_comparison("hidden", tmp_path / "absent.json") is None
+    assert train_sft.committed_comparison(BackwardAttentionConfig.from_preset("gated"), path) is None
+    assert train_sft.committed_comparison(hidden, tmp_path / "absent.json") is None
+
+    # A head with options beyond its preset is found by its recorded config, not by its name.
+    kl = {"preset": "hidden", "options": {"base_kl_weight": 1.0}}
+    rows["head hidden + KL lr=0.003 @1T"] = {**row("head hidden + KL", 1, 1.15), "head": kl}
+    path.write_text(json.dumps({"rows": rows, "held_out_problems": 340}))
+    with_kl = BackwardAttentionConfig.from_preset("hidden", base_kl_weight=1.0)
+    names = [line.split(" | ")[0][2:] for line in train_sft.committed_comparison(with_kl, path).splitlines()[3:]]
+    assert names[:3] == ["frozen base", "head hidden + KL lr=0.003 @1T", lora]
+    assert "head hidden + KL" not in train_sft.committed_comparison(hidden, path)
