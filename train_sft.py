@@ -682,9 +682,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{head['answers_scored']} solved by greedy generation; 95% intervals):\n{table}")  # fmt: skip
         print(f"\nExample (held out):\n{eval_examples[0]['prompt']}{head['example_solution']}")
         committed = (
-            committed_comparison(head_args.head_config())
-            if same_setup_as_comparison(model_args, data_args)
-            else None
+            committed_comparison(head_args.head_config()) if same_setup_as_comparison(model_args, data_args) else None
         )
         if committed:
             print(f"\nThe same head in the full comparison (benchmarks/compare_heads.py; BENCHMARKS.md), {committed}")
